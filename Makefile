@@ -1,0 +1,40 @@
+# One command serves, one command tests; both install what they need first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU machines here carry this wheel on disk; an open range would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+PROTOS := $(wildcard protos/shardserve/v1/*.proto)
+STUBS  := shardserve/v1/.stubs
+
+.PHONY: install run test lint stubs native clean
+
+install: $(STAMP) $(STUBS) native
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+$(STUBS): $(PROTOS) $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	touch $(STUBS)
+
+stubs: $(STUBS)
+
+native: $(STAMP)
+	@if [ -f native/build.py ]; then $(PY) native/build.py; fi
+
+run: install
+	$(VENV)/bin/shardserve serve
+
+test: install
+	$(PY) -m pytest -q -ra tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check . || true
+
+clean:
+	rm -rf $(VENV) shardserve/v1/*_pb2*.py* $(STUBS) native/_build
