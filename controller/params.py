@@ -1,0 +1,194 @@
+"""Generation parameters: user names (FasterTransformer, Hugging Face) -> the typed proto ->
+the worker's fully resolved SamplingParams. Every error names the parameter and its range.
+
+Semantics (FasterTransformer defaults where a parameter is absent):
+- greedy unless sampling is asked for: do_sample=true, or top_k > 1 / top_k = 0 given, or top_p in (0, 1)
+  given without top_k; FT's default top_k=1 means greedy, and temperature alone does not switch to sampling;
+- max_new_tokens defaults to FT's max_seq_len default, 200;
+- repetition_penalty and presence_penalty are exclusive (as in FT).
+"""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+
+from shardserve.v1 import generate_pb2 as gpb
+from shardserve.v1 import worker_pb2 as wpb
+
+DEFAULT_MAX_NEW_TOKENS = 200
+
+# user-facing name -> canonical proto field
+ALIASES = {
+    "max_new_tokens": "max_new_tokens", "max_seq_len": "max_new_tokens", "max_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "do_sample": "do_sample",
+    "seed": "seed", "random_seed": "seed",
+    "repetition_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "min_new_tokens": "min_new_tokens", "min_length": "min_new_tokens",
+    "num_beams": "num_beams", "beam_width": "num_beams",
+    "length_penalty": "length_penalty", "len_penalty": "length_penalty",
+    "beam_search_diversity_rate": "beam_search_diversity_rate",
+    "stop": "stop", "stop_words_list": "stop", "stop_sequences": "stop",
+    "bad_words": "bad_words", "bad_words_list": "bad_words",
+    "return_log_probs": "return_log_probs", "is_return_output_log_probs": "return_log_probs",
+    "return_cum_log_probs": "return_cum_log_probs", "is_return_cum_log_probs": "return_cum_log_probs",
+    "ignore_eos": "ignore_eos",
+}
+
+
+class RequestError(Exception):
+    """A request the server refuses: carries the gRPC status code and a message for a person."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _coerce(field, name: str, value):
+    """A JSON / CLI value -> the python type the proto field wants."""
+    want = field.type
+    try:
+        if field.is_repeated:
+            items = value if isinstance(value, list) else [value]
+            if field.message_type is not None:  # TokenSequence: a list of ints
+                return [gpb.TokenSequence(token_ids=[int(t) for t in seq]) for seq in items]
+            return [str(v) for v in items]
+        if want == field.TYPE_BOOL:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if want in (field.TYPE_FLOAT, field.TYPE_DOUBLE):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        v = int(value)
+        if v < 0:
+            raise invalid(f"parameter {name}: must be >= 0, got {v}")
+        return v
+    except (TypeError, ValueError):
+        kind = {field.TYPE_BOOL: "a boolean", field.TYPE_FLOAT: "a number"}.get(want, "a non-negative integer")
+        if field.is_repeated:
+            kind = "a list of token-id lists" if field.message_type is not None else "a string or list of strings"
+        raise invalid(f"parameter {name}: expected {kind}, got {value!r}") from None
+
+
+def parameters_from_dict(params: dict) -> gpb.GenerationParameters:
+    """{"max_seq_len": 20, "temperature": "0.7", ...} -> GenerationParameters; unknown names refused."""
+    msg = gpb.GenerationParameters()
+    fields = gpb.GenerationParameters.DESCRIPTOR.fields_by_name
+    stop_ids, bad_ids = [], []
+    for name, value in params.items():
+        canonical = ALIASES.get(name)
+        if canonical is None:
+            raise invalid(f"unknown parameter {name!r}; known: {', '.join(sorted(ALIASES))}")
+        if canonical in ("stop", "bad_words") and isinstance(value, list) and value and all(
+                isinstance(v, list) for v in value):  # FT style: token-id lists
+            target = stop_ids if canonical == "stop" else bad_ids
+            target.extend(_coerce(fields["stop_token_sequences"], name, value))
+            continue
+        field = fields[canonical]
+        coerced = _coerce(field, name, value)
+        if field.is_repeated:
+            getattr(msg, canonical).extend(coerced)
+        else:
+            setattr(msg, canonical, coerced)
+    msg.stop_token_sequences.extend(stop_ids)
+    msg.bad_word_token_sequences.extend(bad_ids)
+    return msg
+
+
+def _range(name: str, value, lo, hi, lo_open=False) -> None:
+    if value < lo or value > hi or (lo_open and value == lo):
+        left = "(" if lo_open else "["
+        raise invalid(f"parameter {name}: {value} is out of range {left}{lo}, {hi}]")
+
+
+def resolve(p: gpb.GenerationParameters, *, prompt_tokens: int, max_model_len: int, vocab_size: int,
+            eos_token_ids: tuple[int, ...], encode_plain) -> wpb.SamplingParams:
+    """Validate user parameters and fill every worker field. Raises RequestError."""
+    has = p.HasField
+    max_new = p.max_new_tokens if has("max_new_tokens") else min(DEFAULT_MAX_NEW_TOKENS,
+                                                                  max(1, max_model_len - prompt_tokens))
+    if max_new < 1:
+        raise invalid(f"parameter max_new_tokens: must be >= 1, got {max_new}")
+    if prompt_tokens + max_new > max_model_len:
+        raise invalid(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new}) = {prompt_tokens + max_new} "
+                      f"exceeds the model's context of {max_model_len} tokens")
+    temperature = p.temperature if has("temperature") else 1.0
+    _range("temperature", temperature, 0.0, 100.0)
+    top_k = p.top_k if has("top_k") else None
+    if top_k is not None:
+        _range("top_k", top_k, 0, vocab_size)
+    top_p = p.top_p if has("top_p") else 0.0
+    _range("top_p", top_p, 0.0, 1.0)
+    if has("do_sample"):
+        sampling = p.do_sample
+    elif top_k is not None:
+        sampling = top_k != 1
+    else:
+        sampling = 0.0 < top_p < 1.0
+    if sampling and temperature == 0.0:
+        sampling = False
+    rep = p.repetition_penalty if has("repetition_penalty") else 1.0
+    _range("repetition_penalty", rep, 0.0, 100.0, lo_open=True)
+    if has("presence_penalty") and has("repetition_penalty") and rep != 1.0:
+        raise invalid("parameters repetition_penalty and presence_penalty are exclusive: set one of them")
+    pres = p.presence_penalty if has("presence_penalty") else 0.0
+    freq = p.frequency_penalty if has("frequency_penalty") else 0.0
+    _range("presence_penalty", pres, -2.0, 2.0)
+    _range("frequency_penalty", freq, -2.0, 2.0)
+    min_new = p.min_new_tokens if has("min_new_tokens") else 0
+    if min_new > max_new:
+        raise invalid(f"parameter min_new_tokens: {min_new} is larger than max_new_tokens {max_new}")
+    beams = p.num_beams if has("num_beams") else 1
+    if beams < 1:
+        raise invalid(f"parameter num_beams: must be >= 1, got {beams}")
+    if beams > 1:
+        raise RequestError(grpc.StatusCode.UNIMPLEMENTED, "parameter num_beams > 1: beam search is not available yet")
+    for name in ("stop_token_sequences", "bad_word_token_sequences"):
+        for seq in getattr(p, name):
+            bad = [t for t in seq.token_ids if t >= vocab_size]
+            if bad or not seq.token_ids:
+                raise invalid(f"parameter {name}: token ids must be non-empty and < vocab_size {vocab_size}")
+    seed = p.seed if has("seed") else int.from_bytes(os.urandom(8), "little") >> 1
+    out = wpb.SamplingParams(
+        max_new_tokens=max_new,
+        temperature=temperature if sampling else 0.0,
+        top_k=(top_k if top_k is not None else 0) if sampling else 1,
+        top_p=top_p if sampling and top_p > 0 else 1.0,
+        seed=seed,
+        repetition_penalty=rep,
+        presence_penalty=pres,
+        frequency_penalty=freq,
+        min_new_tokens=min_new,
+        num_beams=beams,
+        length_penalty=p.length_penalty if has("length_penalty") else 1.0,
+        beam_search_diversity_rate=p.beam_search_diversity_rate,
+        return_log_probs=p.return_log_probs or p.return_cum_log_probs,
+    )
+    if not p.ignore_eos:
+        out.eos_token_ids.extend(eos_token_ids)
+    for seq in p.stop_token_sequences:
+        out.stop_token_sequences.add(token_ids=seq.token_ids)
+    for seq in p.bad_word_token_sequences:
+        out.bad_word_token_sequences.add(token_ids=seq.token_ids)
+    for word in p.bad_words:
+        ids = encode_plain(word)
+        if ids:
+            out.bad_word_token_sequences.add(token_ids=ids)
+    return out

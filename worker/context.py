@@ -1,0 +1,47 @@
+"""The attention metadata of the current engine step, set by the model runner around a forward.
+
+Models never see batching details: attention layers read this context. Shapes:
+T = tokens in the step (all sequences flattened), B = sequences in the step.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepContext:
+    slot_mapping: torch.Tensor   # [T] int64: flat KV slot (block * block_size + offset) of each token
+    block_tables: torch.Tensor   # [B, max_blocks] int64 (padded with 0)
+    context_lens: torch.Tensor   # [B] int64: tokens in the cache after this step, per sequence
+    query_lens: torch.Tensor     # [B] int64: tokens of this step, per sequence
+    query_start: torch.Tensor    # [B+1] int64: offsets of each sequence in the T tokens
+    max_query_len: int
+    max_context_len: int
+    block_size: int
+    # Encoder-decoder models: per-sequence encoder outputs handed to cross-attention.
+    cross_states: list | None = None
+    # Models whose attention wants extra per-sequence data put it here (e.g. encoder lengths).
+    extras: dict | None = None
+
+
+_CTX: StepContext | None = None
+
+
+def get_context() -> StepContext:
+    if _CTX is None:
+        raise RuntimeError("attention called outside an engine step (no StepContext set)")
+    return _CTX
+
+
+@contextmanager
+def step_context(ctx: StepContext):
+    global _CTX
+    prev, _CTX = _CTX, ctx
+    try:
+        yield ctx
+    finally:
+        _CTX = prev

@@ -1,0 +1,76 @@
+"""Build an engine from a model folder: config, model, weights, KV cache, warm-up."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from worker.engine.engine import Engine, EngineConfig
+from worker.engine.sequence import Sampling, Sequence
+from worker.loader import load_config, load_weights
+from worker.models.registry import model_class
+
+log = logging.getLogger(__name__)
+
+
+def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return sum(2 * block_size * a.num_kv_heads * a.head_dim * elem for a in model.attention_layers())
+
+
+def build_engine(config: EngineConfig) -> Engine:
+    phases: dict[str, float] = {}
+    t0 = time.monotonic()
+    model_config = load_config(config.model_dir)
+    cls = model_class(model_config)
+    dtype = config.torch_dtype
+    with torch.device(config.device):
+        torch.set_default_dtype(dtype)
+        try:
+            model = cls(model_config)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    model.eval()
+    param_bytes = load_weights(model, config.model_dir)
+    phases["load"] = time.monotonic() - t0
+    max_len = config.max_model_len or int(model_config.max_position_embeddings)
+    per_block = kv_bytes_per_block(model, config.block_size, dtype)
+    blocks_for_one = -(-max_len // config.block_size)
+    if config.num_kv_blocks:
+        num_blocks = config.num_kv_blocks
+    else:
+        useful = blocks_for_one * config.max_batch_size
+        num_blocks = max(1, min(config.kv_cache_bytes // per_block, useful))
+    if num_blocks < blocks_for_one:
+        raise ValueError(
+            f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one sequence of "
+            f"max_model_len={max_len}; raise the KV cache size or lower max_model_len"
+        )
+    engine = Engine(model, model_config, config, num_blocks)
+    engine.param_bytes = param_bytes
+    log.info("model %s loaded: %.1f MB parameters, KV cache %d blocks x %d tokens (%.1f MB), %.2fs",
+             cls.__name__, param_bytes / 1e6, num_blocks, config.block_size, engine.kv_cache_bytes / 1e6,
+             phases["load"])
+    t1 = time.monotonic()
+    warm_up(engine)
+    phases["warmup"] = time.monotonic() - t1
+    engine.stats.load_phases = phases
+    return engine
+
+
+def warm_up(engine: Engine) -> None:
+    """Run one short request through the whole step path so the first client is not the test."""
+    done = []
+    seq = Sequence("warmup", list(range(1, 9)), Sampling(max_new_tokens=2),
+                   emit=lambda toks, lps, fin, err: done.append((fin, err)) if fin else None)
+    engine.add(seq)
+    while not done:
+        engine.step()
+    fin, err = done[0]
+    if err:
+        raise RuntimeError(f"warm-up failed: {err}")
+    engine.stats.prompt_tokens_total = 0
+    engine.stats.generated_tokens_total = 0
+    engine.stats.steps_total = 0

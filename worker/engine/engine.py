@@ -1,0 +1,173 @@
+"""The engine: a model, its KV cache, a scheduler; one step = schedule, execute, update.
+
+Thread model: gRPC threads call `add` / `abort` (they only touch the inbox); one engine thread
+runs `run_forever`, the only code that touches the scheduler, blocks and model.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from worker.engine.block_manager import BlockManager
+from worker.engine.runner import ModelRunner, build_plan
+from worker.engine.sampler import sample
+from worker.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from worker.engine.sequence import Finish, Sequence
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: Path
+    dtype: str = "fp32"  # fp32 | fp16 | bf16
+    device: str = "cpu"
+    block_size: int = 16  # tokens per KV block
+    kv_cache_bytes: int = 512 << 20  # per rank, upper bound
+    num_kv_blocks: int = 0  # 0 = derived from kv_cache_bytes
+    max_batch_size: int = 32
+    max_batch_tokens: int = 2048
+    max_model_len: int = 0  # 0 = the model config's max_position_embeddings
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    batch_size: int = 0
+    batch_tokens: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    preemptions_total: int = 0
+    steps_total: int = 0
+    prompt_tokens_total: int = 0
+    generated_tokens_total: int = 0
+    load_phases: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, model, model_config, config: EngineConfig, num_kv_blocks: int):
+        self.model = model
+        self.model_config = model_config
+        self.config = config
+        self.max_model_len = config.max_model_len or int(model_config.max_position_embeddings)
+        self.runner = ModelRunner(model, config.block_size, torch.device(config.device))
+        self.kv_cache_bytes = self.runner.allocate_kv_cache(num_kv_blocks, config.torch_dtype)
+        self.blocks = BlockManager(num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_batch_tokens), self.blocks)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.wakeup = threading.Event()
+        self.seqs: dict[str, Sequence] = {}
+        self.stats = EngineStats(kv_blocks_total=num_kv_blocks)
+        # tests: called with (sampled sequences, their logits [S, vocab]) every step
+        self.logits_hook = None
+
+    # ---- called from other threads -------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.inbox.put(("add", seq))
+        self.wakeup.set()
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(("abort", request_id))
+        self.wakeup.set()
+
+    # ---- engine thread --------------------------------------------------------------------
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                op, arg = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if op == "add":
+                if arg.sampling.seed is not None and not arg.sampling.greedy:
+                    arg.generator = torch.Generator().manual_seed(int(arg.sampling.seed))
+                self.seqs[arg.request_id] = arg
+                self.scheduler.add(arg)
+                self.stats.prompt_tokens_total += arg.num_prompt
+            elif op == "abort":
+                seq = self.seqs.get(arg)
+                if seq is not None:
+                    self._finish(seq, Finish.ABORTED)
+
+    def _finish(self, seq: Sequence, reason: Finish, new: list[int] = (), lps: list[float] = (), error: str = ""):
+        self.scheduler.finish(seq, reason)
+        self.seqs.pop(seq.request_id, None)
+        seq.emit(list(new), list(lps), reason, error)
+
+    def step(self) -> bool:
+        """One engine step; returns False when there was nothing to do."""
+        self._drain_inbox()
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return False
+        try:
+            logits = self.runner.run(build_plan(batch, self.config.block_size))
+            self._update(batch, logits)
+        except Exception as e:  # a failing step fails its requests, never the worker
+            log.error("engine step failed: %s\n%s", e, traceback.format_exc())
+            for seq in batch.seqs:
+                self._finish(seq, Finish.ERROR, error=f"engine step failed: {e}")
+        self.stats.steps_total += 1
+        self.stats.batch_size = len(batch.seqs)
+        self.stats.batch_tokens = batch.total_tokens
+        return True
+
+    def _update(self, batch: ScheduledBatch, logits: torch.Tensor) -> None:
+        samples = batch.samples()
+        sampled = [s for s, ok in zip(batch.seqs, samples) if ok]
+        if self.logits_hook is not None and sampled:
+            self.logits_hook(sampled, logits)
+        tokens, logprobs = sample(logits, sampled) if sampled else ([], [])
+        now = time.monotonic()
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed += n
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now
+        for seq, tok, lp in zip(sampled, tokens, logprobs):
+            seq.token_ids.append(tok)
+            seq.cum_log_prob += lp
+            self.stats.generated_tokens_total += 1
+            reason = self._stop_reason(seq, tok)
+            if reason is None:
+                seq.emit([tok], [lp], None, "")
+            else:
+                self._finish(seq, reason, [tok], [lp])
+
+    def _stop_reason(self, seq: Sequence, tok: int) -> Finish | None:
+        s = seq.sampling
+        if tok in s.eos_token_ids and seq.num_generated > s.min_new_tokens - 1:
+            return Finish.EOS
+        for stop in s.stop_token_sequences:
+            if stop and seq.token_ids[-len(stop):] == list(stop):
+                return Finish.STOP
+        if seq.num_generated >= s.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
+            return Finish.LENGTH
+        return None
+
+    def snapshot_stats(self) -> EngineStats:
+        st = self.stats
+        st.running = len(self.scheduler.running)
+        st.waiting = len(self.scheduler.waiting)
+        st.kv_blocks_used = self.blocks.num_used
+        st.preemptions_total = self.scheduler.preemptions
+        return st
+
+    def run_forever(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            if not self.step():
+                self.wakeup.wait(timeout=0.05)
+                self.wakeup.clear()

@@ -1,0 +1,64 @@
+"""Per-request logits processing and sampling.
+
+Each row is processed with its own parameters and its own seeded generator, so a request's
+tokens do not depend on which other requests share its batch (batch invariance).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from worker.engine.sequence import Sequence
+
+
+def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """logits: [V] fp32 for one sequence (modified in place and returned)."""
+    s = seq.sampling
+    if s.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / s.repetition_penalty, vals * s.repetition_penalty)
+    if (s.presence_penalty or s.frequency_penalty) and seq.num_generated:
+        gen = torch.tensor(seq.generated, dtype=torch.long)
+        counts = torch.bincount(gen, minlength=logits.numel())[: logits.numel()].to(logits.dtype)
+        logits -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0).to(logits.dtype)
+    if seq.num_generated < s.min_new_tokens and s.eos_token_ids:
+        logits[list(s.eos_token_ids)] = float("-inf")
+    for bad in s.bad_word_token_sequences:
+        prefix = list(bad[:-1])
+        if not prefix or seq.token_ids[-len(prefix):] == prefix:
+            logits[bad[-1]] = float("-inf")
+    return logits
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits: [V] (already temperature-scaled); tokens outside top-k / nucleus set to -inf."""
+    if top_k and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits[drop] = float("-inf")
+        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+    return logits
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
+    """logits: [B, V] fp32, one row per sequence -> (token per row, its log-prob)."""
+    tokens, logprobs = [], []
+    for row, seq in zip(logits, seqs):
+        s = seq.sampling
+        row = apply_penalties(row.clone(), seq)
+        if s.greedy:
+            tok = int(torch.argmax(row))
+            lp = torch.log_softmax(row, -1)[tok]
+        else:
+            scaled = filter_top_k_top_p(row / s.temperature, s.top_k, s.top_p)
+            probs = torch.softmax(scaled, -1)
+            tok = int(torch.multinomial(probs, 1, generator=seq.generator))
+            lp = torch.log(probs[tok])
+        tokens.append(tok)
+        logprobs.append(float(lp))
+    return tokens, logprobs

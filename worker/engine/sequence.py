@@ -1,0 +1,83 @@
+"""One request inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Finish(enum.Enum):
+    LENGTH = "length"
+    EOS = "eos"
+    STOP = "stop"
+    ABORTED = "aborted"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Resolved per-request sampling parameters (see worker.proto SamplingParams)."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_new_tokens: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+    stop_token_sequences: tuple[tuple[int, ...], ...] = ()
+    bad_word_token_sequences: tuple[tuple[int, ...], ...] = ()
+    return_log_probs: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass
+class Sequence:
+    """Invariant: num_computed <= len(token_ids); tokens [0, num_computed) have K/V in the cache."""
+
+    request_id: str
+    token_ids: list[int]
+    sampling: Sampling
+    # called from the engine thread with (new_token_ids, log_probs, finish or None)
+    emit: Callable[[list[int], list[float], Finish | None, str], None] = lambda *a: None
+    num_prompt: int = 0
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish: Finish | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
+    generator: torch.Generator | None = None
+    cum_log_prob: float = 0.0
+
+    def __post_init__(self):
+        if not self.num_prompt:
+            self.num_prompt = len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def generated(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed

@@ -1,0 +1,166 @@
+"""Linear layers that know how they are sharded over tensor-parallel ranks.
+
+Each parameter carries `weight_loader(param, loaded, shard_id)`, where `loaded` is the *full*
+checkpoint tensor or a lazy safetensors slice of it (anything supporting `get_shape()`/`.shape`
+and slicing); the loader reads only this rank's part and checks the full shape first.
+Weights are [out_features, in_features] as in torch.nn.Linear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.distributed import divide, tp_all_gather_last_dim, tp_all_reduce, tp_rank, tp_size
+
+
+def full_shape(loaded) -> tuple[int, ...]:
+    shape = loaded.get_shape() if hasattr(loaded, "get_shape") else loaded.shape
+    return tuple(int(s) for s in shape)
+
+
+def materialize(loaded, index=None) -> torch.Tensor:
+    """Read `loaded[index]` (a lazy slice or a tensor) as a torch tensor."""
+    part = loaded if index is None else loaded[index]
+    return part if isinstance(part, torch.Tensor) else torch.as_tensor(part)
+
+
+def check_shape(name: str, loaded, expected: Sequence[int]) -> None:
+    got = full_shape(loaded)
+    if got != tuple(expected):
+        raise ValueError(f"{name}: checkpoint shape {list(got)} but the model expects {list(expected)}")
+
+
+def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    if tuple(param.shape) != tuple(value.shape):
+        raise ValueError(f"shard shape {list(value.shape)} does not fit parameter {list(param.shape)}")
+    param.data.copy_(value.to(param.dtype))
+
+
+def replicated_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
+    check_shape(getattr(param, "ckpt_name", "parameter"), loaded, param.shape)
+    copy_into(param, materialize(loaded, slice(None)))
+
+
+class ReplicatedLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = replicated_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = replicated_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split over ranks: y[..., rank part] = x @ W[rank rows].T.
+
+    `output_sizes` lists the logical matrices packed along the output dim (e.g. gate and up);
+    each one is split over ranks separately, so shard `i` of rank r is rows
+    [r*size_i/tp, (r+1)*size_i/tp) of checkpoint matrix i.
+    """
+
+    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool = False,
+                 gather_output: bool = False):
+        super().__init__()
+        tp = tp_size()
+        self.in_features = in_features
+        self.output_sizes = list(output_sizes)
+        self.shard_sizes = [divide(s, tp, "output features") for s in self.output_sizes]
+        self.gather_output = gather_output
+        out = sum(self.shard_sizes)
+        self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def shard_range(self, shard_id) -> tuple[int, int, int]:
+        """(offset in this rank's param, rows to read start, rows count) for one packed matrix."""
+        idx = 0 if shard_id is None else int(shard_id)
+        offset = sum(self.shard_sizes[:idx])
+        n = self.shard_sizes[idx]
+        return offset, tp_rank() * n, n
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        offset, start, n = self.shard_range(shard_id)
+        idx = 0 if shard_id is None else int(shard_id)
+        expected = (self.output_sizes[idx],) + tuple(param.shape[1:])
+        check_shape(getattr(param, "ckpt_name", "parameter"), loaded, expected)
+        copy_into(param.data[offset:offset + n], materialize(loaded, slice(start, start + n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return tp_all_gather_last_dim(y) if self.gather_output else y
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections packed; heads split over ranks. KV heads fewer than ranks are replicated."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+        tp = tp_size()
+        self.head_dim = head_dim
+        self.num_heads = divide(num_heads, tp, "attention heads") * tp
+        self.kv_replicas = max(1, tp // num_kv_heads) if num_kv_heads < tp else 1
+        if num_kv_heads >= tp:
+            divide(num_kv_heads, tp, "key/value heads")
+        elif tp % num_kv_heads:
+            raise ValueError(f"tensor_parallel={tp} is not a multiple of key/value heads={num_kv_heads}")
+        self.num_kv_heads = num_kv_heads
+        self.local_heads = num_heads // tp
+        self.local_kv_heads = max(1, num_kv_heads // tp)
+        super().__init__(hidden_size, [num_heads * head_dim, self.local_kv_heads * head_dim * tp,
+                                       self.local_kv_heads * head_dim * tp], bias=bias)
+        # checkpoint sizes (logical) differ from the split sizes when kv heads are replicated
+        self.output_sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+
+    def shard_range(self, shard_id) -> tuple[int, int, int]:
+        idx = {"q": 0, "k": 1, "v": 2}[shard_id]
+        offset = sum(self.shard_sizes[:idx])
+        n = self.shard_sizes[idx]
+        if idx == 0:
+            return offset, tp_rank() * n, n
+        kv_head = tp_rank() // self.kv_replicas if self.kv_replicas > 1 else tp_rank() * self.local_kv_heads
+        return offset, kv_head * self.head_dim, n
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        idx = {"q": 0, "k": 1, "v": 2}[shard_id]
+        offset, start, n = self.shard_range(shard_id)
+        expected = (self.output_sizes[idx],) + tuple(param.shape[1:])
+        check_shape(getattr(param, "ckpt_name", "parameter"), loaded, expected)
+        copy_into(param.data[offset:offset + n], materialize(loaded, slice(start, start + n)))
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split over ranks; partial products summed with an all-reduce; bias added once."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_per_rank = divide(in_features, tp_size(), "input features")
+        self.in_features = in_features
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = replicated_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        check_shape(getattr(param, "ckpt_name", "parameter"), loaded, (param.shape[0], self.in_features))
+        start = tp_rank() * self.in_per_rank
+        copy_into(param, materialize(loaded, (slice(None), slice(start, start + self.in_per_rank))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = tp_all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,72 @@
+"""Rotary position embeddings with the rope scaling types Hugging Face configs carry."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rope_inv_freq(config, head_dim: int, rotary_dim: int | None = None) -> tuple[torch.Tensor, float]:
+    """(inv_freq [rotary_dim/2], attention_scaling) exactly as transformers computes them."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    dim = rotary_dim or head_dim
+    if rope_type in ("default", "dynamic"):
+        # dynamic NTK only changes frequencies past max_position_embeddings, which the controller
+        # refuses (prompt + new tokens <= max context), so within limits it equals default.
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return inv_freq.float(), float(scaling)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., ::2]
+    x2 = x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies rotary to the first `rotary_dim` dims of q and k.
+
+    neox_style=True: rotate-half (Llama, NeoX); False: interleaved pairs (GPT-J).
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0, neox_style: bool = True):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.scaling = attention_scaling
+        self.neox_style = neox_style
+        self.rotary_dim = inv_freq.numel() * 2
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, rot/2]
+        if self.neox_style:
+            emb = torch.cat((freqs, freqs), dim=-1)
+        else:
+            emb = torch.repeat_interleave(freqs, 2, dim=-1)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        # positions: [T]; q: [T, H, D]; k: [T, Hkv, D]
+        cos, sin = self.cos_sin(positions, q.dtype)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        rot = rotate_half if self.neox_style else rotate_every_two
+        r = self.rotary_dim
+
+        def apply(x):
+            if r == x.shape[-1]:
+                return x * cos + rot(x) * sin
+            xr, xp = x[..., :r], x[..., r:]
+            return torch.cat((xr * cos + rot(xr) * sin, xp), dim=-1)
+
+        return apply(q), apply(k)

@@ -1,0 +1,129 @@
+"""The one place that maps checkpoint tensors to our parameters and shards them.
+
+Every parameter of the model must be filled exactly (all packed shards), every checkpoint
+tensor must be used or deliberately ignored, and every shape must match: otherwise loading
+fails with a list of what is wrong. Each rank reads only its slices (safetensors `get_slice`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class WeightLoadError(ValueError):
+    pass
+
+
+def load_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json (not a Hugging Face model folder)")
+    return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [safe_child(model_dir, n) for n in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    bins = sorted(model_dir.glob("pytorch_model*.bin"))
+    if bins:
+        return bins
+    raise FileNotFoundError(f"{model_dir}: no *.safetensors or pytorch_model*.bin weights")
+
+
+def safe_child(root: Path, name: str) -> Path:
+    """root/name, refusing names that escape root (from an index or manifest)."""
+    path = (root / name).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise WeightLoadError(f"{name!r} points outside the model folder {root}")
+    return path
+
+
+def iter_checkpoint(files: list[Path], stack: ExitStack) -> Iterator[tuple[str, object]]:
+    """(name, lazy tensor) for every tensor; safetensors are sliced lazily, .bin loaded safely."""
+    for f in files:
+        if f.suffix == ".safetensors":
+            handle = stack.enter_context(safe_open(str(f), framework="pt"))
+            for name in handle.keys():
+                yield name, handle.get_slice(name)
+        else:
+            state = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            yield from state.items()
+
+
+def map_name(model: nn.Module, name: str) -> tuple[str, object] | None:
+    """Checkpoint name -> (our parameter name, shard id); None for deliberately ignored tensors."""
+    custom = getattr(model, "map_checkpoint_name", None)
+    if custom is not None:
+        return custom(name)
+    if any(name.endswith(s) for s in getattr(model, "ignored_checkpoint_suffixes", ())):
+        return None
+    for ckpt, (ours, shard) in getattr(model, "packed_modules", {}).items():
+        if f".{ckpt}." in name:
+            return name.replace(f".{ckpt}.", f".{ours}."), shard
+    return name, None
+
+
+def expected_shards(model: nn.Module, param_name: str, param) -> set:
+    """Shard ids a parameter must receive to be complete."""
+    ids = {shard for _, (ours, shard) in getattr(model, "packed_modules", {}).items()
+           if param_name.endswith(f".{ours}.weight") or param_name.endswith(f".{ours}.bias")}
+    return ids or {None}
+
+
+def load_weights(model: nn.Module, model_dir: Path) -> int:
+    """Fill `model` from the checkpoint in model_dir; returns this rank's parameter bytes."""
+    params = dict(model.named_parameters())
+    received: dict[str, set] = {n: set() for n in params}
+    unused, errors = [], []
+    tied = bool(getattr(model, "tied", False))
+    with ExitStack() as stack:
+        for name, tensor in iter_checkpoint(checkpoint_files(model_dir), stack):
+            mapped = map_name(model, name)
+            if mapped is None:
+                continue
+            target, shard = mapped
+            if target not in params:
+                if tied and target == "lm_head.weight":
+                    continue  # tied to the embedding; the duplicate is redundant
+                unused.append(name)
+                continue
+            param = params[target]
+            param.ckpt_name = name
+            loader = getattr(param, "weight_loader", None)
+            if loader is None:
+                errors.append(f"{target}: parameter has no weight_loader")
+                continue
+            try:
+                loader(param, tensor, shard)
+            except (ValueError, RuntimeError) as e:
+                errors.append(f"{name} -> {target}: {e}")
+                continue
+            received[target].add(shard)
+    missing = [n for n, got in received.items() if not expected_shards(model, n, params[n]) <= got]
+    if missing or unused or errors:
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {', '.join(missing[:20])}")
+        if unused:
+            parts.append(f"not used by the model: {', '.join(unused[:20])}")
+        if errors:
+            parts.append("; ".join(errors[:20]))
+        raise WeightLoadError(f"{model_dir}: " + " | ".join(parts))
+    return sum(p.numel() * p.element_size() for p in params.values())

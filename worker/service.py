@@ -1,0 +1,105 @@
+"""The worker's gRPC servicer: a thin wrapper that turns proto messages into engine calls."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+
+import grpc
+
+from shardserve.v1 import worker_pb2 as pb
+from shardserve.v1 import worker_pb2_grpc as pb_grpc
+from worker.engine.engine import Engine
+from worker.engine.sequence import Finish, Sampling, Sequence
+
+log = logging.getLogger(__name__)
+
+FINISH = {
+    Finish.LENGTH: pb.WORKER_FINISH_LENGTH,
+    Finish.EOS: pb.WORKER_FINISH_EOS,
+    Finish.STOP: pb.WORKER_FINISH_STOP,
+    Finish.ABORTED: pb.WORKER_FINISH_ABORTED,
+    Finish.ERROR: pb.WORKER_FINISH_ERROR,
+}
+
+
+def sampling_from_pb(p: pb.SamplingParams) -> Sampling:
+    seqs = lambda xs: tuple(tuple(int(t) for t in x.token_ids) for x in xs if x.token_ids)  # noqa: E731
+    return Sampling(
+        max_new_tokens=int(p.max_new_tokens),
+        temperature=float(p.temperature),
+        top_k=int(p.top_k),
+        top_p=float(p.top_p) if p.top_p > 0 else 1.0,
+        seed=int(p.seed),
+        repetition_penalty=float(p.repetition_penalty) or 1.0,
+        presence_penalty=float(p.presence_penalty),
+        frequency_penalty=float(p.frequency_penalty),
+        min_new_tokens=int(p.min_new_tokens),
+        eos_token_ids=tuple(int(t) for t in p.eos_token_ids),
+        stop_token_sequences=seqs(p.stop_token_sequences),
+        bad_word_token_sequences=seqs(p.bad_word_token_sequences),
+        return_log_probs=bool(p.return_log_probs),
+    )
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    def __init__(self, engine: Engine, info: dict):
+        self.engine = engine
+        self.info = info  # static facts for Status: architecture, dtype, ranks, ...
+
+    def Generate(self, request: pb.WorkerGenerateRequest, context: grpc.ServicerContext):
+        if not request.prompt_token_ids:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
+        vocab = self.info["vocab_size"]
+        bad = [t for t in request.prompt_token_ids if t >= vocab]
+        if bad:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt_token_ids: ids {bad[:5]} >= vocab_size {vocab}")
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        seq = Sequence(request.request_id, list(request.prompt_token_ids), sampling_from_pb(request.sampling),
+                       emit=lambda toks, lps, fin, err: out.put((toks, lps, fin, err)))
+        arrival = time.monotonic()
+        context.add_callback(lambda: self.engine.abort(request.request_id))
+        self.engine.add(seq)
+        first = True
+        while True:
+            toks, lps, fin, err = out.get()
+            msg = pb.WorkerGenerateResponse(token_ids=toks)
+            if seq.sampling.return_log_probs:
+                msg.log_probs.extend(lps)
+            if first:
+                msg.prompt_tokens = seq.num_prompt
+                msg.queue_seconds = max(0.0, (seq.first_scheduled or arrival) - arrival)
+                first = False
+            if fin is not None:
+                msg.finish_reason = FINISH[fin]
+                msg.error = err
+                msg.cum_log_prob = seq.cum_log_prob
+                yield msg
+                return
+            yield msg
+
+    def Status(self, request, context):
+        st = self.engine.snapshot_stats()
+        resp = pb.WorkerStatusResponse(
+            ready=True,
+            architecture=self.info["architecture"],
+            vocab_size=self.info["vocab_size"],
+            max_model_len=self.engine.max_model_len,
+            dtype=self.engine.config.dtype,
+            tensor_parallel=self.info.get("tp", 1),
+            pipeline_parallel=self.info.get("pp", 1),
+            encoder_decoder=self.info.get("encoder_decoder", False),
+            kernel_path=self.info.get("kernel_path", "torch"),
+            stats=pb.EngineStats(
+                running=st.running, waiting=st.waiting, batch_size=st.batch_size, batch_tokens=st.batch_tokens,
+                kv_blocks_total=st.kv_blocks_total, kv_blocks_used=st.kv_blocks_used,
+                preemptions_total=st.preemptions_total, steps_total=st.steps_total,
+                prompt_tokens_total=st.prompt_tokens_total, generated_tokens_total=st.generated_tokens_total,
+            ),
+        )
+        for phase, secs in st.load_phases.items():
+            resp.load_phases.add(phase=phase, seconds=secs)
+        for r in self.info.get("ranks", []):
+            resp.ranks.add(**r)
+        return resp
