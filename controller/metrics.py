@@ -21,8 +21,9 @@ Series (all labelled `model`; `replica` where a replica applies):
 
 Engine counters arrive as running totals from the worker. They are exported as true counters by
 adding the delta since the previous report; a total that went down means the worker restarted, and
-the new total (counted since the restart) is added whole. So our counters never decrease and a
-restart loses at most what happened between the last poll and the crash.
+the new total (counted since the restart) is added whole; an all-zero report (a proto without stats)
+adds nothing. So our counters never decrease and a restart loses at most what happened between the
+last poll and the crash.
 """
 
 from __future__ import annotations
@@ -226,10 +227,15 @@ class Metrics:
             self.kv_blocks.labels(m, r, "used").set(used)
             self.kv_blocks.labels(m, r, "total").set(total)
             self.kv_usage.labels(m, r).set(used / total if total > 0 else 0.0)
+            totals = {attr: int(getattr(stats, attr)) for attr in _ENGINE_TOTALS}
+            # All zero: a fresh worker or a report without stats (proto default); either way nothing
+            # to add, and keeping the previous totals means a restart is still seen as one next time.
+            if not any(totals.values()):
+                return
             last = self._last_totals.get((m, r), {})
             now: dict[str, int] = {}
             for attr, fam_name in _ENGINE_TOTALS.items():
-                value = int(getattr(stats, attr))
+                value = totals[attr]
                 prev = last.get(attr)
                 # value < prev: the worker restarted and counts from zero again.
                 delta = value if prev is None or value < prev else value - prev

@@ -129,10 +129,19 @@ def test_engine_totals_become_monotonic_counters_across_a_worker_restart():
     m.set_engine_stats("m", "r0", Stats(steps_total=6, generated_tokens_total=20, preemptions_total=2))
     assert steps() == 21
     assert value(m, "shardserve_preemptions_total", **L) == 3
+    # An all-zero report (no stats in that status reply) neither adds nor hides a later restart.
+    m.set_engine_stats("m", "r0", Stats())
+    assert steps() == 21
+    m.set_engine_stats("m", "r0", Stats(steps_total=7, generated_tokens_total=20, preemptions_total=2))
+    assert steps() == 22
+    m.set_engine_stats("m", "r0", Stats())
+    m.set_engine_stats("m", "r0", Stats(steps_total=3, generated_tokens_total=1))  # restarted meanwhile
+    assert steps() == 25
+    assert value(m, "shardserve_engine_generated_tokens_total", **L) == 151
     # Replicas are tracked separately.
     m.set_engine_stats("m", "r1", Stats(steps_total=5))
     assert value(m, "shardserve_engine_steps_total", model="m", replica="r1") == 5
-    assert steps() == 21
+    assert steps() == 25
 
 
 def test_workers_restarts_load_phases_and_download_bytes():
