@@ -187,6 +187,7 @@ class Metrics:
             self.requests.labels(model, replica, status)
         for f in (self.prompt_tokens, self.generated_tokens, self.worker_restarts):
             f.labels(model, replica)
+        self.download_bytes.labels(model)  # a model loaded from a local folder downloads 0 bytes
 
     def observe_request(self, rec: RequestRecord) -> None:
         status = rec.status if rec.status in STATUSES else "error"

@@ -151,6 +151,7 @@ def test_workers_restarts_load_phases_and_download_bytes():
     assert value(m, "shardserve_worker_up", model="m", replica="r0", rank="0") == 1
     assert value(m, "shardserve_worker_up", model="m", replica="r0", rank="1") == 0
     assert value(m, "shardserve_worker_restarts_total", model="m", replica="r0") == 0
+    assert value(m, "shardserve_download_bytes_total", model="m") == 0
     m.inc_worker_restarts("m", "r0")
     m.inc_worker_restarts("m", "r0")
     assert value(m, "shardserve_worker_restarts_total", model="m", replica="r0") == 2
