@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/shardserve/v1/*.proto)
 STUBS  := shardserve/v1/.stubs
 
-.PHONY: install run test lint stubs native clean
+.PHONY: install run test lint stubs native system-deps clean
 
 install: $(STAMP) $(STUBS) native
 
@@ -29,8 +29,21 @@ native: $(STAMP)
 run: install
 	$(VENV)/bin/shardserve serve
 
-test: install
+test: install system-deps
 	$(PY) -m pytest -q -ra tests
+
+# Debian's prometheus binary for tests/integration/test_prometheus_dashboard.py (~10 s, root only).
+# Never fails the build: without it that test skips and says why.
+system-deps:
+	@if ! command -v prometheus >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "system-deps: installing prometheus with apt-get"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) \
+	      >/dev/null 2>&1 || echo "system-deps: apt-get could not install prometheus; its tests will skip"; \
+	  else \
+	    echo "system-deps: prometheus not on PATH and not root; its tests will skip"; \
+	  fi; \
+	fi
 
 lint: install
 	$(VENV)/bin/ruff check .
