@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from controller.demo_model import demo_model_path
 from controller.http import HttpServer
+from controller.metrics import Metrics
 from controller.replica import Replica, ReplicaSpec
 from controller.router import ModelEntry, Router
 from controller.service import GenerationService
@@ -66,7 +67,7 @@ class Controller:
         self.cache_dir = cache_dir
         self.router = Router()
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="shardserve-"))
-        self.metrics = None
+        self.metrics = Metrics()
         self.health = health.HealthServicer()
         self.server: grpc.Server | None = None
         self.http: HttpServer | None = None
@@ -74,15 +75,34 @@ class Controller:
 
     def load_model(self, name: str, spec: ReplicaSpec, replicas: int = 1) -> ModelEntry:
         codec = Codec(spec.model_dir)
-        reps = [Replica(f"{name}-{i}", spec, self.runtime_dir) for i in range(replicas)]
+        reps = [Replica(f"{name}-{i}", spec, self.runtime_dir, on_event=self._replica_event) for i in range(replicas)]
         for r in reps:
+            r.model_name = name
             r.start()
+            for phase in r.status.load_phases:
+                self.metrics.observe_load_phase(name, r.name, phase.phase, phase.seconds)
         st = reps[0].status
         entry = ModelEntry(name=name, codec=codec, replicas=reps, max_model_len=st.max_model_len,
                            vocab_size=st.vocab_size, max_queued_requests=self.config.max_queued_requests,
                            max_batch_size=spec.max_batch_size)
         self.router.add(entry)
         return entry
+
+    def _replica_event(self, event: str, replica: Replica) -> None:
+        model = getattr(replica, "model_name", replica.name)
+        if event in ("up", "down"):
+            self.metrics.set_worker_up(model, replica.name, 0, event == "up")
+        elif event == "restart":
+            self.metrics.inc_worker_restarts(model, replica.name)
+
+    def poll_stats(self, interval_s: float = 1.0) -> None:
+        """Engine stats of every replica into the metrics, every interval (a daemon thread)."""
+        while not self.stopped.wait(interval_s):
+            for entry in list(self.router.models.values()):
+                for r in entry.replicas:
+                    st = r.refresh_status()
+                    if st is not None and st.HasField("stats"):
+                        self.metrics.set_engine_stats(entry.name, r.name, st.stats)
 
     def start_servers(self) -> None:
         c = self.config
@@ -100,6 +120,7 @@ class Controller:
         self.http = HttpServer(c.host, c.http_port, ready=self.router.any_ready, metrics=self.metrics)
         self.http.add("GET", "/v1/stats", self._stats_route)
         self.http.start()
+        threading.Thread(target=self.poll_stats, daemon=True, name="stats-poll").start()
         for svc in ("", names[0]):
             self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving gRPC on %s:%d and HTTP on %s:%d", c.host, port, c.host, self.http.port)

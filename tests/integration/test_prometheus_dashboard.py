@@ -169,9 +169,44 @@ def check_dashboard(target: str, model: str = MODEL) -> dict[str, int]:
         return counts
 
 
+@pytest.fixture
+def shardserve_target(tmp_path) -> Iterator[str]:
+    """'host:port' of a real `shardserve serve` HTTP port with generation traffic flowing."""
+    import grpc
+
+    from shardserve.v1 import generate_pb2 as gpb
+    from shardserve.v1 import generate_pb2_grpc as gpb_grpc
+    from tests.integration.server import ServerProcess
+
+    server = ServerProcess(cache_dir=tmp_path)
+    stop = threading.Event()
+
+    def traffic():
+        stub = gpb_grpc.GenerationStub(server.channel)
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                stub.Generate(gpb.GenerateRequest(prompts=[f"request {i}"] * 2,
+                                                  parameters=gpb.GenerationParameters(max_new_tokens=12)), timeout=30)
+                if i % 5 == 0:
+                    stub.Generate(gpb.GenerateRequest(prompts=[""]))  # an invalid request, counted as such
+            except grpc.RpcError:
+                pass
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.http_port}"
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        server.stop()
+
+
 @pytest.mark.skipif(unavailable_reason() is not None, reason=unavailable_reason() or "")
-def test_every_dashboard_query_returns_data_from_a_real_prometheus(synthetic_target):
-    counts = check_dashboard(synthetic_target)
+def test_every_dashboard_query_returns_data_from_a_real_prometheus(shardserve_target):
+    counts = check_dashboard(shardserve_target)
     assert len(counts) >= 30
     assert counts["label_values(shardserve_requests_total, model)"] == 1
 

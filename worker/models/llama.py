@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.distributed import tp_size
 from worker.layers.attention import PagedAttention
 from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from worker.layers.norm import RMSNorm
 from worker.layers.rotary import RotaryEmbedding, rope_inv_freq
+from worker.models.base import DecoderModel, make_layers
 
 
 class LlamaAttention(nn.Module):
@@ -74,7 +74,7 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(DecoderModel):
     """Checkpoint names follow transformers' LlamaForCausalLM ('model.layers.N....')."""
 
     # checkpoint sub-name -> (our packed parameter, shard id)
@@ -93,24 +93,16 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = nn.Module()
         self.model.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.model.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.model.layers = make_layers(config.num_hidden_layers, lambda i: LlamaDecoderLayer(config, i))
+        self.layers = self.model.layers
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         if self.tied:
             self.lm_head.tie(self.model.embed_tokens)
-        self.tp_size = tp_size()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # input_ids, positions: [T] -> hidden [T, hidden]
-        x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = layer(positions, x)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.norm(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [B, hidden] -> [B, vocab] fp32
-        return self.lm_head(hidden).float()
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
