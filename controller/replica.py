@@ -1,8 +1,15 @@
-"""One model replica: its worker process(es), the channel to its leader, and its supervision.
+"""One model replica: its worker processes (TP x PP ranks), the channel to its leader, and its
+supervision.
 
-The controller talks only to the leader (rank 0) over a unix socket. A replica whose worker
-dies is marked not ready at once (in-flight calls fail with UNAVAILABLE as the socket closes)
-and restarted with exponential backoff, up to `max_restarts`; then it is marked failed.
+The controller talks only to the leader (rank 0) over a unix socket; the ranks talk among
+themselves over torch.distributed. The layout is checked before any process starts.
+
+Supervision (one thread per replica, which also launches the ranks, so that the workers'
+parent-death signal stays armed for the replica's life): every rank is watched. A rank that exits,
+or an engine that completes no step for `watchdog_s` while requests wait, brings the whole group
+down at once: every rank is SIGKILLed, so the leader's socket closes and in-flight calls fail with
+UNAVAILABLE within seconds; readiness drops; the group is relaunched with exponential backoff, up
+to `max_restarts`, after which the replica is marked failed with the reason.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from pathlib import Path
 
 import grpc
 
+from controller.placement import Placement, RankPlacement, check_layout, place
 from shardserve.v1 import worker_pb2 as wpb
 from shardserve.v1 import worker_pb2_grpc as wpb_grpc
 
@@ -38,20 +46,38 @@ class ReplicaSpec:
     max_batch_size: int = 32
     max_batch_tokens: int = 2048
     max_model_len: int = 0
-    threads: int = 0
+    threads: int = 0  # torch threads per rank; 0 = the rank's share of the cores
     start_timeout_s: float = 900.0
     max_restarts: int = 5
+    tp: int = 1  # tensor-parallel degree
+    pp: int = 1  # pipeline-parallel degree
+    stage_layers: tuple[int, ...] = ()  # layers per pipeline stage; () = balanced
+    collective_timeout_s: float = 60.0  # a collective waiting longer fails and ends the rank
+    watchdog_s: float = 120.0  # no engine step for this long while requests wait = hung group
+    restart_backoff_s: float = 0.5  # first restart delay; doubles per restart, at most 30 s
 
-    def worker_args(self, socket_path: str) -> list[str]:
-        return [
-            sys.executable, "-m", "worker", "shardserve-worker",
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    def worker_args(self, socket_path: str, rank: RankPlacement | None = None, master_port: int = 0) -> list[str]:
+        rank = rank or RankPlacement(rank=0, tp_rank=0, pp_rank=0, device=self.device, threads=self.threads)
+        args = [
+            sys.executable, "-m", "worker", "shardserve-worker" if rank.rank == 0 else f"shardserve-rank{rank.rank}",
             "--model-dir", str(self.model_dir), "--socket", socket_path, "--dtype", self.dtype,
-            "--device", self.device, "--block-size", str(self.block_size),
+            "--device", rank.device, "--block-size", str(self.block_size),
             "--kv-cache-bytes", str(self.kv_cache_bytes), "--num-kv-blocks", str(self.num_kv_blocks),
             "--max-batch-size", str(self.max_batch_size), "--max-batch-tokens", str(self.max_batch_tokens),
-            "--max-model-len", str(self.max_model_len), "--threads", str(self.threads),
+            "--max-model-len", str(self.max_model_len), "--threads", str(rank.threads),
             "--parent-pid", str(os.getpid()),
+            "--rank", str(rank.rank), "--tp", str(self.tp), "--pp", str(self.pp),
+            "--master-port", str(master_port), "--collective-timeout", str(self.collective_timeout_s),
         ]
+        if self.stage_layers:
+            args += ["--stage-layers", ",".join(str(n) for n in self.stage_layers)]
+        if rank.cpus:
+            args += ["--cpus", ",".join(str(c) for c in rank.cpus)]
+        return args
 
 
 class WorkerStartError(RuntimeError):
@@ -64,39 +90,82 @@ class Replica:
         self.spec = spec
         self.runtime_dir = runtime_dir
         self.socket_path = str(runtime_dir / f"{name}.sock")
-        self.proc: subprocess.Popen | None = None
+        self.procs: list[subprocess.Popen] = []  # index = global rank
+        self.placement: Placement | None = None
         self.channel: grpc.Channel | None = None
         self.stub: wpb_grpc.WorkerStub | None = None
         self.status: wpb.WorkerStatusResponse | None = None
         self.ready = False
         self.state = "starting"  # starting | ready | restarting | failed | stopped
         self.failure = ""
+        self.last_down_reason = ""
         self.restarts = 0
         self.outstanding = 0  # requests in flight through this replica
         self.lock = threading.Lock()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
         self.stopping = False
+        self._stop_event = threading.Event()
         self.on_event = on_event or (lambda *a: None)  # (event, replica) for metrics/logs
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        """The leader's process."""
+        return self.procs[0] if self.procs else None
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
-        """Launch the worker and block until it answers Status (or fail with its stderr)."""
+        """Check the layout, launch every rank, block until the leader answers Status (or raise
+        with the failing rank's stderr). Raises LayoutError before any process starts."""
+        check_layout(self.spec.model_dir, self.spec.tp, self.spec.pp, self.spec.stage_layers)
+        started = threading.Event()
+        result: list[BaseException | None] = []
+
+        def run():
+            try:
+                self._launch()
+                result.append(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                result.append(e)
+                self._kill_all()
+                return
+            finally:
+                started.set()
+            self._supervise()
+
+        threading.Thread(target=run, daemon=True, name=f"sup-{self.name}").start()
+        started.wait()
+        if result[0] is not None:
+            raise result[0]
+
+    def _launch(self) -> None:
+        """Start every rank (from the supervising thread) and wait for the leader."""
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
-        self.proc = subprocess.Popen(self.spec.worker_args(self.socket_path), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        threading.Thread(target=self._pump_stderr, args=(self.proc,), daemon=True).start()
+        spec = self.spec
+        self.placement = place(spec.tp, spec.pp, spec.device, spec.threads)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.procs = []
+        for rank in self.placement.ranks:
+            proc = subprocess.Popen(spec.worker_args(self.socket_path, rank, self.placement.master_port),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True, env=env)
+            self.procs.append(proc)
+            threading.Thread(target=self._pump_stderr, args=(proc, rank.rank), daemon=True).start()
+        if self.channel is not None:
+            self.channel.close()
         self.channel = grpc.insecure_channel(f"unix:{self.socket_path}")
         self.stub = wpb_grpc.WorkerStub(self.channel)
-        deadline = time.monotonic() + self.spec.start_timeout_s
+        deadline = time.monotonic() + spec.start_timeout_s
         while True:
-            if self.proc.poll() is not None:
-                raise WorkerStartError(f"worker for {self.name} exited with code {self.proc.returncode} "
-                                       f"while loading:\n" + "\n".join(self.stderr_tail))
+            dead = self._dead_rank()
+            if dead is not None:
+                r, code = dead
+                raise WorkerStartError(f"rank {r} of {self.name} exited with code {code} while loading:\n"
+                                       + "\n".join(self.stderr_tail))
+            if self.stopping:
+                raise WorkerStartError(f"{self.name} stopped while starting")
             if time.monotonic() > deadline:
-                self.proc.kill()
-                raise WorkerStartError(f"worker for {self.name} not ready after {self.spec.start_timeout_s:.0f}s")
+                raise WorkerStartError(f"worker for {self.name} not ready after {spec.start_timeout_s:.0f}s")
             if os.path.exists(self.socket_path):
                 try:
                     self.status = self.stub.Status(wpb.WorkerStatusRequest(), timeout=5)
@@ -106,48 +175,103 @@ class Replica:
             time.sleep(0.1)
         self.ready, self.state = True, "ready"
         self.on_event("up", self)
-        log.info("replica %s ready (pid %d, %s, kernels: %s)", self.name, self.proc.pid,
-                 self.status.architecture, self.status.kernel_path)
-        threading.Thread(target=self._supervise, args=(self.proc,), daemon=True, name=f"sup-{self.name}").start()
+        sizes = ", ".join(f"rank {r.rank}: {r.parameter_bytes / 1e6:.1f} MB" for r in self.status.ranks)
+        log.info("replica %s ready (tp=%d pp=%d, leader pid %d, %s, kernels: %s; parameters %s)", self.name,
+                 spec.tp, spec.pp, self.procs[0].pid, self.status.architecture, self.status.kernel_path, sizes)
 
-    def _pump_stderr(self, proc: subprocess.Popen) -> None:
+    def _pump_stderr(self, proc: subprocess.Popen, rank: int) -> None:
         for line in proc.stderr:
             self.stderr_tail.append(line.rstrip())
-            sys.stderr.write(f"[{self.name}] {line}")
+            sys.stderr.write(f"[{self.name}/{rank}] {line}")
 
-    def _supervise(self, proc: subprocess.Popen) -> None:
-        code = proc.wait()
-        if self.stopping:
-            return
-        self.ready, self.state = False, "restarting"
-        self.on_event("down", self)
-        log.error("replica %s: worker exited with code %s", self.name, code)
+    def _dead_rank(self) -> tuple[int, int] | None:
+        for r, p in enumerate(self.procs):
+            code = p.poll()
+            if code is not None:
+                return r, code
+        return None
+
+    def _watch(self) -> str:
+        """Block while the group is healthy; returns why it is not."""
+        last_steps, last_progress, last_ok = -1, time.monotonic(), time.monotonic()
+        next_poll = 0.0
         while not self.stopping:
-            if self.restarts >= self.spec.max_restarts:
-                self.state = "failed"
-                self.failure = f"worker exited {self.restarts + 1} times; last code {code}"
-                log.error("replica %s failed: %s", self.name, self.failure)
+            dead = self._dead_rank()
+            if dead is not None:
+                return f"rank {dead[0]} exited with code {dead[1]}"
+            now = time.monotonic()
+            if now >= next_poll:
+                next_poll = now + 1.0
+                try:
+                    st = self.stub.Status(wpb.WorkerStatusRequest(), timeout=2)
+                    self.status, last_ok = st, now
+                    pending = st.stats.running + st.stats.waiting
+                    if st.stats.steps_total != last_steps or not pending:
+                        last_steps, last_progress = st.stats.steps_total, now
+                    elif now - last_progress > self.spec.watchdog_s:
+                        return (f"no engine step for {now - last_progress:.0f}s with {pending} requests "
+                                f"pending (step watchdog {self.spec.watchdog_s:g}s)")
+                except grpc.RpcError as e:
+                    if now - last_ok > self.spec.watchdog_s:
+                        return f"leader not answering Status for {now - last_ok:.0f}s: {e.code().name}"
+            time.sleep(0.1)
+        return "stopping"
+
+    def _supervise(self) -> None:
+        while True:
+            reason = self._watch()
+            if self.stopping:
                 return
-            delay = min(30.0, 0.5 * 2 ** self.restarts)
-            self.restarts += 1
-            self.on_event("restart", self)
-            time.sleep(delay)
+            self.last_down_reason = reason
+            self.ready, self.state = False, "restarting"
+            self.on_event("down", self)
+            log.error("replica %s down: %s; stopping all %d ranks", self.name, reason, len(self.procs))
+            self._kill_all()
+            while True:
+                if self.stopping:
+                    return
+                if self.restarts >= self.spec.max_restarts:
+                    self.state = "failed"
+                    self.failure = f"gave up after {self.restarts} restarts; last failure: {reason}"
+                    log.error("replica %s failed: %s", self.name, self.failure)
+                    return
+                delay = min(30.0, self.spec.restart_backoff_s * 2 ** self.restarts)
+                self.restarts += 1
+                self.on_event("restart", self)
+                if self._stop_event.wait(delay):
+                    return
+                try:
+                    self._launch()
+                    break
+                except WorkerStartError as e:
+                    reason = str(e).splitlines()[0]
+                    log.error("replica %s restart failed: %s", self.name, e)
+                    self._kill_all()
+
+    def _kill_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs:
             try:
-                self.start()
-                return
-            except WorkerStartError as e:
-                log.error("replica %s restart failed: %s", self.name, e)
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                log.error("rank pid %d did not exit after SIGKILL", p.pid)
 
     def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM the leader (it tells the other ranks to stop), then make sure every rank is gone."""
         self.stopping = True
+        self._stop_event.set()
         self.ready, self.state = False, "stopped"
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
+        if self.procs and self.procs[0].poll() is None:
+            self.procs[0].terminate()
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
             try:
-                self.proc.wait(timeout)
+                p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                p.terminate()
+        self._kill_all()
         if self.channel:
             self.channel.close()
 

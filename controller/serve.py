@@ -7,6 +7,7 @@ requests finish within the grace period, stop the workers, exit 0.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -166,7 +167,9 @@ def spec_from_args(args, model_dir: Path) -> ReplicaSpec:
     return ReplicaSpec(model_dir=model_dir, dtype=args.dtype, device=args.device, block_size=args.block_size,
                        kv_cache_bytes=args.kv_cache_mb << 20, num_kv_blocks=args.num_kv_blocks,
                        max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-                       max_model_len=args.max_model_len, threads=args.threads)
+                       max_model_len=args.max_model_len, threads=args.threads, tp=args.tp, pp=args.pp,
+                       stage_layers=args.stage_layers, collective_timeout_s=args.collective_timeout,
+                       watchdog_s=args.step_watchdog, max_restarts=args.max_restarts)
 
 
 def run(args) -> int:
@@ -210,4 +213,18 @@ def register(sub) -> None:
     p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per rank, MiB (upper bound)")
     p.add_argument("--num-kv-blocks", type=int, default=0, help="exact KV block count (overrides --kv-cache-mb)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (ranks per pipeline stage)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (stages)")
+    p.add_argument("--stage-layers", type=_layer_counts, default=(), help="layers per stage, e.g. 3,1 (default balanced)")
+    p.add_argument("--collective-timeout", type=float, default=60.0, help="seconds a collective may wait before the group restarts")
+    p.add_argument("--step-watchdog", type=float, default=120.0, help="seconds without an engine step (requests waiting) before the group restarts")
+    p.add_argument("--max-restarts", type=int, default=5, help="group restarts before the model is marked failed")
     p.set_defaults(func=run)
+
+
+def _layer_counts(raw: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(n) for n in raw.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r}: expected comma-separated layer counts, e.g. 3,1") from None
+    return counts

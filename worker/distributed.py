@@ -7,7 +7,10 @@ the same code path as world size 8.
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -22,6 +25,10 @@ class ParallelState:
     pp_size: int = 1
     tp_group: Any = None  # torch.distributed.ProcessGroup of this rank's tensor-parallel peers
     tp_ranks: tuple[int, ...] = (0,)  # global ranks of the tp group, tp_ranks[0] is its leader
+    # layers per pipeline stage (len pp_size, sums to the model's layers); () = balanced
+    stage_layers: tuple[int, ...] = ()
+    collective_timeout_s: float = 0.0  # 0 = no process group (world size 1 without torch.distributed)
+    comm_device: str = "cpu"  # where tensors handed to collectives live (cuda with NCCL)
 
     @property
     def rank(self) -> int:
@@ -38,6 +45,27 @@ class ParallelState:
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
+
+    @property
+    def distributed(self) -> bool:
+        """A process group exists (even at world size 1, e.g. the NCCL path on one GPU)."""
+        return self.collective_timeout_s > 0
+
+    def global_rank(self, pp_rank: int, tp_rank: int) -> int:
+        return pp_rank * self.tp_size + tp_rank
+
+    def layer_range(self, num_layers: int) -> tuple[int, int]:
+        """[start, end) of the layers owned by this rank's stage: `stage_layers` if given,
+        else balanced with earlier stages taking the remainder."""
+        if self.stage_layers:
+            counts = list(self.stage_layers)
+            if len(counts) != self.pp_size or sum(counts) != num_layers or min(counts) < 1:
+                raise ValueError(f"stage_layers={counts} must be {self.pp_size} positive counts "
+                                 f"summing to the model's {num_layers} layers")
+        else:
+            counts = stage_layer_counts(num_layers, self.pp_size)
+        start = sum(counts[: self.pp_rank])
+        return start, start + counts[self.pp_rank]
 
 
 _STATE: ParallelState | None = None
@@ -56,8 +84,28 @@ def reset_parallel_state() -> None:
     _STATE = None
 
 
+@contextmanager
+def parallel_state(state: ParallelState):
+    """Temporarily act as another rank in this process (layout checks build models on `meta`)."""
+    global _STATE
+    prev, _STATE = _STATE, state
+    try:
+        yield state
+    finally:
+        _STATE = prev
+
+
 def get_parallel_state() -> ParallelState:
     return _STATE if _STATE is not None else ParallelState()
+
+
+def stage_layer_counts(num_layers: int, pp: int) -> list[int]:
+    """Balanced split of layers over pp stages; earlier stages take the remainder."""
+    if num_layers < pp:
+        raise ValueError(f"num_layers={num_layers} cannot be split into pipeline_parallel={pp} stages "
+                         f"(each stage needs at least one layer)")
+    base, extra = divmod(num_layers, pp)
+    return [base + (1 if i < extra else 0) for i in range(pp)]
 
 
 def tp_rank() -> int:
@@ -90,3 +138,53 @@ def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(state.tp_size)]
     dist.all_gather(parts, x.contiguous(), group=state.tp_group)
     return torch.cat(parts, dim=-1)
+
+
+class CollectiveError(RuntimeError):
+    """A collective or point-to-point operation failed or timed out; the group is unusable."""
+
+
+def init_distributed(rank: int, tp: int, pp: int, port: int, *, backend: str = "gloo",
+                     timeout_s: float = 60.0, stage_layers: tuple[int, ...] = (),
+                     device: str = "cpu") -> ParallelState:
+    """Join the replica's process group (rendezvous on 127.0.0.1:port), build the tensor-parallel
+    group of this rank's stage, and set the process-global ParallelState.
+
+    Global rank = pp_rank * tp + tp_rank; rank 0 is the leader. Every rank creates every tp group
+    in the same order (a torch.distributed requirement)."""
+    world = tp * pp
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world size {world}")
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timeout)
+    pp_rank, my_tp_rank = divmod(rank, tp)
+    tp_group, tp_ranks = None, ()
+    for stage in range(pp):
+        ranks = tuple(range(stage * tp, (stage + 1) * tp))
+        group = dist.new_group(list(ranks), timeout=timeout, backend=backend) if world > 1 else dist.group.WORLD
+        if stage == pp_rank:
+            tp_group, tp_ranks = group, ranks
+    state = ParallelState(tp_rank=my_tp_rank, tp_size=tp, pp_rank=pp_rank, pp_size=pp, tp_group=tp_group,
+                          tp_ranks=tp_ranks, stage_layers=tuple(stage_layers), collective_timeout_s=timeout_s,
+                          comm_device=device if backend == "nccl" else "cpu")
+    set_parallel_state(state)
+    logging.getLogger(__name__).info("rank %d/%d joined (%s): tp_rank %d/%d, pp_rank %d/%d, timeout %.0fs",
+                                     rank, world, backend, my_tp_rank, tp, pp_rank, pp, timeout_s)
+    return state
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort at exit, the peers may be gone
+            pass
+
+
+def describe_failure(what: str, err: BaseException) -> str:
+    """A message that names the collective timeout, for logs and the controller."""
+    st = get_parallel_state()
+    return (f"rank {st.rank}: {what} failed: {err} (collective timeout {st.collective_timeout_s:g}s, "
+            f"set with --collective-timeout); the process group is unusable, exiting so the controller "
+            f"restarts the replica")

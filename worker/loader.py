@@ -93,6 +93,8 @@ def load_weights(model: nn.Module, model_dir: Path) -> int:
     received: dict[str, set] = {n: set() for n in params}
     unused, errors = [], []
     tied = bool(getattr(model, "tied", False))
+    # modules that live on another pipeline stage: their checkpoint tensors belong to other ranks
+    elsewhere = tuple(f"{n}." for n, m in model.named_modules() if m.__class__.__name__ == "StageMissing")
     with ExitStack() as stack:
         for name, tensor in iter_checkpoint(checkpoint_files(model_dir), stack):
             mapped = map_name(model, name)
@@ -102,6 +104,8 @@ def load_weights(model: nn.Module, model_dir: Path) -> int:
             if target not in params:
                 if tied and target == "lm_head.weight":
                     continue  # tied to the embedding; the duplicate is redundant
+                if target.startswith(elsewhere):
+                    continue  # another pipeline stage loads it
                 unused.append(name)
                 continue
             param = params[target]

@@ -7,7 +7,9 @@ import time
 
 import torch
 
+from worker.distributed import get_parallel_state
 from worker.engine.engine import Engine, EngineConfig
+from worker.engine.pipeline import agree_num_blocks, prune_for_stage
 from worker.engine.sequence import Sampling, Sequence
 from worker.loader import load_config, load_weights
 from worker.models.registry import model_class
@@ -33,6 +35,7 @@ def build_engine(config: EngineConfig) -> Engine:
         finally:
             torch.set_default_dtype(torch.float32)
     model.eval()
+    prune_for_stage(model)  # pipeline stages drop the embedding / LM head they never run
     param_bytes = load_weights(model, config.model_dir)
     phases["load"] = time.monotonic() - t0
     max_len = config.max_model_len or int(model_config.max_position_embeddings)
@@ -43,6 +46,7 @@ def build_engine(config: EngineConfig) -> Engine:
     else:
         useful = blocks_for_one * config.max_batch_size
         num_blocks = max(1, min(config.kv_cache_bytes // per_block, useful))
+    num_blocks = agree_num_blocks(num_blocks)  # every rank indexes the same block ids
     if num_blocks < blocks_for_one:
         raise ValueError(
             f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one sequence of "
@@ -54,7 +58,8 @@ def build_engine(config: EngineConfig) -> Engine:
              cls.__name__, param_bytes / 1e6, num_blocks, config.block_size, engine.kv_cache_bytes / 1e6,
              phases["load"])
     t1 = time.monotonic()
-    warm_up(engine)
+    if get_parallel_state().rank == 0:  # the other ranks join the warm-up from their step loop
+        warm_up(engine)
     phases["warmup"] = time.monotonic() - t1
     engine.stats.load_phases = phases
     return engine

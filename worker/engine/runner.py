@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from worker.context import StepContext, step_context
+from worker.distributed import CollectiveError, describe_failure, get_parallel_state
+from worker.engine.pipeline import STEP, broadcast_command
 from worker.engine.scheduler import ScheduledBatch
 
 
@@ -53,13 +56,31 @@ def build_plan(batch: ScheduledBatch, block_size: int) -> StepPlan:
 
 
 class ModelRunner:
+    """Runs step plans on this rank's part of the model.
+
+    Rank 0 calls `run(plan)`: it broadcasts the plan (when a process group exists), runs its own
+    part, and returns the logits of the sampled rows. The other ranks call `forward_step(plan)`
+    from `pipeline.follower_loop`. With pipeline stages, activations [T, hidden] go from each
+    rank to the same tp rank of the next stage, and the last stage's tp-leader sends the logits
+    [S, vocab] (fp32) to rank 0, which samples. Any failure of a multi-rank step is fatal to the
+    rank (`fatal`): its peers are left mid-collective, so the group must restart.
+    """
+
     def __init__(self, model, block_size: int, device: torch.device):
         self.model = model
         self.block_size = block_size
         self.device = device
+        self.state = get_parallel_state()
+        self.dtype = torch.float32  # activation dtype between stages; set with the KV cache
+        config = getattr(model, "config", None)
+        self.vocab_size = int(getattr(config, "vocab_size", 0) or 0)
+        self.hidden_size = int(getattr(config, "hidden_size", 0) or 0)
+        # called with a message when a multi-rank step fails; the worker entry sets it to exit
+        self.on_fatal = None
 
     def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> int:
         """Allocate every attention layer's K/V blocks; returns bytes allocated on this rank."""
+        self.dtype = dtype
         total = 0
         for attn in self.model.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
@@ -68,13 +89,38 @@ class ModelRunner:
             total += 2 * attn.k_cache.numel() * attn.k_cache.element_size()
         return total
 
+    def fatal(self, what: str, err: BaseException):
+        msg = describe_failure(what, err)
+        if self.on_fatal is not None:
+            self.on_fatal(msg)
+        raise CollectiveError(msg) from err
+
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor:
-        """Forward the step; returns fp32 logits [S, vocab] for the sampled rows."""
-        plan = plan.to(self.device)
+        """Rank 0: forward the step on every rank; returns fp32 logits [S, vocab] for the sampled rows."""
+        st = self.state
+        if not st.distributed:
+            return self._forward(plan)
+        try:
+            broadcast_command(STEP, plan)
+            return self._forward(plan)
+        except Exception as e:  # noqa: BLE001
+            if st.world_size == 1:
+                raise  # nobody waits on us: a failed step fails its requests only
+            self.fatal("engine step", e)
+
+    @torch.inference_mode()
+    def forward_step(self, plan: StepPlan) -> None:
+        """Ranks other than 0: this rank's part of the step the leader broadcast."""
+        try:
+            self._forward(plan)
+        except Exception as e:  # noqa: BLE001
+            self.fatal("engine step", e)
+
+    def _context(self, plan: StepPlan) -> StepContext:
         query_start = torch.zeros(plan.query_lens.numel() + 1, dtype=torch.long, device=self.device)
         query_start[1:] = plan.query_lens.cumsum(0)
-        ctx = StepContext(
+        return StepContext(
             slot_mapping=plan.slot_mapping,
             block_tables=plan.block_tables,
             context_lens=plan.context_lens,
@@ -84,6 +130,42 @@ class ModelRunner:
             max_context_len=int(plan.context_lens.max()),
             block_size=self.block_size,
         )
-        with step_context(ctx):
-            hidden = self.model(plan.input_ids, plan.positions)  # [T, hidden]
-        return self.model.compute_logits(hidden[plan.sample_index])
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor | None:
+        plan = plan.to(self.device)
+        with step_context(self._context(plan)):
+            if self.state.pp_size == 1:
+                hidden = self.model(plan.input_ids, plan.positions)  # [T, hidden]
+                if plan.sample_index.numel() == 0:
+                    return torch.empty(0, self.vocab_size, device=self.device)
+                return self.model.compute_logits(hidden[plan.sample_index])
+            return self._forward_stage(plan)
+
+    def _forward_stage(self, plan: StepPlan) -> torch.Tensor | None:
+        """One pipeline stage: receive (or embed), run own layers, send on (or make logits)."""
+        st, model = self.state, self.model
+        T, S = plan.input_ids.numel(), plan.sample_index.numel()
+        comm = st.comm_device
+        if st.is_first_stage:
+            x = model.embed(plan.input_ids)
+        else:
+            x = torch.empty(T, self.hidden_size, dtype=self.dtype, device=comm)
+            dist.recv(x, src=st.global_rank(st.pp_rank - 1, st.tp_rank))
+            x = x.to(self.device)
+        start, end = st.layer_range(len(model.layers))
+        for layer in model.layers[start:end]:
+            x = layer(plan.positions, x)  # [T, hidden]
+        if not st.is_last_stage:
+            dist.send(x.to(comm).contiguous(), dst=st.global_rank(st.pp_rank + 1, st.tp_rank))
+            if st.rank == 0:
+                logits = torch.empty(S, self.vocab_size, dtype=torch.float32, device=comm)
+                if S:
+                    dist.recv(logits, src=st.global_rank(st.pp_size - 1, 0))
+                return logits.to(self.device)
+            return None
+        if S == 0:
+            return None
+        logits = model.compute_logits(model.final_norm(x[plan.sample_index]))  # [S, vocab] fp32
+        if st.tp_rank == 0:
+            dist.send(logits.float().to(comm).contiguous(), dst=0)
+        return None

@@ -25,11 +25,8 @@ class StageMissing(nn.Module):
 
 def stage_range(num_layers: int) -> tuple[int, int]:
     """[start, end) of the layers owned by this rank's pipeline stage (balanced, earlier stages
-    take the remainder)."""
-    st = get_parallel_state()
-    base, extra = divmod(num_layers, st.pp_size)
-    start = st.pp_rank * base + min(st.pp_rank, extra)
-    return start, start + base + (1 if st.pp_rank < extra else 0)
+    take the remainder, unless the parallel state carries an explicit split)."""
+    return get_parallel_state().layer_range(num_layers)
 
 
 def make_layers(num_layers: int, factory: Callable[[int], nn.Module]) -> nn.ModuleList:
