@@ -1,0 +1,153 @@
+"""Supervision of a TP=2 replica through the real controller: a killed or hung rank ends the
+in-flight streams with UNAVAILABLE (never a hang), the group restarts and serves the same tokens,
+and neither SIGTERM nor SIGKILL of the controller leaves a worker process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+
+from shardserve.v1 import generate_pb2 as gpb
+from shardserve.v1 import generate_pb2_grpc as gpb_grpc
+from tests.integration.server import ServerProcess
+
+CLIENT_DEADLINE_S = 60.0  # a stream still open after this would be the hang we must never have
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("sup-cache")  # the demo model is built once for both servers
+
+
+def rank_pids(controller_pid: int) -> dict[int, int]:
+    """rank -> pid of the controller's worker children (from their command lines)."""
+    out = subprocess.run(["pgrep", "-P", str(controller_pid)], capture_output=True, text=True).stdout.split()
+    ranks = {}
+    for pid in out:
+        try:
+            args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"--rank" in args:
+            ranks[int(args[args.index(b"--rank") + 1])] = int(pid)
+    return ranks
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read().lower()
+    except OSError:
+        return False
+
+
+def wait_for(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def generate(server, prompt: str, n: int) -> list[int]:
+    stub = gpb_grpc.GenerationStub(server.channel)
+    out = stub.Generate(gpb.GenerateRequest(prompts=[prompt], parameters=gpb.GenerationParameters(max_new_tokens=n)),
+                        timeout=CLIENT_DEADLINE_S)
+    return list(out.outputs[0].token_ids)
+
+
+class Stream:
+    """A long stream consumed in a thread: tokens seen, then how it ended and when."""
+
+    def __init__(self, server, max_new_tokens: int = 900):
+        stub = gpb_grpc.GenerationStub(server.channel)
+        self.call = stub.GenerateStream(gpb.GenerateStreamRequest(
+            prompt="supervised", parameters=gpb.GenerationParameters(max_new_tokens=max_new_tokens)),
+            timeout=CLIENT_DEADLINE_S)
+        self.tokens = 0
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+        self.ended_at: float | None = None
+        self.thread = threading.Thread(target=self._consume, daemon=True)
+        self.thread.start()
+
+    def _consume(self):
+        try:
+            for _ in self.call:
+                self.tokens += 1
+            self.code = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            self.code, self.details = e.code(), e.details()
+        self.ended_at = time.monotonic()
+
+    def wait(self) -> None:
+        self.thread.join(CLIENT_DEADLINE_S + 10)
+
+
+def replica_state(server) -> dict:
+    try:
+        return server.stats()["demo"]["replicas"]["demo-0"]
+    except Exception:  # noqa: BLE001 - the controller may be between answers
+        return {}
+
+
+def test_killed_rank_fails_streams_fast_then_the_group_restarts_and_sigterm_drains(cache):
+    with ServerProcess("--tp", "2", "--max-batch-size", "4", cache_dir=cache, timeout=300) as s:
+        ranks = rank_pids(s.proc.pid)
+        assert sorted(ranks) == [0, 1]
+        before = generate(s, "same tokens after a restart", 8)
+        streams = [Stream(s), Stream(s)]
+        wait_for(lambda: all(st.tokens >= 3 for st in streams), 60, "tokens on both streams")
+        killed_at = time.monotonic()
+        os.kill(ranks[1], signal.SIGKILL)
+        for st in streams:
+            st.wait()
+            assert st.code == grpc.StatusCode.UNAVAILABLE, (st.code, st.details)
+        took = max(st.ended_at for st in streams) - killed_at
+        print(f"streams ended UNAVAILABLE {took:.2f}s after kill -9 of rank 1")
+        assert not alive(ranks[0]), "the leader of the broken group must be gone too"
+
+        wait_for(lambda: replica_state(s).get("state") == "ready" and replica_state(s).get("restarts", 0) >= 1,
+                 240, "the replica to come back")
+        print(f"replica serving again {time.monotonic() - killed_at:.1f}s after the kill")
+        new_ranks = rank_pids(s.proc.pid)
+        assert sorted(new_ranks) == [0, 1] and not set(new_ranks.values()) & set(ranks.values())
+        assert generate(s, "same tokens after a restart", 8) == before
+
+        # SIGTERM: stop admitting, let the in-flight request finish, stop the workers, exit 0
+        late = Stream(s, max_new_tokens=24)
+        wait_for(lambda: late.tokens >= 1, 60, "the in-flight request to start")
+        assert s.stop("term") == 0
+        late.wait()
+        assert late.code == grpc.StatusCode.OK and late.tokens == 24, (late.code, late.details, late.tokens)
+        wait_for(lambda: not any(alive(p) for p in new_ranks.values()), 10, "no worker left after SIGTERM")
+
+
+def test_hung_rank_hits_the_collective_timeout_and_controller_sigkill_leaves_no_worker(cache):
+    s = ServerProcess("--tp", "2", "--collective-timeout", "3", cache_dir=cache, timeout=300)
+    try:
+        ranks = rank_pids(s.proc.pid)
+        st = Stream(s)
+        wait_for(lambda: st.tokens >= 3, 60, "tokens on the stream")
+        os.kill(ranks[1], signal.SIGSTOP)  # a rank that hangs: alive, but never answers a collective
+        st.wait()
+        assert st.code == grpc.StatusCode.UNAVAILABLE, (st.code, st.details)
+        said = [line for line in s.output().splitlines() if "collective timeout 3s" in line]
+        assert said, "the error must name the collective timeout"
+        print(said[0])
+        wait_for(lambda: replica_state(s).get("state") == "ready" and replica_state(s).get("restarts", 0) >= 1,
+                 240, "the replica to come back")
+        assert not alive(ranks[1]), "the hung rank must have been killed"
+        new_ranks = rank_pids(s.proc.pid)
+        assert sorted(new_ranks) == [0, 1]
+    finally:
+        s.stop("kill")
+    wait_for(lambda: not any(alive(p) for p in new_ranks.values()), 10, "no worker left after SIGKILL")
