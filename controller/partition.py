@@ -8,7 +8,6 @@ model and layout reuses the work.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging

@@ -34,7 +34,7 @@ def test_partition_writes_rank_files_and_manifest(llama_dir, tmp_path):
         # a rank holds only its own stage's layers and its half of each sharded matrix
         layer_ids = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.")}
         assert layer_ids == set(range(*r["layers"]))
-        assert r["tensors"]["model.layers.%d.self_attn.qkv_proj.weight" % r["layers"][0]] == [64, 64]
+        assert r["tensors"][f"model.layers.{r['layers'][0]}.self_attn.qkv_proj.weight"] == [64, 64]
     assert (tmp_path / "p" / "config.json").is_file()
 
 

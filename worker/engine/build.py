@@ -7,9 +7,9 @@ import time
 
 import torch
 
+from worker.distributed import get_parallel_state
 from worker.engine.engine import Engine, EngineConfig
 from worker.engine.sequence import Sampling, Sequence
-from worker.distributed import get_parallel_state
 from worker.loader import load_config, load_partition, load_weights
 from worker.models.registry import model_class
 
