@@ -18,6 +18,7 @@ import torch
 
 from worker.distributed import ParallelState, set_parallel_state
 from worker.engine.engine import DTYPES
+from worker.engine.pipeline import prune_for_stage
 from worker.loader import load_config, load_weights
 from worker.models.registry import model_class
 
@@ -72,6 +73,7 @@ def partition_rank(src: Path, out_file: Path, tp: int, pp: int, rank: int, dtype
     with torch.device("meta"):
         model = model_class(config)(config)
     torch.set_default_dtype(torch.float32)
+    prune_for_stage(model)  # as the serving rank does: no embedding / LM head off their stages
     params = dict(model.named_parameters())
     specs = {n: (tuple(p.shape), p.dtype) for n, p in params.items()}
     tmp = out_file.with_suffix(".partial")
