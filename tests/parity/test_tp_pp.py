@@ -164,3 +164,13 @@ def test_layout_gives_the_tokens_of_one_process(reference, family, tp, pp, stage
         for r, got in enumerate(ranks):
             assert abs(got - share) <= BYTES_TOLERANCE * share, (
                 f"rank {r}: {got} parameter bytes, expected about {share:.0f} (whole {whole}, ranks {ranks})")
+
+
+def test_partitioned_tp2_pp2_serves_the_same_tokens(reference, tmp_path):
+    """Rank files written ahead of time (same pruning per stage) load and serve like the checkpoint."""
+    from controller.partition import partition
+
+    path, ref_tokens, _, _ = reference("llama")
+    partition(path, tmp_path / "p", tp=2, pp=2, processes=1)
+    tokens, _, ranks = _serve_once(tmp_path / "p", 2, 2, ())
+    assert tokens == ref_tokens and len(ranks) == 4
