@@ -3,7 +3,7 @@ log-probs as one process, and each rank holds about 1/N of the parameters.
 
 Each layout launches a real replica (controller.replica.Replica: layout check, placement, one
 process per rank, torch.distributed rendezvous) and talks to its leader over worker.proto, as the
-controller does. Families plug in through FAMILIES: a family runs once its architecture is in the
+controller does. Families plug in through _configs(): a family runs once its architecture is in the
 worker's registry.
 """
 
@@ -28,51 +28,52 @@ LOGPROB_ATOL = 1e-3  # fp32; all-reduce sums partial products in another order
 BYTES_TOLERANCE = 0.10  # per-rank parameter bytes within 10 % of whole / ranks
 
 
-def _llama():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                       tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+V, H = 384, 64  # tiny: each layout is a few seconds of process start-up
 
 
-def _gpt2():
-    from transformers import GPT2Config
+def _configs():
+    """family -> transformers config (untied heads where the family allows, so 1/PP holds)."""
+    import transformers as tf
 
-    return GPT2Config(vocab_size=384, n_embd=64, n_layer=4, n_head=4, n_positions=64,
-                      tie_word_embeddings=False, architectures=["GPT2LMHeadModel"])
+    return {
+        "llama": tf.LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=128, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                tie_word_embeddings=False, architectures=["LlamaForCausalLM"]),
+        "gpt2": tf.GPT2Config(vocab_size=V, n_embd=H, n_layer=2, n_head=4, n_positions=128, tie_word_embeddings=False,
+                              architectures=["GPT2LMHeadModel"]),
+        "opt": tf.OPTConfig(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                            max_position_embeddings=128, word_embed_proj_dim=H, tie_word_embeddings=False,
+                            architectures=["OPTForCausalLM"]),
+        # 6 heads, 3 per rank at TP=2: each rank must take its own slice of the ALiBi slopes
+        "bloom": tf.BloomConfig(vocab_size=V, hidden_size=96, n_layer=2, n_head=6, tie_word_embeddings=False,
+                                architectures=["BloomForCausalLM"]),
+        "gpt_neox": tf.GPTNeoXConfig(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=128, rotary_pct=0.5,
+                                     tie_word_embeddings=False, architectures=["GPTNeoXForCausalLM"]),
+        "gptj": tf.GPTJConfig(vocab_size=V, n_embd=H, n_layer=2, n_head=4, rotary_dim=8, n_positions=128,
+                              tie_word_embeddings=False, architectures=["GPTJForCausalLM"]),
+        # relative-position bias: its buckets' heads are split over ranks with the attention heads
+        "t5": tf.T5Config(vocab_size=V, d_model=H, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                          num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                          decoder_start_token_id=0, architectures=["T5ForConditionalGeneration"]),
+    }
 
 
-def _bloom():
-    from transformers import BloomConfig
-
-    return BloomConfig(vocab_size=384, hidden_size=64, n_layer=4, n_head=4, tie_word_embeddings=False,
-                       architectures=["BloomForCausalLM"])
-
-
-def _t5():
-    from transformers import T5Config
-
-    return T5Config(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                    num_heads=4, tie_word_embeddings=False, decoder_start_token_id=0,
-                    architectures=["T5ForConditionalGeneration"])
-
-
-# family -> (config factory, layouts (tp, pp, stage_layers) beyond tp=1)
-FAMILIES = {
-    "llama": (_llama, [(2, 1, ()), (1, 2, ()), (2, 2, (3, 1))]),
-    "gpt2": (_gpt2, [(2, 1, ()), (1, 2, ())]),
-    "bloom": (_bloom, [(2, 1, ()), (1, 2, ())]),
-    "t5": (_t5, [(2, 1, ()), (1, 2, ()), (2, 2, ())]),
+STD = {"bloom": 0.4, "opt": 0.25, "gpt2": 0.25, "gpt_neox": 0.25, "gptj": 0.25, "t5": 0.25}  # else 0.08
+# family -> layouts (tp, pp, stage_layers) compared with one process
+LAYOUTS = {
+    "llama": [(2, 1, ()), (1, 2, ()), (2, 2, (3, 1))],
+    "t5": [(2, 1, ()), (1, 2, ()), (2, 2, ())],
 }
+DEFAULT_LAYOUTS = [(2, 1, ()), (1, 2, ())]
 
 
 def _cases():
     archs = set(supported_architectures())
-    for family, (factory, layouts) in FAMILIES.items():
-        for tp, pp, stages in layouts:
-            arch = factory().architectures[0]
-            marks = () if arch in archs else pytest.mark.skip(reason=f"{arch} not in the worker's registry yet")
+    for family, config in _configs().items():
+        arch = config.architectures[0]
+        marks = () if arch in archs else pytest.mark.skip(reason=f"{arch} not in the worker's registry yet")
+        for tp, pp, stages in LAYOUTS.get(family, DEFAULT_LAYOUTS):
             yield pytest.param(family, tp, pp, stages, id=f"{family}-tp{tp}-pp{pp}" + ("-split" if stages else ""),
                                marks=marks)
 
@@ -85,11 +86,12 @@ def reference(tmp_path_factory):
 
     def get(family: str):
         if family not in cache:
-            config = FAMILIES[family][0]()
+            config = _configs()[family]
             model_cls = None
             if getattr(config, "is_encoder_decoder", False):
                 from transformers import AutoModelForSeq2SeqLM as model_cls
-            path = make_random_model(config, tmp_path_factory.mktemp(family), model_cls=model_cls)
+            path = make_random_model(config, tmp_path_factory.mktemp(family), std=STD.get(family, 0.08),
+                                     model_cls=model_cls)
             cache[family] = (path, *_in_process(path))
         return cache[family]
 
@@ -105,8 +107,10 @@ def _in_process(model_dir: Path):
 
     engine = build_engine(EngineConfig(model_dir=model_dir, max_model_len=96))
     done = set()
-    seqs = [Sequence(f"r{i}", list(p), Sampling(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS),
-                     emit=lambda t, lp, fin, err, i=i: done.add(i) if fin else None) for i, p in enumerate(PROMPTS)]
+    # encoder-decoder engines make their own sequences (the prompt feeds the encoder)
+    make = getattr(engine, "new_sequence", lambda rid, p, sampling, emit: Sequence(rid, list(p), sampling, emit=emit))
+    seqs = [make(f"r{i}", p, Sampling(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS),
+                 emit=lambda t, lp, fin, err, i=i: done.add(i) if fin else None) for i, p in enumerate(PROMPTS)]
     lps: dict[str, list[float]] = {s.request_id: [] for s in seqs}
 
     def hook(sampled, logits):
@@ -159,7 +163,8 @@ def test_layout_gives_the_tokens_of_one_process(reference, family, tp, pp, stage
     for got, want in zip(logprobs, ref_logprobs):
         assert max(abs(a - b) for a, b in zip(got, want)) < LOGPROB_ATOL
     assert len(ranks) == tp * pp
-    if not stages:  # balanced: every rank holds about 1/N of the whole
+    # balanced: every rank holds about 1/N of the whole (an encoder runs whole on every stage)
+    if not stages and not (pp > 1 and getattr(_configs()[family], "is_encoder_decoder", False)):
         share = whole / (tp * pp)
         for r, got in enumerate(ranks):
             assert abs(got - share) <= BYTES_TOLERANCE * share, (

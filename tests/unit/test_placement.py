@@ -145,7 +145,7 @@ def test_step_plan_round_trips_through_flat_int64_tensors():
                     torch.tensor([[1, 0], [2, 3]]), torch.tensor([3, 1]), torch.tensor([3, 10]), torch.tensor([2, 3]))
     header, body = encode_plan(plan)
     assert header.dtype == body.dtype == torch.long and header.dim() == body.dim() == 1
-    assert int(header[0]) == STEP
+    assert int(header[0]) == STEP and int(header[1]) == len(plan.__dataclass_fields__)
     back = decode_plan(header, body)
     for f in plan.__dataclass_fields__:
         assert torch.equal(getattr(back, f), getattr(plan, f)), f

@@ -2,10 +2,10 @@
 loop, the pipeline stage boundaries, and the start-up agreements between ranks.
 
 Wire format of one step (all int64, broadcast from global rank 0 over the world group; no pickle):
-  header [8]: (command, T, B, W, S, 0, 0, 0)  command: STEP / NOOP (heartbeat) / STOP /
-                                               FACTS (then an all-gather of per-rank sizes)
-  body [3T + B*W + 2B + S]: input_ids[T] positions[T] slot_mapping[T] block_tables[B*W]
-                            query_lens[B] context_lens[B] sample_index[S]
+  header [32]: (command, F, W, len_0 .. len_F-1, 0 ...)  command: STEP / NOOP (heartbeat) / STOP /
+               FACTS (then an all-gather of per-rank sizes); F = StepPlan fields, W = block table width
+  body [sum len_i]: every StepPlan field flattened, in declaration order (input_ids[T] positions[T]
+               slot_mapping[T] block_tables[B*W] query_lens[B] context_lens[B] sample_index[S] ...)
 Sampling parameters never travel: only rank 0 samples.
 """
 
@@ -23,26 +23,36 @@ from worker.distributed import get_parallel_state
 log = logging.getLogger(__name__)
 
 STEP, NOOP, STOP, FACTS = 1, 2, 3, 4
-HEADER = 8
+HEADER = 32
 
 
 def encode_plan(plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """StepPlan -> (header [8], body [N]) int64 tensors."""
-    T = plan.input_ids.numel()
-    B, W = plan.block_tables.shape
-    S = plan.sample_index.numel()
-    header = torch.tensor([STEP, T, B, W, S, 0, 0, 0], dtype=torch.long)
-    body = torch.cat([plan.input_ids, plan.positions, plan.slot_mapping, plan.block_tables.reshape(-1),
-                      plan.query_lens, plan.context_lens, plan.sample_index]).long()
-    return header, body
+    """StepPlan -> (header [HEADER], body [N]) int64 tensors. Every field of the plan travels, in
+    declaration order (so fields added to StepPlan, e.g. encoder inputs, travel too)."""
+    fields = list(plan.__dataclass_fields__)
+    if len(fields) > HEADER - 3:
+        raise ValueError(f"StepPlan has {len(fields)} fields; the header holds {HEADER - 3}")
+    parts = [getattr(plan, f).reshape(-1).long() for f in fields]
+    header = torch.zeros(HEADER, dtype=torch.long)
+    header[0], header[1], header[2] = STEP, len(fields), plan.block_tables.shape[1]
+    header[3:3 + len(fields)] = torch.tensor([p.numel() for p in parts], dtype=torch.long)
+    return header, torch.cat(parts)
 
 
 def decode_plan(header: torch.Tensor, body: torch.Tensor):
     from worker.engine.runner import StepPlan
 
-    _, T, B, W, S = (int(v) for v in header[:5].tolist())
-    parts = body.split([T, T, T, B * W, B, B, S])
-    return StepPlan(parts[0], parts[1], parts[2], parts[3].view(B, W), parts[4], parts[5], parts[6])
+    fields = list(StepPlan.__dataclass_fields__)
+    n, width = int(header[1]), int(header[2])
+    if n != len(fields):
+        raise ValueError(f"step plan with {n} fields, this rank's StepPlan has {len(fields)}")
+    parts = body.split([int(v) for v in header[3:3 + n].tolist()])
+    values = {f: (p.view(-1, width) if f == "block_tables" else p) for f, p in zip(fields, parts)}
+    return StepPlan(**values)
+
+
+def body_length(header: torch.Tensor) -> int:
+    return int(header[3:3 + int(header[1])].sum())
 
 
 def broadcast_command(command: int, plan=None) -> None:
@@ -65,8 +75,7 @@ def receive_command():
     if command != STEP:
         return command, None
     header = header.cpu()
-    T, B, W, S = (int(v) for v in header[1:5].tolist())
-    body = torch.empty(3 * T + B * W + 2 * B + S, dtype=torch.long, device=dev)
+    body = torch.empty(body_length(header), dtype=torch.long, device=dev)
     dist.broadcast(body, src=0)
     return command, decode_plan(header, body.cpu())
 
@@ -126,7 +135,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def prune_for_stage(model: nn.Module) -> list[str]:
     """Drop (replace with StageMissing) what this pipeline stage never runs, before weights load:
     the input embedding off the first stage, the LM head off the last. A head tied to the embedding
-    keeps the embedding on the last stage (it is the head's weight). Models may name more modules
+    keeps the embedding on the last stage (it is the head's weight); encoder-decoder models keep it
+    everywhere (the encoder runs on every stage). Models may name more modules
     in `first_stage_modules` / `last_stage_modules` (e.g. position embeddings, the final norm).
     Returns the names dropped."""
     from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -137,9 +147,11 @@ def prune_for_stage(model: nn.Module) -> list[str]:
         return []
     heads = [(n, m) for n, m in model.named_modules() if isinstance(m, ParallelLMHead)]
     head_weights = {id(m.weight) for _, m in heads}
-    first = [n for n, m in model.named_modules()
-             if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)
-             and not (st.is_last_stage and id(m.weight) in head_weights)]
+    first = []
+    if not getattr(model, "is_encoder_decoder", False):  # an encoder on every stage needs its embedding
+        first = [n for n, m in model.named_modules()
+                 if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)
+                 and not (st.is_last_stage and id(m.weight) in head_weights)]
     first += list(getattr(model, "first_stage_modules", ()))
     last = [n for n, _ in heads] + list(getattr(model, "last_stage_modules", ()))
     drop = ([] if st.is_first_stage else first) + ([] if st.is_last_stage else last)

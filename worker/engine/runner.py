@@ -6,6 +6,7 @@ broadcast it to the other ranks without pickling anything.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,8 @@ class ModelRunner:
         self.hidden_size = int(getattr(config, "hidden_size", 0) or 0)
         # called with a message when a multi-rank step fails; the worker entry sets it to exit
         self.on_fatal = None
+        embed = getattr(model, "embed", None)
+        self.embed_takes_positions = embed is not None and len(inspect.signature(embed).parameters) >= 2
 
     def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> int:
         """Allocate every attention layer's K/V blocks; returns bytes allocated on this rank."""
@@ -147,7 +150,7 @@ class ModelRunner:
         T, S = plan.input_ids.numel(), plan.sample_index.numel()
         comm = st.comm_device
         if st.is_first_stage:
-            x = model.embed(plan.input_ids)
+            x = model.embed(plan.input_ids, plan.positions) if self.embed_takes_positions else model.embed(plan.input_ids)
         else:
             x = torch.empty(T, self.hidden_size, dtype=self.dtype, device=comm)
             dist.recv(x, src=st.global_rank(st.pp_rank - 1, st.tp_rank))
