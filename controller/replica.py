@@ -49,12 +49,20 @@ class ReplicaSpec:
     threads: int = 0  # torch threads per rank; 0 = the rank's share of the cores
     start_timeout_s: float = 900.0
     max_restarts: int = 5
-    tp: int = 1  # tensor-parallel degree
-    pp: int = 1  # pipeline-parallel degree
+    tensor_parallel: int = 1  # ranks per pipeline stage (option.tensor_parallel_degree, --tp)
+    pipeline_parallel: int = 1  # pipeline stages (option.pipeline_parallel_degree, --pp)
     stage_layers: tuple[int, ...] = ()  # layers per pipeline stage; () = balanced
     collective_timeout_s: float = 60.0  # a collective waiting longer fails and ends the rank
     watchdog_s: float = 120.0  # no engine step for this long while requests wait = hung group
     restart_backoff_s: float = 0.5  # first restart delay; doubles per restart, at most 30 s
+
+    @property
+    def tp(self) -> int:
+        return self.tensor_parallel
+
+    @property
+    def pp(self) -> int:
+        return self.pipeline_parallel
 
     @property
     def world_size(self) -> int:

@@ -167,7 +167,8 @@ def spec_from_args(args, model_dir: Path) -> ReplicaSpec:
     return ReplicaSpec(model_dir=model_dir, dtype=args.dtype, device=args.device, block_size=args.block_size,
                        kv_cache_bytes=args.kv_cache_mb << 20, num_kv_blocks=args.num_kv_blocks,
                        max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-                       max_model_len=args.max_model_len, threads=args.threads, tp=args.tp, pp=args.pp,
+                       max_model_len=args.max_model_len, threads=args.threads,
+                       tensor_parallel=args.tp or 1, pipeline_parallel=args.pp or 1,
                        stage_layers=args.stage_layers, collective_timeout_s=args.collective_timeout,
                        watchdog_s=args.step_watchdog, max_restarts=args.max_restarts)
 
@@ -213,8 +214,8 @@ def register(sub) -> None:
     p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per rank, MiB (upper bound)")
     p.add_argument("--num-kv-blocks", type=int, default=0, help="exact KV block count (overrides --kv-cache-mb)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (ranks per pipeline stage)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (stages)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree: ranks per pipeline stage (default 1)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline-parallel degree: stages (default 1)")
     p.add_argument("--stage-layers", type=_layer_counts, default=(), help="layers per stage, e.g. 3,1 (default balanced)")
     p.add_argument("--collective-timeout", type=float, default=60.0, help="seconds a collective may wait before the group restarts")
     p.add_argument("--step-watchdog", type=float, default=120.0, help="seconds without an engine step (requests waiting) before the group restarts")

@@ -129,7 +129,7 @@ def _in_process(model_dir: Path):
 def _serve_once(model_dir: Path, tp: int, pp: int, stages: tuple[int, ...]):
     """Launch a replica with this layout, run every prompt concurrently (one batch), stop it.
     Returns (tokens per prompt, log-probs per prompt, parameter bytes per rank)."""
-    spec = ReplicaSpec(model_dir=model_dir, tp=tp, pp=pp, stage_layers=stages, max_model_len=96,
+    spec = ReplicaSpec(model_dir=model_dir, tensor_parallel=tp, pipeline_parallel=pp, stage_layers=stages, max_model_len=96,
                        max_batch_tokens=MAX_BATCH_TOKENS, num_kv_blocks=64, block_size=8,
                        collective_timeout_s=60.0, max_restarts=0)
     replica = Replica(f"tp{tp}pp{pp}", spec, Path(tempfile.mkdtemp(prefix="shardserve-test-")))

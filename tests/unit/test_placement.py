@@ -89,7 +89,7 @@ def test_stage_layer_override_must_cover_the_model():
 
 def test_bad_layout_fails_before_any_process_starts(tmp_path):
     llama_config(num_attention_heads=4, num_key_value_heads=4).save_pretrained(tmp_path)
-    replica = Replica("bad", ReplicaSpec(model_dir=tmp_path, tp=3), tmp_path)
+    replica = Replica("bad", ReplicaSpec(model_dir=tmp_path, tensor_parallel=3), tmp_path)
     with pytest.raises(LayoutError, match="attention heads=4"):
         replica.start()
     assert replica.procs == []
