@@ -421,13 +421,15 @@ def select(
 class _Ticker:
     """Shows bytes done / total and the rate: a bar on a terminal, a log line every 10 s otherwise."""
 
-    def __init__(self, label: str, total: int, files: int, probe: Callable[[], int], progress: Progress):
-        self.label, self.total, self.files, self.probe = label, total, files, probe
+    def __init__(
+        self, label: str, total: int, base: int, files: int, probe: Callable[[], int], progress: Progress
+    ):
+        self.label, self.total, self.base, self.files, self.probe = label, total, base, files, probe
         self.callback = progress if callable(progress) else None
         self.bar = progress is True and sys.stderr.isatty()
         self.on = progress is not False and progress is not None or self.callback is not None
         self.done_files = 0
-        self._best = 0
+        self._best = base
         self._stop = threading.Event()
         self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="download-progress", daemon=True)
@@ -454,7 +456,7 @@ class _Ticker:
             self.callback(self._best, self.total)
             return
         elapsed = max(time.monotonic() - self._t0, 1e-9)
-        rate = self._best / MiB / elapsed
+        rate = (self._best - self.base) / MiB / elapsed  # this run's bytes only
         text = (
             f"{self._best / MiB:.1f}/{self.total / MiB:.1f} MiB, {rate:.1f} MiB/s, "
             f"{self.done_files}/{self.files} files"
@@ -512,6 +514,7 @@ class _Job:
     promoted_bytes: int = 0
     verify_seconds: float = 0.0
     state: dict = field(default_factory=dict)
+    _stats_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self, include, prefer_safetensors, tool, progress, attempts, t0) -> DownloadResult:
         self.access = Access.resolve(self.endpoint_url, self.concurrency)
@@ -541,9 +544,14 @@ class _Job:
         if todo:
             staging.mkdir(parents=True, exist_ok=True)
             used = self._pick_tool(tool)
+            logger.info(
+                "fetching %d of %d files (%.1f of %.1f MiB) from %s into %s with %s, %d streams",
+                len(todo), len(wanted), sum(o.size for o in todo) / MiB, total / MiB, self.src, self.dest,
+                used, self.concurrency,
+            )  # fmt: skip
             done_before = total - sum(o.size for o in todo)
             probe = lambda: done_before + self.promoted_bytes + bytes_in(staging)  # noqa: E731
-            ticker = _Ticker(str(self.src), total, len(wanted), probe, progress)
+            ticker = _Ticker(str(self.src), total, done_before, len(wanted), probe, progress)
             ticker.done_files = skipped
             with ticker:
                 failures = self._fetch_rounds(todo, used, staging, attempts, ticker)
@@ -584,7 +592,8 @@ class _Job:
         try:
             return self.verifier.check(path, obj)
         finally:
-            self.verify_seconds += time.monotonic() - t
+            with self._stats_lock:
+                self.verify_seconds += time.monotonic() - t  # summed over threads: CPU-ish, not wall
 
     def _already_good(self, obj: RemoteObject) -> bool:
         final = self._final(obj)
@@ -713,17 +722,22 @@ class _Job:
         err_thread = threading.Thread(target=read_s5cmd_errors, args=(proc.stderr, errors), daemon=True)
         err_thread.start()
         reported: set[str] = set()
-        try:
-            for line in proc.stdout:  # one JSON line per finished object, as each finishes
-                event = parse_s5cmd_line(line) or {}
-                obj = by_dest.get(event.get("destination", "")) or by_src.get(event.get("source", ""))
-                if obj is not None and event.get("success") and obj.key not in reported:
-                    reported.add(obj.key)
-                    finished(obj, None)
-        finally:
-            proc.wait()
-            err_thread.join()
-            os.unlink(f.name)
+        # Hashing overlaps the transfers still running and uses every core (hashlib drops the GIL).
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="verify") as pool:
+            checks = []
+            try:
+                for line in proc.stdout:  # one JSON line per finished object, as each finishes
+                    event = parse_s5cmd_line(line) or {}
+                    obj = by_dest.get(event.get("destination", "")) or by_src.get(event.get("source", ""))
+                    if obj is not None and event.get("success") and obj.key not in reported:
+                        reported.add(obj.key)
+                        checks.append(pool.submit(finished, obj, None))
+            finally:
+                proc.wait()
+                err_thread.join()
+                os.unlink(f.name)
+            for check in checks:
+                check.result()
         for o in objs:
             if o.key not in reported:
                 needle = f"s3://{self.src.bucket}/{o.key} "
@@ -764,7 +778,7 @@ class _Job:
 # ---- the `shardserve download` command ------------------------------------------------------------
 
 
-def register(subparsers) -> None:
+def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "download",
         help="fetch a model from S3 ahead of time (verified, resumable)",
@@ -788,11 +802,22 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress log lines")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run_command)
+    return p
 
 
 def run_command(args: argparse.Namespace) -> int:
     url = args.src
-    if not url.startswith("s3://"):
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", url)
+    if scheme and scheme.group(1).lower() != "s3":
+        print(
+            f"shardserve download: unsupported scheme '{scheme.group(1)}://'; give s3://bucket/prefix/",
+            file=sys.stderr,
+        )
+        return 2
+    logging.getLogger("botocore.credentials").setLevel(
+        logging.WARNING
+    )  # "Found credentials in ..." per client
+    if not scheme:
         from controller.sources import s3_url_from_properties
 
         try:
@@ -830,13 +855,15 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m controller.download")
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command")
-    register(sub)
-    args = parser.parse_args(["download", *(sys.argv[1:] if argv is None else argv)])
+    """`python -m controller.download SRC DEST ...`: the same as `shardserve download`."""
+    sub = argparse.ArgumentParser(prog="python -m controller").add_subparsers()
+    parser = register(sub)
+    parser.prog = "python -m controller.download"
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    args = parser.parse_args(argv)
     logging.basicConfig(
-        level=str(args.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     return run_command(args)
 

@@ -127,7 +127,9 @@ def test_default_patterns_fetch_what_serving_needs():
         "spiece.model",
     ]
     # Without safetensors the .bin weights are what there is.
-    assert "pytorch_model.bin" in [o.rel for o in select(objs("config.json", "pytorch_model.bin"), DEFAULT_PATTERNS)]
+    assert "pytorch_model.bin" in [
+        o.rel for o in select(objs("config.json", "pytorch_model.bin"), DEFAULT_PATTERNS)
+    ]
     assert len(select(listed, ("*",), prefer_safetensors=False)) == len(listed)
 
 
