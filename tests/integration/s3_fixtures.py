@@ -119,7 +119,8 @@ def upload_folder(client, folder: Path, bucket: str, prefix: str) -> dict[str, i
 class Faults:
     """What the proxy does wrong. All fields may be changed while it runs (guarded by `lock`)."""
 
-    throttle_next: int = 0  # answer this many upcoming object requests with 503 SlowDown
+    throttle_next: int = 0  # answer this many upcoming object requests with `throttle_error`
+    throttle_error: tuple[int, str] = (503, "SlowDown")  # or e.g. (500, "InternalError")
     corrupt_suffix: str | None = None  # flip one byte in GET bodies of keys ending with this
     stall_suffix: str | None = None  # send half of the body of GETs of this key, then hang
     stalled: threading.Event = field(default_factory=threading.Event)  # set once a GET is hanging
@@ -159,15 +160,16 @@ class _Handler(BaseHTTPRequestHandler):
             if throttle:
                 faults.throttle_next -= 1
         if throttle:
-            err = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+            status, code = faults.throttle_error
+            err = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>".encode()
             err += b"<Message>Please reduce your request rate.</Message></Error>"
-            self.send_response(503)
+            self.send_response(status)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(err)))
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(err)
-            proxy.record(Seen(self.command, key, parsed.query, 503))
+            proxy.record(Seen(self.command, key, parsed.query, status))
             return
 
         up = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from controller.download import (
     DEFAULT_PATTERNS,
+    Access,
     DownloadError,
     RemoteObject,
     contained,
@@ -274,3 +276,51 @@ def test_s3_cache_path(tmp_path):
     assert s3_cache_path(tmp_path, "s3://bucket") == tmp_path / "s3" / "bucket"
     with pytest.raises(ValueError, match="safe folder"):
         s3_cache_path(tmp_path, "s3://bucket/a/../../b/")
+
+
+# ---- AWS settings -------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def bare_aws(tmp_path, monkeypatch):
+    """No AWS settings at all but the files each test writes."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return tmp_path
+
+
+def test_endpoint_comes_from_flag_then_standard_env(bare_aws, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    assert Access.resolve(None, 4).endpoint_url == "http://127.0.0.1:1"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:2")
+    assert Access.resolve(None, 4).endpoint_url == "http://127.0.0.1:2"
+    access = Access.resolve("http://127.0.0.1:3", 4)
+    assert access.endpoint_url == "http://127.0.0.1:3"
+    assert access.client().meta.endpoint_url == "http://127.0.0.1:3"
+    flags = access.s5cmd_flags()
+    assert flags[flags.index("--endpoint-url") + 1] == "http://127.0.0.1:3"
+
+
+def test_credentials_from_a_profile_are_handed_to_s5cmd(bare_aws, monkeypatch):
+    (bare_aws / "aws-credentials").write_text(
+        "[dev]\naws_access_key_id = AKIDEV\naws_secret_access_key = s3cr3t\n"
+    )
+    (bare_aws / "aws-config").write_text("[profile dev]\nregion = eu-west-3\n")
+    monkeypatch.setenv("AWS_PROFILE", "dev")
+    access = Access.resolve(None, 4)
+    env = access.s5cmd_env()
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env["AWS_REGION"]) == (
+        "AKIDEV",
+        "s3cr3t",
+        "eu-west-3",
+    )
+    assert "--no-sign-request" not in access.s5cmd_flags()
+
+
+def test_no_credentials_means_anonymous_requests(bare_aws):
+    access = Access.resolve(None, 4)
+    assert access.unsigned and "--no-sign-request" in access.s5cmd_flags()
