@@ -681,7 +681,10 @@ class _Job:
         staged = contained(staging, obj.rel)
         if error is None and not staged.is_file():
             error = "the tool reported success but wrote no file"
-        why = error or self._verify(staged, obj)
+        try:
+            why = error or self._verify(staged, obj)
+        except OSError as e:
+            why = f"could not read the fetched file: {e}"
         with lock:
             if why is None:
                 self._promote(staged, obj)
