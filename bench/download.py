@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     _print_table(rows, total)
+    print(f"load average after: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     report = {
         "bench": "download",
         "checkpoint_bytes": total,
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            "loadavg_1_5_15_after": [
+                round(x, 2) for x in os.getloadavg()
+            ],  # other work on the box skews MB/s
         },
         "rows": rows,
     }
