@@ -99,8 +99,10 @@ def replica_state(server) -> dict:
         return {}
 
 
-def test_killed_rank_fails_streams_fast_then_the_group_restarts_and_sigterm_drains(cache):
-    with ServerProcess("--tp", "2", "--max-batch-size", "4", cache_dir=cache, timeout=300) as s:
+def test_killed_or_hung_rank_fails_streams_then_the_group_restarts_and_sigterm_drains(cache):
+    # collectives may wait 60 s, the controller's step watchdog only 5 s: a hang is the watchdog's
+    with ServerProcess("--tp", "2", "--max-batch-size", "4", "--step-watchdog", "5", cache_dir=cache,
+                       timeout=300) as s:
         ranks = rank_pids(s.proc.pid)
         assert sorted(ranks) == [0, 1]
         before = generate(s, "same tokens after a restart", 8)
@@ -121,6 +123,22 @@ def test_killed_rank_fails_streams_fast_then_the_group_restarts_and_sigterm_drai
         new_ranks = rank_pids(s.proc.pid)
         assert sorted(new_ranks) == [0, 1] and not set(new_ranks.values()) & set(ranks.values())
         assert generate(s, "same tokens after a restart", 8) == before
+
+        # a hung rank (stopped, alive): the leader waits in a collective, no step completes while a
+        # request waits, the controller's step watchdog takes the group down
+        st = Stream(s)
+        wait_for(lambda: st.tokens >= 3, 60, "tokens on the stream")
+        os.kill(new_ranks[1], signal.SIGSTOP)
+        st.wait()
+        assert st.code == grpc.StatusCode.UNAVAILABLE, (st.code, st.details)
+        said = [line for line in s.output().splitlines() if "step watchdog 5s" in line]
+        assert said, "the controller must say the step watchdog fired"
+        print(said[0])
+        wait_for(lambda: replica_state(s).get("state") == "ready" and replica_state(s).get("restarts", 0) >= 2,
+                 240, "the replica to come back again")
+        assert not alive(new_ranks[1])
+        new_ranks = rank_pids(s.proc.pid)
+        assert sorted(new_ranks) == [0, 1]
 
         # SIGTERM: stop admitting, let the in-flight request finish, stop the workers, exit 0
         late = Stream(s, max_new_tokens=24)
