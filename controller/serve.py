@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from controller.demo_model import demo_model_path
 from controller.http import HttpServer
 from controller.metrics import Metrics
+from controller.placement import LayoutError
 from controller.replica import Replica, ReplicaSpec
 from controller.router import ModelEntry, Router
 from controller.service import GenerationService
@@ -189,6 +190,9 @@ def run(args) -> int:
             log.info("serving the embedded demo model: random weights, its text is not meaningful")
         term.wait()
         log.info("shutting down: draining in-flight requests (grace %.0fs)", config.shutdown_grace_s)
+    except LayoutError as e:  # found before any worker started
+        log.error("%s", e)
+        return 2
     finally:
         ctl.shutdown()
     return 0
