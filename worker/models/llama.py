@@ -101,7 +101,7 @@ class LlamaForCausalLM(DecoderModel):
         if self.tied:
             self.lm_head.tie(self.model.embed_tokens)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
