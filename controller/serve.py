@@ -84,7 +84,7 @@ class Controller:
         st = reps[0].status
         entry = ModelEntry(name=name, codec=codec, replicas=reps, max_model_len=st.max_model_len,
                            vocab_size=st.vocab_size, max_queued_requests=self.config.max_queued_requests,
-                           max_batch_size=spec.max_batch_size)
+                           max_batch_size=spec.max_batch_size, encoder_decoder=st.encoder_decoder)
         self.router.add(entry)
         return entry
 
