@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-# Tiny models: one intra-op thread is fastest and keeps timing stable on a busy 2-core machine.
-torch.set_num_threads(1)
-
 from worker.engine.build import build_engine
 from worker.engine.engine import EngineConfig
 from worker.engine.sequence import Sampling
+
+# Tiny models: one intra-op thread is fastest and keeps timing stable on a busy 2-core machine.
+torch.set_num_threads(1)
 
 
 def hf_auto_class(config):

@@ -91,3 +91,76 @@ def test_family_greedy_tokens_and_logits_match_transformers(family, family_dirs)
         assert ours[i] == ref[i], f"{family} prompt {i}: tokens differ\nours {ours[i]}\nhf   {ref[i]}"
         assert len(set(ref[i])) > 3, f"{family}: degenerate reference output for prompt {i}: widen the weights"
     assert diff < LOGIT_ATOL, f"{family}: max logit difference {diff}"
+
+
+# ---- checkpoint formats and loud loading errors ------------------------------------------------
+
+def _copy_with(src, dst, edit=None, config_edit=None):
+    """A copy of model folder `src` whose single safetensors file is rewritten by `edit(state)`."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(str(dst / "model.safetensors"))
+    if edit:
+        edit(state)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    if config_edit:
+        cfg = json.loads((dst / "config.json").read_text())
+        config_edit(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_sharded_safetensors_with_index_and_bin_checkpoint_load_the_same(family_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    src = family_dirs["gpt_neox"]
+    sharded = make_random_model(_configs()["gpt_neox"], tmp_path / "sharded", std=STD, max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    (binary / "config.json").write_text((src / "config.json").read_text())
+    torch.save(load_file(str(src / "model.safetensors")), str(binary / "pytorch_model.bin"))
+    base, _ = run_ours(src, PROMPTS, 6)
+    assert run_ours(sharded, PROMPTS, 6)[0] == base  # same seed and std: the same weights
+    assert run_ours(binary, PROMPTS, 6)[0] == base
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing", "missing from the checkpoint: gpt_neox.layers.1.mlp.dense_4h_to_h.weight"),
+    ("extra", "not used by the model: gpt_neox.layers.0.mlp.surprise.weight"),
+    ("misshaped", "gpt_neox.layers.0.attention.dense.weight: checkpoint shape [64, 63]"),
+])
+def test_missing_extra_or_misshaped_tensor_fails_loudly(family_dirs, tmp_path, case, needle):
+    from worker.engine.build import build_engine
+    from worker.engine.engine import EngineConfig
+    from worker.loader import WeightLoadError
+
+    def edit(state):
+        if case == "missing":
+            del state["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"]
+        elif case == "extra":
+            state["gpt_neox.layers.0.mlp.surprise.weight"] = torch.zeros(2, 2)
+        else:
+            state["gpt_neox.layers.0.attention.dense.weight"] = torch.zeros(64, 63)
+
+    broken = _copy_with(family_dirs["gpt_neox"], tmp_path / case, edit)
+    with pytest.raises(WeightLoadError, match="") as err:
+        build_engine(EngineConfig(model_dir=broken))
+    assert needle in str(err.value)
+
+
+def test_unsupported_architecture_lists_the_supported_ones(family_dirs, tmp_path):
+    from worker.engine.build import build_engine
+    from worker.engine.engine import EngineConfig
+
+    other = _copy_with(family_dirs["gpt2"], tmp_path / "other",
+                       config_edit=lambda c: c.update(architectures=["GPT2DoubleHeadsModel"]))
+    with pytest.raises(ValueError) as err:
+        build_engine(EngineConfig(model_dir=other))
+    for arch in ("GPT2LMHeadModel", "T5ForConditionalGeneration", "BloomForCausalLM", "MistralForCausalLM"):
+        assert arch in str(err.value)
