@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.oracle import make_random_model, run_hf, run_ours
+from tests.oracle import make_random_model, run_engine, run_hf, run_ours
 
 LOGIT_ATOL = 1e-3
 NEW_TOKENS = 32
@@ -67,7 +67,15 @@ def test_t5_greedy_tokens_and_logits_match_transformers(variant, t5_dirs):
 def test_t5_chunked_prefill_small_blocks_and_preemption_keep_tokens(t5_dirs):
     """Decoder chunks, 4-token blocks and a KV cache too small for all three at once (so requests
     are preempted and recomputed, their encoder state kept) change nothing."""
+    from worker.engine.build import build_engine
+    from worker.engine.engine import EngineConfig
+
     base, _ = run_ours(t5_dirs["t5-flan-gated-untied"], PROMPTS, 12)
-    squeezed, _ = run_ours(t5_dirs["t5-flan-gated-untied"], PROMPTS, 12, max_batch_tokens=3, block_size=4,
-                           num_kv_blocks=4, max_model_len=16)
+    engine = build_engine(EngineConfig(model_dir=t5_dirs["t5-flan-gated-untied"], max_batch_tokens=3, block_size=4,
+                                       num_kv_blocks=4, max_model_len=16))
+    squeezed, _ = run_engine(engine, PROMPTS, 12)
     assert squeezed == base
+    assert engine.scheduler.preemptions > 0
+    # finished requests' encoder states are dropped at the next step that runs: at most one is left
+    run_engine(engine, PROMPTS[:1], 2)
+    assert len(engine.runner.cross) <= 1
