@@ -98,6 +98,15 @@ class T5FF(nn.Module):
         return self.wo(h)
 
 
+def fp16_clamp(x: torch.Tensor) -> torch.Tensor:
+    """As transformers does after every T5 sub-layer: in fp16, keep activations finite."""
+    if x.dtype != torch.float16:
+        return x
+    top = torch.finfo(x.dtype).max
+    limit = torch.where(torch.isinf(x).any(), top - 1000, top)
+    return torch.clamp(x, min=-limit, max=limit)
+
+
 def _sub(config, name: str, module: nn.Module) -> nn.Module:
     """One 'layer.N' entry of a T5 block: the module under its checkpoint name, plus layer_norm."""
     m = nn.Module()
@@ -114,8 +123,8 @@ class T5EncoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         sa, ff = self.layer
-        x = x + sa.SelfAttention(sa.layer_norm(x), bias)
-        return x + ff.DenseReluDense(ff.layer_norm(x))
+        x = fp16_clamp(x + sa.SelfAttention(sa.layer_norm(x), bias))
+        return fp16_clamp(x + ff.DenseReluDense(ff.layer_norm(x)))
 
 
 class T5DecoderBlock(nn.Module):
@@ -139,9 +148,9 @@ class T5DecoderBlock(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         sa, ca, ff = self.layer
-        x = x + sa.SelfAttention(sa.layer_norm(x), self.self_bias())
-        x = x + ca.EncDecAttention(ca.layer_norm(x), self.layer_idx)
-        return x + ff.DenseReluDense(ff.layer_norm(x))
+        x = fp16_clamp(x + sa.SelfAttention(sa.layer_norm(x), self.self_bias()))
+        x = fp16_clamp(x + ca.EncDecAttention(ca.layer_norm(x), self.layer_idx))
+        return fp16_clamp(x + ff.DenseReluDense(ff.layer_norm(x)))
 
 
 class T5ForConditionalGeneration(DecoderModel):
