@@ -70,6 +70,7 @@ class ServingRouter(Router):
     def __init__(self):
         super().__init__()
         self.gate: dict[str, str] = {}  # model name -> why it takes no requests (loading, draining, ...)
+        self.failed: set[str] = set()  # models that failed to load: never the default, not in readiness
         self.closed_reason = "server is shutting down"  # while accepting is False
 
     def names(self) -> list[str]:
@@ -78,7 +79,7 @@ class ServingRouter(Router):
     def get(self, name: str) -> ModelEntry:
         if not self.accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, self.closed_reason)
-        names = self.names()
+        names = [n for n in self.names() if n not in self.failed]
         if not name:
             if len(names) != 1:
                 if not names:
@@ -99,8 +100,8 @@ class ServingRouter(Router):
             yield
 
     def all_ready(self) -> bool:
-        """Readiness (/ping, /health/ready): admitting, and every model has a ready replica."""
-        names = self.names()
+        """Readiness (/ping, /health/ready): admitting, and every model (but failed ones) has a ready replica."""
+        names = [n for n in self.names() if n not in self.failed]
         return bool(self.accepting and names and not any(n in self.gate for n in names)
                     and all(self.models[n].ready_replicas() for n in names))
 
@@ -238,6 +239,7 @@ class ModelManager:
             rec.error, rec.phase = error, "failed"
             if self.records.get(rec.name) is rec:
                 self.router.gate[rec.name] = f"model {rec.name!r} failed to load: {error.splitlines()[0][:300]}"
+                self.router.failed.add(rec.name)
 
     def _grow(self, rec: ModelRecord) -> None:
         """Launch replicas until there are rec.target of them (caller holds the lock)."""
@@ -275,6 +277,7 @@ class ModelManager:
             if entry.max_model_len == 0:  # the first ready replica tells the model's limits
                 entry.max_model_len, entry.vocab_size = r.status.max_model_len, r.status.vocab_size
             rec.error = ""
+            self.router.failed.discard(rec.name)
             if rec.mode == "serving":
                 rec.phase = "serving"
                 self.router.gate.pop(rec.name, None)
@@ -387,6 +390,7 @@ class ModelManager:
             del self.records[rec.name]
             self.router.models.pop(rec.name, None)
             self.router.gate.pop(rec.name, None)
+            self.router.failed.discard(rec.name)
             self.metrics.remove_model(rec.name)
 
     def stop_all(self) -> None:

@@ -111,7 +111,8 @@ class SageMakerRoutes:
     def invocations(self, body: bytes, headers: dict):
         arrival = time.monotonic()
         ctype = _header(headers, "content-type").split(";")[0].strip().lower()
-        if ctype and ctype not in ("application/json", "text/json"):
+        # curl's default form type and text/plain are read as JSON too; anything else is refused
+        if ctype and ctype not in ("application/json", "text/json", "application/x-www-form-urlencoded", "text/plain"):
             return _json(415, {"error": f"Content-Type {ctype!r} is not supported; send application/json",
                                "code": "INVALID_ARGUMENT"})
         name = ""

@@ -105,6 +105,8 @@ def resolve_model(src: str | None, cache_dir: Path, env: Mapping[str, str] = os.
         raise ValueError(f"model source {src!r}: only local folders are supported by this build")
     if not path.is_dir():
         raise FileNotFoundError(f"model source {src!r}: no such folder")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model source {src!r}: not a model folder (no config.json)")
     return path.resolve(), path.resolve().name
 
 
