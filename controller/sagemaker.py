@@ -117,8 +117,8 @@ class SageMakerRoutes:
                                "code": "INVALID_ARGUMENT"})
         name = ""
         try:
-            prompts, params, is_list, name, stream = parse_body(body, headers)
-            entry = self.router.get(name)
+            prompts, params, is_list, wanted, stream = parse_body(body, headers)
+            entry = self.router.get(wanted)  # only a served model's name becomes a metrics label
             name = entry.name
             if stream and len(prompts) != 1:
                 raise _bad(f"streaming (application/jsonlines) takes one input, got {len(prompts)}")
