@@ -4,6 +4,7 @@ what gRPC Generate answers, and malformed bodies -> 4xx with a JSON error. One s
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -118,6 +119,25 @@ def test_jsonlines_streams_one_token_a_line(server):
     assert lines[-1]["finish_reason"] == "length" and lines[-1]["generated_text"] == text
     assert "finish_reason" not in lines[0]
     assert text == grpc_texts(server, ["stream me"], max_new_tokens=10)[0]
+
+
+def test_a_client_that_leaves_a_stream_frees_its_slot(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    conn.request("POST", "/invocations", json.dumps({"inputs": "leave", "parameters": {"max_new_tokens": 900}}),
+                 {**JSON, "Accept": "application/jsonlines"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and b"token" in resp.fp.readline() + resp.fp.readline()
+    conn.sock.close()
+    resp.close()
+    deadline = time.monotonic() + 60  # generous: reaching it means the slot leaked, not slowness
+    while time.monotonic() < deadline:
+        st = json.loads(server.http("/v1/stats")[1])["model"]
+        if st["in_flight"] == 0 and st["replicas"]["model-0"]["stats"]["running"] == 0:
+            break
+        time.sleep(0.2)
+    assert st["in_flight"] == 0 and st["replicas"]["model-0"]["stats"]["running"] == 0, st
+    metrics = server.http("/metrics")[1].decode()
+    assert 'shardserve_requests_total{model="model",replica="model-0",status="cancelled"} 1.0' in metrics
 
 
 @pytest.mark.parametrize("body, headers, status, needle", [
