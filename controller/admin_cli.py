@@ -57,14 +57,14 @@ def show_list(resp: apb.ListModelsResponse) -> str:
 def show_detail(d: apb.ModelDetail) -> str:
     lines = [
         f"model:        {d.name}",
-        f"state:        {d.state}" + (f" ({d.phase})" if d.phase and d.phase != d.state else ""),
+        f"state:        {d.state}" + (f" ({d.phase})" if d.phase not in ("", d.state, "serving") else ""),
         f"source:       {d.source or '(server default)'}",
         f"path:         {d.path or '-'}",
         f"layout:       {_layout(d.layout)}",
         f"architecture: {d.architecture or '-'}" + (f", vocab {d.vocab_size}, context {d.max_context_length} tokens"
                                                      if d.architecture else ""),
         f"replicas:     {sum(r.state == 'ready' for r in d.replicas)} ready of {d.target_replicas} wanted; "
-        f"{d.in_flight} requests in flight; loaded {d.seconds_since_load:.1f}s ago",
+        f"{d.in_flight} requests in flight; load began {d.seconds_since_load:.1f}s ago",
     ]
     if d.error:
         lines.append(f"error:        {d.error}")
