@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "controller.client",
     "controller.demo_model",
     "controller.admin_cli",
+    "controller.partition",
 ]
 
 
