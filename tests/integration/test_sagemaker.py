@@ -183,3 +183,10 @@ def test_unknown_properties_key_refuses_to_start(tmp_path):
                         "--http-port", "0"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "SHARDSERVE_SAGEMAKER_MODEL_DIR": str(tmp_path)})
     assert r.returncode == 2 and "option.model_idd" in r.stderr and "option.model_id" in r.stderr
+
+
+def test_a_startup_model_that_cannot_load_ends_the_process(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "serve", "--model", str(tmp_path), "--port",
+                        str(free_port()), "--http-port", str(free_port()), "--cache-dir", str(tmp_path / "cache")],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 1 and "no config.json" in r.stderr
