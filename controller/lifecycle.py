@@ -129,18 +129,16 @@ class ModelRecord:
     def state(self) -> str:
         if self.mode != "serving":
             return self.mode
-        if self.error and not self.replicas:
-            return "failed"
+        if self.spec is None:  # still resolving the source, or that failed
+            return "failed" if self.error else "loading"
         ready = sum(r.ready for r in self.replicas)
         pending = sum(r.state in ("starting", "restarting") for r in self.replicas)
-        if self.spec is None and not self.error:  # still resolving the source
-            return "loading"
+        troubled = any(r.state in ("failed", "restarting") for r in self.replicas)
         if ready == 0:
             return "loading" if pending else "failed"
         if ready >= self.target and ready == len(self.replicas):
             return "ready"
-        return "scaling" if pending and not any(r.state in ("failed", "restarting") for r in self.replicas) \
-            else "degraded"
+        return "degraded" if troubled or not pending else "scaling"
 
     @property
     def in_flight(self) -> int:
