@@ -100,6 +100,8 @@ def detail(rec: ModelRecord) -> apb.ModelDetail:
             for k in r.status.ranks:
                 d.ranks.add(rank=k.rank, device=k.device, parameter_bytes=k.parameter_bytes,
                             kv_cache_bytes=k.kv_cache_bytes)
+            if rec.download_seconds:  # the controller's phase, before the worker's own
+                d.load_phases.add(phase="download", seconds=rec.download_seconds)
             for p in r.status.load_phases:
                 d.load_phases.add(phase=p.phase, seconds=p.seconds)
     return out
@@ -137,7 +139,8 @@ class AdminService(apb_grpc.AdminServicer):
     @_admin_call
     def LoadModel(self, request: apb.LoadModelRequest, context):
         if not request.source.strip():
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "field source: required (a model folder)")
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "field source: required (a model folder, s3://bucket/prefix/, a hub id, ...)")
         layout = layout_from_proto(request.layout, self.default_device)
         rec = self.manager.load(request.name, request.source.strip(), layout, request.replicas or 1)
         log.info("admin: load %s from %s (%s, %d replicas)", rec.name, rec.source, layout, rec.target)

@@ -186,7 +186,8 @@ def register(sub) -> None:
     c.add_argument("name")
     c = cmds.add_parser("load", parents=[common], help="load a model under a new name")
     c.add_argument("name")
-    c.add_argument("source", help="a local model folder")
+    c.add_argument("source", help="a local folder, s3://bucket/prefix/, a Hugging Face cache folder or cached hub id, "
+                   "or a serving.properties naming one")
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     c.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
     c.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])

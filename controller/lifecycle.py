@@ -116,6 +116,7 @@ class ModelRecord:
     error: str = ""
     error_code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION  # for callers that waited
     path: Path | None = None
+    download_seconds: float = 0.0  # 0 unless the source was fetched (S3)
     spec: ReplicaSpec | None = None
     entry: ModelEntry | None = None
     replicas: list[Replica] = field(default_factory=list)  # replaced, never mutated (readers iterate it)
@@ -157,13 +158,15 @@ class ModelManager:
     """Loads, scales, drains and unloads models; the admin servicer is a thin layer over it."""
 
     def __init__(self, router: ServingRouter, metrics, runtime_dir: Path, *,
-                 resolve: Callable[[str], tuple[Path, str]], spec_for: Callable[[Path, Layout], ReplicaSpec],
+                 resolve: Callable, spec_for: Callable[[Path, Layout], ReplicaSpec],
                  max_queued_requests: int = 256, grace_s: float = 30.0,
                  on_accepting: Callable[[bool], None] = lambda ok: None):
         self.router = router
         self.metrics = metrics
         self.runtime_dir = runtime_dir
-        self.resolve = resolve  # source -> (local folder, default name); raises FileNotFoundError/ValueError
+        # (source or None, progress(done, total)) -> sources.ResolvedSource; raises FileNotFoundError /
+        # ValueError for a bad source, controller.download.DownloadError when S3 fails
+        self.resolve = resolve
         self.spec_for = spec_for  # (folder, layout) -> ReplicaSpec; raises ValueError for a layout it can't run
         self.max_queued_requests = max_queued_requests
         self.grace_s = grace_s
@@ -208,10 +211,15 @@ class ModelManager:
         return rec
 
     def _load(self, rec: ModelRecord) -> None:
+        def progress(done: int, total: int) -> None:
+            rec.phase = f"downloading: {done / 1e6:.0f} of {total / 1e6:.0f} MB"
+
         try:
             rec.phase = "resolving the source"
-            path, _ = self.resolve(rec.source or None)
-            rec.path = path
+            res = self.resolve(rec.source or None, progress)
+            path = rec.path = res.path
+            rec.download_seconds = res.download_seconds
+            self.metrics.add_download_bytes(rec.name, res.downloaded_bytes)
             rec.phase = "reading the tokenizer"
             codec = Codec(path)
             spec = self.spec_for(path, rec.layout)
@@ -267,6 +275,8 @@ class ModelManager:
         if r.stopping or rec.cancelled:
             r.stop()
             return
+        if rec.download_seconds:
+            self.metrics.observe_load_phase(rec.name, r.name, "download", rec.download_seconds)
         for phase in r.status.load_phases:
             if phase.phase in LOAD_PHASES:
                 self.metrics.observe_load_phase(rec.name, r.name, phase.phase, phase.seconds)

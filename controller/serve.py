@@ -43,6 +43,7 @@ from controller.properties import (
 from controller.replica import ReplicaSpec
 from controller.sagemaker import SageMakerRoutes
 from controller.service import GenerationService
+from controller.sources import ResolvedSource, resolve_model_source
 from shardserve.v1 import admin_pb2, admin_pb2_grpc, generate_pb2, generate_pb2_grpc
 
 log = logging.getLogger("shardserve.controller")
@@ -92,22 +93,15 @@ class ServeSettings:
     properties: ServingProperties
 
 
-def resolve_model(src: str | None, cache_dir: Path, env: Mapping[str, str] = os.environ) -> tuple[Path, str]:
-    """(local model folder, default served name). No source: /opt/ml/model when it holds a model
-    (config.json), else the embedded demo model."""
-    if not src:
-        sm = sagemaker_model_dir(env)
-        if (sm / "config.json").is_file():
-            return sm.resolve(), "model"
-        return demo_model_path(cache_dir), "demo"
-    path = Path(src).expanduser()
-    if "://" in src:
-        raise ValueError(f"model source {src!r}: only local folders are supported by this build")
-    if not path.is_dir():
-        raise FileNotFoundError(f"model source {src!r}: no such folder")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"model source {src!r}: not a model folder (no config.json)")
-    return path.resolve(), path.resolve().name
+def resolve_model(src: str | None, cache_dir: Path, env: Mapping[str, str] = os.environ,
+                  progress=False) -> ResolvedSource:
+    """A local model folder for `src` (see controller/sources.py: local folder, s3:// prefix downloaded into
+    the cache, Hugging Face cache folder, serving.properties). No source: /opt/ml/model when it holds a
+    model (config.json), else the embedded demo model. `progress`: a callable gets (done, total) bytes."""
+    sm = sagemaker_model_dir(env)
+    if not src and not (sm / "config.json").is_file():
+        return ResolvedSource(path=demo_model_path(cache_dir), kind="demo", origin="the embedded demo model")
+    return resolve_model_source(src or None, cache_dir, progress=progress, sagemaker_dir=sm)
 
 
 def replica_spec(base: ReplicaSpec, model_dir: Path, layout: Layout) -> ReplicaSpec:
@@ -199,7 +193,7 @@ class Controller:
         self.metrics = Metrics()
         self.health = health.HealthServicer()
         self.models = ModelManager(self.router, self.metrics, self.runtime_dir,
-                                   resolve=lambda s: resolve_model(s, cache_dir),
+                                   resolve=lambda src, progress: resolve_model(src, cache_dir, progress=progress),
                                    spec_for=lambda path, layout: replica_spec(self.base_spec, path, layout),
                                    max_queued_requests=config.max_queued_requests,
                                    grace_s=config.shutdown_grace_s, on_accepting=self._set_serving)
@@ -347,7 +341,8 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="run the controller (and its workers)")
     # Flags that serving.properties / the environment can also set default to None: None = not given.
     p.add_argument("--model", default=None,
-                   help="a local model folder (default: option.model_id, HF_MODEL_ID, /opt/ml/model, the demo)")
+                   help="local folder, s3://bucket/prefix/, HF cache folder or hub id "
+                   "(default: option.model_id, HF_MODEL_ID, /opt/ml/model, the demo)")
     p.add_argument("--properties", default=None, metavar="FILE",
                    help="a DJLServing serving.properties file (or a folder holding one)")
     p.add_argument("--name", default=None, help="the name clients use (default: the folder name, or 'demo')")

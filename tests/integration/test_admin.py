@@ -22,6 +22,7 @@ from shardserve.v1 import admin_pb2 as apb
 from shardserve.v1 import admin_pb2_grpc as apb_grpc
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
+from tests.integration.s3_fixtures import TEST_ENV, MotoServer, upload_folder
 from tests.integration.server import ROOT, ServerProcess
 
 TOKEN = "test-admin-token-7f3a"
@@ -84,11 +85,19 @@ class TlsServer(ServerProcess):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def s3(tmp_path_factory):
+    with MotoServer(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        server.client().create_bucket(Bucket="models")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, s3):
     cache = tmp_path_factory.mktemp("cache")
     cert, key = make_cert(tmp_path_factory.mktemp("tls"))
+    env = {"SHARDSERVE_ADMIN_TOKEN": TOKEN, "AWS_ENDPOINT_URL": s3.url, **TEST_ENV}
     with TlsServer("--max-batch-size", "8", "--tls-cert", str(cert), "--tls-key", str(key), cache_dir=cache, ca=cert,
-                   env={"SHARDSERVE_ADMIN_TOKEN": TOKEN}) as s:
+                   env=env) as s:
         yield s
 
 
@@ -226,6 +235,19 @@ def test_second_model_two_replicas_least_loaded_routing_scale_down_and_unload(se
     time.sleep(0.5)
     assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
     assert generate(server).generated_tokens == 6  # the only model again: the default
+
+
+def test_load_from_s3_shows_the_download_phase(server, s3):
+    upload_folder(s3.client(), Path(demo_path(server)), "models", "demo/")
+    d = json.loads(cli(server, "load", "from-s3", "s3://models/demo/", "--json").stdout)
+    assert d["state"] == "ready" and d["path"] != demo_path(server), d
+    phases = [p["phase"] for p in d["replicas"][0]["load_phases"]]
+    assert phases[0] == "download" and "load" in phases
+    assert list(generate(server, "from-s3").token_ids) == list(generate(server, "demo").token_ids)
+    metrics = server.http("/metrics")[1].decode()
+    assert any(line.startswith('shardserve_download_bytes_total{model="from-s3"}') and float(line.split()[-1]) > 0
+               for line in metrics.splitlines()), metrics
+    cli(server, "unload", "from-s3")
 
 
 def test_drain_and_resume(server):

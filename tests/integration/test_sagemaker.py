@@ -189,4 +189,4 @@ def test_a_startup_model_that_cannot_load_ends_the_process(tmp_path):
     r = subprocess.run([sys.executable, "-m", "controller.cli", "serve", "--model", str(tmp_path), "--port",
                         str(free_port()), "--http-port", str(free_port()), "--cache-dir", str(tmp_path / "cache")],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 1 and "no config.json" in r.stderr
+    assert r.returncode == 1 and "config.json is missing" in r.stderr

@@ -109,11 +109,12 @@ def test_sagemaker_model_folder_is_the_default_model_and_its_properties_are_read
     env = {**env, serve.SAGEMAKER_MODEL_DIR_ENV: str(sm)}
     s = settings([], env)
     assert s.source is None and s.name == "model" and s.spec.max_batch_size == 3
-    assert serve.resolve_model(None, tmp_path / "cache", env) == (sm.resolve(), "model")
+    res = serve.resolve_model(None, tmp_path / "cache", env)
+    assert res.path == sm.absolute() and res.kind == "sagemaker"
 
 
 def test_resolve_model_refuses_what_is_not_a_model_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such folder"):
+    with pytest.raises(FileNotFoundError, match="nope"):
         serve.resolve_model(str(tmp_path / "nope"), tmp_path)
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match="config.json is missing"):
         serve.resolve_model(str(tmp_path), tmp_path)
