@@ -7,7 +7,7 @@ world size 1), greedy tokens against transformers on the same GPU, decode speed.
 Steps: build a tiny random Llama with its tokenizer (controller.demo_model) in a temp dir; start
 `shardserve serve --model DIR --device cuda --tp 1` as a subprocess on free ports; wait for
 readiness; greedy-generate a few prompts over gRPC and compare the token ids with transformers'
-greedy generate on the same device; time one long stream (decode tokens/s after the first token)
+greedy generate on the same device (both fp32); time one long stream (decode tokens/s after the first token)
 and a batch of concurrent streams (aggregate tokens/s); stop the server with SIGTERM. Writes JSON
 to $OUT/gpu_serve.json (./gpu_serve.json when OUT is unset) after every step, so a watchdog exit
 still leaves what was measured. Every wait has a timeout; exit code 0 when all tokens matched.
@@ -97,7 +97,7 @@ def start_server(model_dir: Path, device: str, tp: int, cache: Path, timeout: fl
     port, http_port = free_port(), free_port()
     log = cache / "server.log"
     cmd = [sys.executable, "-m", "controller.cli", "serve", "--model", str(model_dir), "--device", device,
-           "--tp", str(tp), "--port", str(port), "--http-port", str(http_port), "--cache-dir", str(cache),
+           "--tp", str(tp), "--dtype", "fp32", "--port", str(port), "--http-port", str(http_port), "--cache-dir", str(cache),
            "--max-batch-size", "16", "--kv-cache-mb", "256", "--collective-timeout", "60",
            "--shutdown-grace", "5"]
     RESULT["server_cmd"] = " ".join(cmd)
