@@ -58,7 +58,8 @@ def build_engine(config: EngineConfig) -> Engine:
              cls.__name__, param_bytes / 1e6, num_blocks, config.block_size, engine.kv_cache_bytes / 1e6,
              phases["load"])
     t1 = time.monotonic()
-    if get_parallel_state().rank == 0:  # the other ranks join the warm-up from their step loop
+    st = get_parallel_state()
+    if not st.distributed or st.rank == 0:  # with a process group the other ranks join from their loop
         warm_up(engine)
     phases["warmup"] = time.monotonic() - t1
     engine.stats.load_phases = phases
