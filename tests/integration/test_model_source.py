@@ -1,11 +1,10 @@
 """prepare_model end to end: a real local S3 (moto, its own process), the real s5cmd and boto3, the
-`shardserve partition --upload` CLI in a subprocess, and a real `serve` on the prepared folder."""
+`shardserve partition --upload` CLI, and a real `serve` on the prepared folder."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import contextlib
+import io
 
 import pytest
 
@@ -13,7 +12,7 @@ from controller.download import find_s5cmd
 from controller.model_source import prepare_model
 from controller.partition import partition
 from tests.integration.s3_fixtures import TEST_ENV, MotoServer, upload_folder
-from tests.integration.server import ROOT, ServerProcess
+from tests.integration.server import ServerProcess
 from tests.oracle import run_ours
 
 BUCKET = "models"
@@ -59,14 +58,16 @@ def local_tokens(model_dir):
 
 @pytest.fixture(scope="module")
 def uploaded_partition(s3, model_dir, tmp_path_factory):
-    """`shardserve partition SRC --out DIR --upload s3://...` in a subprocess; returns the URL."""
+    """`shardserve partition SRC --out DIR --upload s3://...` (the CLI, in this process); returns the URL."""
+    from controller.cli import main
+
     url = f"s3://{BUCKET}/tiny-llama-tp1/"
     out = tmp_path_factory.mktemp("aot") / "part"
-    r = subprocess.run([sys.executable, "-m", "controller.cli", "partition", str(model_dir), "--out", str(out),
-                        "--upload", url, "--endpoint-url", s3.url, "--processes", "1"],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"uploaded: {url}" in r.stdout
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        rc = main(["partition", str(model_dir), "--out", str(out), "--upload", url, "--endpoint-url", s3.url,
+                   "--processes", "1"])
+    assert rc == 0
+    assert f"uploaded: {url}" in stdout.getvalue()
     keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=BUCKET, Prefix="tiny-llama-tp1/")["Contents"]}
     assert {"tiny-llama-tp1/manifest.json", "tiny-llama-tp1/rank-0.safetensors",
             "tiny-llama-tp1/config.json", "tiny-llama-tp1/tokenizer.json"} <= keys
