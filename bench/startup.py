@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="bench-cache/startup", help="model and partitions (kept between runs)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per row (the fastest is reported)")
     ap.add_argument("--out", default="bench-results/startup.json")
-    ap.add_argument("--skip", default="", help="comma-separated rows to skip (hf, tp2)")
+    ap.add_argument("--skip", default="", help="comma-separated rows to skip (hf, tp1, tp2)")
     a = ap.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
     work = Path(a.workdir).absolute()
@@ -215,7 +215,8 @@ def main(argv=None) -> int:
 
     if "hf" not in skip:
         best("transformers from_pretrained (tp=1)", lambda: time_hf(model))
-    best("serve checkpoint folder (tp=1)", lambda: time_serve(model, Path(tempfile.mkdtemp(dir=work)), []))
+    if "tp1" not in skip:
+        best("serve checkpoint folder (tp=1)", lambda: time_serve(model, Path(tempfile.mkdtemp(dir=work)), []))
 
     def aot_partition(tp: int) -> float:
         t0 = time.monotonic()
@@ -223,8 +224,9 @@ def main(argv=None) -> int:
         return time.monotonic() - t0
 
     part_s = {1: aot_partition(1)}
-    best("serve ahead-of-time partition (tp=1)", lambda: time_serve(aot[1], Path(tempfile.mkdtemp(dir=work)), []),
-         partition_s_once=round(part_s[1], 3))
+    if "tp1" not in skip:
+        best("serve ahead-of-time partition (tp=1)",
+             lambda: time_serve(aot[1], Path(tempfile.mkdtemp(dir=work)), []), partition_s_once=round(part_s[1], 3))
     if "tp2" not in skip:
         part_s[2] = aot_partition(2)
         if has_tp:

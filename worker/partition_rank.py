@@ -51,7 +51,7 @@ class StreamingSafetensorsWriter:
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise ValueError(f"{name}: got {list(tensor.shape)} {tensor.dtype}, planned {list(shape)} {dtype}")
         self.f.seek(self.data_start + offset)
-        self.f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        self.f.write(tensor.contiguous().view(torch.uint8).numpy().data)  # from the buffer, no copy
         self.written.add(name)
 
     def close(self) -> None:
