@@ -34,7 +34,7 @@ class PreparedModel:
     phases: dict[str, float] = field(default_factory=dict)  # "download" / "partition" -> seconds, this start
     downloaded_bytes: int = 0  # fetched from S3 this start (0 when the cache was complete)
     partition: str = "none"  # one of PARTITION_STATES
-    source: ResolvedSource | None = None  # None for the embedded demo model
+    source: ResolvedSource | None = None  # how it was resolved (kind "demo" for the embedded demo model)
     log_line: str = ""  # one sentence: where from, what was downloaded, which partition happened
 
 
@@ -43,28 +43,33 @@ def prepare_model(src: str | os.PathLike | None, cache_dir: Path, *, tp: int = 1
                   processes: int = 0, sagemaker_dir: Path = SAGEMAKER_MODEL_DIR) -> PreparedModel:
     """Download/resolve `src` and partition it if needed; see the module docstring.
 
-    No source and no /opt/ml/model: the embedded demo model (built once into the cache).
+    No source and no model in /opt/ml/model: the embedded demo model (built once into the cache).
     Raises what resolve_model_source raises, and ValueError for a partition of another layout or dtype.
     """
+    cache_dir = Path(cache_dir)
+    if not src and not (Path(sagemaker_dir) / "config.json").is_file():
+        from controller.demo_model import demo_model_path
+
+        resolved = ResolvedSource(path=demo_model_path(cache_dir), kind="demo", origin="the embedded demo model")
+    else:
+        resolved = resolve_model_source(src or None, cache_dir, endpoint_url=endpoint_url, progress=progress,
+                                        sagemaker_dir=sagemaker_dir)
+    return prepare_resolved(resolved, cache_dir, tp=tp, pp=pp, dtype=dtype, processes=processes)
+
+
+def prepare_resolved(resolved: ResolvedSource, cache_dir: Path, *, tp: int = 1, pp: int = 1, dtype: str = "fp32",
+                     processes: int = 0) -> PreparedModel:
+    """The partitioning half of prepare_model, for a source the caller already resolved
+    (e.g. controller.serve.resolve_model, which also knows the SageMaker environment)."""
     if tp < 1 or pp < 1:
         raise ValueError(f"tp and pp must be >= 1, got tp={tp} pp={pp}")
     cache_dir = Path(cache_dir)
-    if not src and not Path(sagemaker_dir).is_dir():
-        from controller.demo_model import demo_model_path
-
-        path = demo_model_path(cache_dir)
-        if tp * pp == 1:
-            return _done(PreparedModel(path=path, name="demo", log_line=f"model demo: the embedded demo model {path}"))
-        resolved = ResolvedSource(path=path, kind="local", origin="demo")
-    else:
-        resolved = resolve_model_source(src, cache_dir, endpoint_url=endpoint_url, progress=progress,
-                                        sagemaker_dir=sagemaker_dir)
     phases: dict[str, float] = {}
     if resolved.kind == "s3":
         phases["download"] = resolved.download_seconds
     got = (f"downloaded {resolved.downloaded_bytes / 1e6:.1f} MB from {resolved.origin} in "
            f"{resolved.download_seconds:.2f}s" if resolved.kind == "s3" else f"from {resolved.origin}")
-    name = served_name(resolved)
+    name = "demo" if resolved.kind == "demo" else served_name(resolved)
     if is_partition(resolved.path):
         manifest = check_layout(resolved.path, tp, pp, dtype)
         if resolved.kind == "local" and manifest["source"].get("path"):  # a cache folder is named by hash
