@@ -69,25 +69,30 @@ def partition(src: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "fp32
     try:
         procs = processes or max(1, min(world, os.cpu_count() or 1))
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        groups = [list(range(world))[i::procs] for i in range(min(procs, world))]  # ranks per process
 
-        def run_rank(rank: int) -> dict:
-            if procs == 1:  # in this process, one rank after another (no interpreter start-up per rank)
+        def run_group(group: list[int]) -> list[dict]:
+            if procs == 1:  # in this process, one rank after another (no interpreter start-up at all)
                 from worker.distributed import reset_parallel_state
                 from worker.partition_rank import partition_rank
 
-                try:
-                    return partition_rank(src, tmp / f"rank-{rank}.safetensors", tp, pp, rank, dtype)
-                finally:
-                    reset_parallel_state()
-            cmd = [sys.executable, "-m", "worker.partition_rank", str(src), str(tmp / f"rank-{rank}.safetensors"),
-                   "--tp", str(tp), "--pp", str(pp), "--rank", str(rank), "--dtype", dtype]
+                out = []
+                for rank in group:
+                    try:
+                        out.append(partition_rank(src, tmp / f"rank-{rank}.safetensors", tp, pp, rank, dtype))
+                    finally:
+                        reset_parallel_state()
+                return out
+            # one worker process writes several ranks: one interpreter start per process, not per rank
+            cmd = [sys.executable, "-m", "worker.partition_rank", str(src), str(tmp), "--tp", str(tp),
+                   "--pp", str(pp), "--dtype", dtype, *(x for r in group for x in ("--rank", str(r)))]
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if r.returncode:
-                raise RuntimeError(f"partitioning rank {rank} failed:\n{r.stderr[-4000:]}")
-            return json.loads(r.stdout.strip().splitlines()[-1])
+                raise RuntimeError(f"partitioning ranks {group} failed:\n{r.stderr[-4000:]}")
+            return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")][-len(group):]
 
-        with ThreadPoolExecutor(procs) as pool:
-            ranks = list(pool.map(run_rank, range(world)))
+        with ThreadPoolExecutor(len(groups)) as pool:
+            ranks = sorted((e for g in pool.map(run_group, groups) for e in g), key=lambda e: e["rank"])
         for f in src.iterdir():  # config, tokenizer and generation files travel with the partition
             if (f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith(".")
                     and f.name != "model.safetensors.index.json"):
