@@ -52,3 +52,19 @@ def test_cache_reuses_a_partition(llama_dir, tmp_path):
     assert reused and again == first
     other, reused = ensure_partition(llama_dir, tmp_path, 2, 1, "fp32", processes=1)
     assert not reused and other != first
+
+
+def test_rank_file_is_memory_mapped_not_copied(llama_dir, tmp_path):
+    """On CPU a worker's parameters are views of its own mapped rank file (no copy, no other rank's file)."""
+    from worker.engine.build import build_engine
+    from worker.engine.engine import EngineConfig
+
+    partition(llama_dir, tmp_path / "p", tp=1, pp=1, processes=1)
+    engine = build_engine(EngineConfig(model_dir=tmp_path / "p", num_kv_blocks=64))
+    rank_file = str((tmp_path / "p" / "rank-0.safetensors").resolve())
+    mapped = [line for line in open("/proc/self/maps") if line.rstrip().endswith(rank_file)]
+    assert mapped, "the rank file is not mapped"
+    spans = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in mapped]
+    params = list(engine.model.parameters())
+    inside = [p for p in params if any(lo <= p.data_ptr() < hi for lo, hi in spans)]
+    assert len(inside) == len(params)
