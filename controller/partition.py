@@ -134,8 +134,15 @@ def ensure_partition(src: Path, cache_dir: Path, tp: int, pp: int, dtype: str,
     if is_partition(out):
         log.info("reusing cached partition %s", out)
         return out, True
-    log.info("no cached partition for %s (tp=%d pp=%d %s): partitioning into %s", src, tp, pp, dtype, out)
-    partition(src, out, tp, pp, dtype, processes)
+    from controller.download import exclusive_lock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out.parent / f".{key}.lock"):  # one partitioner per key; the others wait, then reuse
+        if is_partition(out):
+            log.info("reusing partition %s (made by another process meanwhile)", out)
+            return out, True
+        log.info("no cached partition for %s (tp=%d pp=%d %s): partitioning into %s", src, tp, pp, dtype, out)
+        partition(src, out, tp, pp, dtype, processes)
     return out, False
 
 
