@@ -173,6 +173,27 @@ def time_hf(model: Path) -> dict:
             "from_pretrained_s": round(d["from_pretrained_s"], 3), **mem}
 
 
+LOAD_CHILD = """
+import sys, time, json
+from pathlib import Path
+from worker.engine.build import build_engine
+from worker.engine.engine import EngineConfig
+def anon():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon:")).split()[1]) * 1024
+before = anon()
+e = build_engine(EngineConfig(model_dir=Path(sys.argv[1]), num_kv_blocks=32, max_model_len=512))
+print(json.dumps({**e.stats.load_phases, "anon_after_bytes": anon() - before}))
+"""
+
+
+def time_load(folder: Path) -> dict:
+    """build_engine in a fresh process: the worker's load and warm-up phases, and the anonymous memory
+    they leave resident (the parameters, unless they are views of a mapped file)."""
+    out, _, _ = child_peak([sys.executable, "-c", LOAD_CHILD, str(folder)])
+    d = json.loads(out.strip().splitlines()[-1])
+    return {"load_s": round(d["load"], 3), "warmup_s": round(d["warmup"], 3), "anon_after_bytes": d["anon_after_bytes"]}
+
+
 def partition_peak(model: Path, out: Path, tp: int) -> dict:
     """Peak RSS of partitioning rank 0 of `tp` in its own process, beside the imports alone."""
     _, _, base = child_peak([sys.executable, "-c", "import worker.partition_rank, transformers, safetensors.torch"])
@@ -189,6 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs per row (the fastest is reported)")
     ap.add_argument("--out", default="bench-results/startup.json")
     ap.add_argument("--skip", default="", help="comma-separated rows to skip (hf, tp1, tp2)")
+    ap.add_argument("--load-only", action="store_true", help="only the in-process worker load comparison")
     a = ap.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
     work = Path(a.workdir).absolute()
@@ -204,6 +226,14 @@ def main(argv=None) -> int:
     from controller.partition import partition
 
     aot = {1: work / "aot-tp1", 2: work / "aot-tp2"}
+    if a.load_only:
+        if not (aot[1] / "manifest.json").is_file():
+            partition(model, aot[1], tp=1, pp=1)
+        loads = worker_load(model, aot[1], max(3, a.repeat))
+        print_loads(loads)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({"bench": "startup-load", "worker_load": loads}, indent=2) + "\n")
+        return 0
     rows: list[dict] = []
     has_tp = serve_supports("--tp")
 
@@ -250,9 +280,11 @@ def main(argv=None) -> int:
         else:
             print("  serve has no --tp on this build: tp=2 serving rows skipped", file=sys.stderr)
     peaks = [partition_peak(model, work, tp) for tp in sorted(part_s)]
+    loads = worker_load(model, aot[1], max(3, a.repeat))
     print_table(rows, peaks, n_params, model_bytes, part_s)
+    print_loads(loads)
     report = {"bench": "startup", "model": {"parameters": n_params, "bytes": model_bytes, "config": CONFIG},
-              "rows": rows, "partition_seconds": part_s, "partition_peak_memory": peaks,
+              "rows": rows, "partition_seconds": part_s, "partition_peak_memory": peaks, "worker_load": loads,
               "host": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "python": platform.python_version()},
               "serve_has_tp": has_tp}
     out = Path(a.out)
@@ -262,6 +294,22 @@ def main(argv=None) -> int:
     for d in work.glob("tmp*"):
         shutil.rmtree(d, ignore_errors=True)
     return 0
+
+
+def worker_load(model: Path, part: Path, n: int) -> list[dict]:
+    loads = []
+    for _ in range(n):  # alternating, so a burst of load on the machine hits both alike
+        loads += [{"from": "checkpoint", **time_load(model)}, {"from": "partition", **time_load(part)}]
+    return loads
+
+
+def print_loads(loads: list[dict]) -> None:
+    print("\nWorker load, world size 1, in a fresh process (build_engine; median of runs):")
+    for kind in ("checkpoint", "partition"):
+        runs = sorted((r for r in loads if r["from"] == kind), key=lambda r: r["load_s"])
+        med = runs[len(runs) // 2]
+        print(f"  {kind:<10} load {med['load_s']:.2f}s, warm-up {med['warmup_s']:.2f}s, anonymous memory left "
+              f"resident {med['anon_after_bytes'] / 1e6:.0f} MB (load runs: {[r['load_s'] for r in runs]})")
 
 
 def print_table(rows, peaks, n_params, model_bytes, part_s) -> None:
