@@ -284,6 +284,7 @@ class ModelManager:
             entry = rec.entry
             if entry.max_model_len == 0:  # the first ready replica tells the model's limits
                 entry.max_model_len, entry.vocab_size = r.status.max_model_len, r.status.vocab_size
+                entry.encoder_decoder = r.status.encoder_decoder  # T5: limits per side (params.resolve)
             rec.error = ""
             self.router.failed.discard(rec.name)
             if rec.mode == "serving":
