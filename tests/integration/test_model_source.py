@@ -84,10 +84,10 @@ def test_s3_model_gives_the_local_tokens_and_partitions_once(s3, model_dir, loca
     assert run_ours(plain.path, PROMPTS, 8)[0] == local_tokens
 
     # world size 2: partitioned into the cache on the first start, reused (and not downloaded) on the next
-    first = prepare_model(url, tmp_path, pp=2, endpoint_url=s3.url, progress=False)
+    first = prepare_model(url, tmp_path, pp=2, endpoint_url=s3.url, progress=False, processes=1)
     assert first.partition == "created" and "partitioned" in first.log_line and "partition" in first.phases
     assert first.path.parent == tmp_path / "partitions" and (first.path / "rank-1.safetensors").is_file()
-    again = prepare_model(url, tmp_path, pp=2, endpoint_url=s3.url, progress=False)
+    again = prepare_model(url, tmp_path, pp=2, endpoint_url=s3.url, progress=False, processes=1)
     assert again.partition == "reused" and again.path == first.path and again.downloaded_bytes == 0
     assert "reused the cached partition" in again.log_line
 
