@@ -68,3 +68,18 @@ def test_rank_file_is_memory_mapped_not_copied(llama_dir, tmp_path):
     params = list(engine.model.parameters())
     inside = [p for p in params if any(lo <= p.data_ptr() < hi for lo, hi in spans)]
     assert len(inside) == len(params)
+
+
+def test_scaled_rope_model_partitions(tmp_path):
+    """The model is built on the meta device while partitioning; scaled RoPE must still get real numbers."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 64},
+                      architectures=["LlamaForCausalLM"])
+    src = make_random_model(cfg, tmp_path / "m")
+    partition(src, tmp_path / "p", tp=1, pp=1, processes=1)
+    assert run_ours(tmp_path / "p", PROMPTS, 8)[0] == run_ours(src, PROMPTS, 8)[0]
