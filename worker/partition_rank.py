@@ -3,7 +3,8 @@
 `python -m worker.partition_rank SRC OUT --tp N --pp M --rank R [--rank R2 ...] --dtype D` builds the
 model for rank R on the meta device (no memory), streams the checkpoint through the same weight
 loaders that serve runtime loading (each reads only this rank's slices), and writes each
-parameter into a safetensors file as soon as it is complete: peak memory is about one parameter.
+parameter into a safetensors file as soon as it is complete: peak memory is a few parameters, never
+the model (303M-parameter Llama, 1.21 GB: +138 MB over the imports; bench/startup.py).
 """
 
 from __future__ import annotations
