@@ -114,17 +114,20 @@ def test_partition_of_another_layout_is_refused(s3, uploaded_partition, model_di
     assert prepare_model(str(local), tmp_path, pp=2).name == "tiny-llama"  # named after its source
 
 
-def test_real_server_on_the_s3_partition(s3, uploaded_partition, model_dir, tmp_path):
+def test_real_server_serves_the_s3_partition_url(s3, uploaded_partition, model_dir, tmp_path):
+    """`shardserve serve --model s3://...-partition/`: downloaded, served from its rank file, no partitioning."""
     from controller.tokenizer import Codec
     from shardserve.v1 import generate_pb2 as gpb
     from shardserve.v1 import generate_pb2_grpc as gpb_grpc
 
-    prepared = prepare_model(uploaded_partition, tmp_path, endpoint_url=s3.url, progress=False)
     prompt = "Licensed under the"
     expected = run_ours(model_dir, [Codec(model_dir).encode(prompt)], 12)[0][0]
-    with ServerProcess("--model", str(prepared.path), "--name", prepared.name, cache_dir=tmp_path) as server:
+    with ServerProcess("--model", uploaded_partition, cache_dir=tmp_path,
+                       env={"AWS_ENDPOINT_URL_S3": s3.url}) as server:
         params = gpb.GenerationParameters(max_new_tokens=12, ignore_eos=True)
         out = gpb_grpc.GenerationStub(server.channel).Generate(
-            gpb.GenerateRequest(prompts=[prompt], parameters=params, model=prepared.name)).outputs[0]
-        assert "loading rank 0 from partition file rank-0.safetensors" in server.output()
+            gpb.GenerateRequest(prompts=[prompt], parameters=params)).outputs[0]
+        log = server.output()
+        assert "loading rank 0 from partition file rank-0.safetensors" in log
+        assert "already partitioned for tp=1 pp=1 fp32, served without partitioning" in log
     assert list(out.token_ids) == expected
