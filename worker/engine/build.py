@@ -79,6 +79,11 @@ def load_rank_weights(model, model_dir) -> int:
         raise ValueError(f"{model_dir}: partitioned for tp={m['layout']['tp']} pp={m['layout']['pp']}, "
                          f"this worker runs tp={st.tp_size} pp={st.pp_size}")
     entry = next(r for r in m["ranks"] if r["rank"] == st.rank)
+    layers = getattr(model, "layers", None)
+    if layers is not None and st.pp_size > 1 and list(entry["layers"]) != list(st.layer_range(len(layers))):
+        raise ValueError(f"{model_dir}: rank {st.rank} was partitioned with layers {entry['layers']}, this worker's "
+                         f"stage owns {list(st.layer_range(len(layers)))} (stage layers {list(st.stage_layers)}); "
+                         f"a --stage-layers split needs a partition made with the same split")
     log.info("loading rank %d from partition file %s", st.rank, entry["file"])
     return load_partition(model, model_dir / entry["file"])
 
