@@ -15,8 +15,9 @@ Guarantees of `schedule()`:
   recomputed later), never failed;
 - every scheduled sequence has blocks for all tokens it will hold after the step;
 - a beam group with several beams is scheduled whole and every beam reaches its last token in the
-  step (so all are sampled together); it may overrun the token budget (by < num_beams x block_size
-  tokens when decoding; by its whole length after a preemption, which is rare).
+  step (so all are sampled together); it may overrun the token budget by < num_beams x block_size
+  tokens. A preempted group recomputes its common prefix once (first beam, chunked), then its
+  other beams share those blocks again.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ class ScheduledBatch:
     def samples(self) -> list[bool]:
         """Whether each sequence gets a new token this step (its chunk reaches its last token)."""
         return [s.num_computed + n == len(s.token_ids) for s, n in zip(self.seqs, self.num_tokens)]
+
+
+def _common_prefix(lists: list[list[int]]) -> int:
+    n = 0
+    for column in zip(*lists):
+        if any(t != column[0] for t in column):
+            break
+        n += 1
+    return n
 
 
 def unit_of(seq: Sequence) -> list[Sequence]:
@@ -98,6 +108,18 @@ class Scheduler:
     def _chunks(self, unit: list[Sequence], budget: int) -> list[int]:
         if len(unit) == 1:
             return [min(unit[0].num_uncomputed, budget)]
+        lead = unit[0]
+        if any(s.num_computed == 0 and not s.block_table for s in unit[1:]):
+            # a preempted beam group: the first beam recomputes the common prefix (in chunks) and the
+            # others then share its full blocks again, so a group never needs more blocks than it held
+            common = _common_prefix([s.token_ids for s in unit])
+            shared = min(common, min(len(s.token_ids) for s in unit) - 1) // self.blocks.block_size
+            shared *= self.blocks.block_size
+            if lead.num_computed < shared:
+                return [min(shared - lead.num_computed, budget)] + [0] * (len(unit) - 1)
+            for s in unit[1:]:
+                if s.num_computed == 0 and not s.block_table:
+                    s.num_computed = self.blocks.fork(lead, s, shared)
         return [s.num_uncomputed for s in unit]  # several beams: all reach their last token together
 
     def _blocks_needed(self, unit: list[Sequence], chunks: list[int]) -> int:
@@ -105,6 +127,8 @@ class Scheduler:
 
     def _take(self, batch: ScheduledBatch, unit: list[Sequence], chunks: list[int]) -> int:
         for s, n in zip(unit, chunks):
+            if n == 0:
+                continue
             self.blocks.allocate(s, s.num_computed + n)
             batch.seqs.append(s)
             batch.num_tokens.append(n)
