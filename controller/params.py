@@ -103,9 +103,9 @@ def parameters_from_dict(params: dict) -> gpb.GenerationParameters:
         canonical = ALIASES.get(name)
         if canonical is None:
             raise invalid(f"unknown parameter {name!r}; known: {', '.join(sorted(ALIASES))}")
-        if canonical in ("stop", "bad_words") and isinstance(value, list) and value and all(
+        if canonical in ("stop", "bad_words") and isinstance(value, list) and any(
                 isinstance(v, (list, int)) and not isinstance(v, bool) for v in value):  # FT style: token ids
-            if all(isinstance(v, int) for v in value):
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 value = [value]  # one sequence
             elif not all(isinstance(v, list) for v in value):
                 raise invalid(f"parameter {name}: expected strings or lists of token ids, got {value!r}")
