@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "controller.serve",
     "controller.client",
     "controller.demo_model",
+    "controller.partition",
     "controller.bench",
 ]
 

@@ -87,35 +87,55 @@ def expected_shards(model: nn.Module, param_name: str, param) -> set:
     return ids or {None}
 
 
-def load_weights(model: nn.Module, model_dir: Path) -> int:
-    """Fill `model` from the checkpoint in model_dir; returns this rank's parameter bytes."""
+def load_weights(model: nn.Module, model_dir: Path, sink=None) -> int:
+    """Fill `model` from the checkpoint in model_dir; returns this rank's parameter bytes.
+
+    With `sink(name, tensor)`, the model may live on the meta device: each parameter is filled in
+    a fresh buffer and handed to the sink as soon as it is complete (all shards), then dropped, so
+    peak memory is about one parameter (ahead-of-time partitioning streams this way).
+    """
     params = dict(model.named_parameters())
     received: dict[str, set] = {n: set() for n in params}
+    buffers: dict[str, nn.Parameter] = {}
     unused, errors = [], []
     tied = bool(getattr(model, "tied", False))
+    from worker.models.base import StageMissing
+
+    # layers of other pipeline stages: their tensors are known and skipped unread
+    elsewhere = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, StageMissing))
     with ExitStack() as stack:
         for name, tensor in iter_checkpoint(checkpoint_files(model_dir), stack):
             mapped = map_name(model, name)
             if mapped is None:
                 continue
             target, shard = mapped
+            if elsewhere and target.startswith(elsewhere):
+                continue
             if target not in params:
                 if tied and target == "lm_head.weight":
                     continue  # tied to the embedding; the duplicate is redundant
                 unused.append(name)
                 continue
             param = params[target]
-            param.ckpt_name = name
             loader = getattr(param, "weight_loader", None)
             if loader is None:
                 errors.append(f"{target}: parameter has no weight_loader")
                 continue
+            dest = param
+            if sink is not None:
+                dest = buffers.get(target)
+                if dest is None:
+                    dest = buffers[target] = nn.Parameter(torch.zeros(param.shape, dtype=param.dtype),
+                                                          requires_grad=False)
+            dest.ckpt_name = name
             try:
-                loader(param, tensor, shard)
+                loader(dest, tensor, shard)
             except (ValueError, RuntimeError) as e:
                 errors.append(f"{name} -> {target}: {e}")
                 continue
             received[target].add(shard)
+            if sink is not None and expected_shards(model, target, param) <= received[target]:
+                sink(target, buffers.pop(target).data)
     missing = [n for n, got in received.items() if not expected_shards(model, n, params[n]) <= got]
     if missing or unused or errors:
         parts = []
@@ -126,4 +146,23 @@ def load_weights(model: nn.Module, model_dir: Path) -> int:
         if errors:
             parts.append("; ".join(errors[:20]))
         raise WeightLoadError(f"{model_dir}: " + " | ".join(parts))
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def load_partition(model: nn.Module, rank_file: Path) -> int:
+    """Fill `model` from its own rank file of a partition (names and shapes exactly ours)."""
+    params = dict(model.named_parameters())
+    with safe_open(str(rank_file), framework="pt") as f:
+        names = set(f.keys())
+        missing = sorted(set(params) - names)
+        extra = sorted(names - set(params))
+        if missing or extra:
+            raise WeightLoadError(f"{rank_file}: does not fit this model/layout: missing {missing[:10]}, "
+                                  f"unexpected {extra[:10]}")
+        for name in names:
+            t = f.get_tensor(name)
+            p = params[name]
+            if tuple(t.shape) != tuple(p.shape):
+                raise WeightLoadError(f"{rank_file}: {name} has shape {list(t.shape)}, expected {list(p.shape)}")
+            p.data.copy_(t)
     return sum(p.numel() * p.element_size() for p in params.values())

@@ -1,8 +1,7 @@
 """The Grafana dashboard against a real Prometheus scraping a real /metrics endpoint.
 
-Today the endpoint is a tiny loopback HTTP server serving `Metrics().exposition()`, fed with synthetic
-RequestRecords and EngineStats. To check the real server instead, start shardserve and point
-`check_dashboard(target)` at its HTTP port ("127.0.0.1:PORT") while traffic flows.
+The endpoint is a real `shardserve serve` process under generation traffic; `check_dashboard(target)`
+points Prometheus at its HTTP port ("127.0.0.1:PORT").
 """
 
 from __future__ import annotations
@@ -135,21 +134,6 @@ def serve_metrics(metrics: Metrics) -> ThreadingHTTPServer:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
-
-
-@pytest.fixture
-def synthetic_target() -> Iterator[str]:
-    """'host:port' of a loopback /metrics endpoint with synthetic traffic flowing."""
-    metrics = Metrics()
-    traffic = SyntheticTraffic(metrics)
-    traffic.start()
-    server = serve_metrics(metrics)
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        traffic.close()
 
 
 def check_dashboard(target: str, model: str = MODEL) -> dict[str, int]:

@@ -7,9 +7,10 @@ import time
 
 import torch
 
+from worker.distributed import get_parallel_state
 from worker.engine.engine import Engine, EngineConfig
 from worker.engine.sequence import Sampling, Sequence
-from worker.loader import load_config, load_weights
+from worker.loader import load_config, load_partition, load_weights
 from worker.models.registry import model_class
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def build_engine(config: EngineConfig) -> Engine:
         finally:
             torch.set_default_dtype(torch.float32)
     model.eval()
-    param_bytes = load_weights(model, config.model_dir)
+    param_bytes = load_rank_weights(model, config.model_dir)
     phases["load"] = time.monotonic() - t0
     max_len = config.max_model_len or int(model_config.max_position_embeddings)
     per_block = kv_bytes_per_block(model, config.block_size, dtype)
@@ -58,6 +59,23 @@ def build_engine(config: EngineConfig) -> Engine:
     phases["warmup"] = time.monotonic() - t1
     engine.stats.load_phases = phases
     return engine
+
+
+def load_rank_weights(model, model_dir) -> int:
+    """From this rank's file of a partition (manifest.json present), else from the checkpoint."""
+    manifest = model_dir / "manifest.json"
+    if not manifest.is_file():
+        return load_weights(model, model_dir)
+    import json
+
+    m = json.loads(manifest.read_text())
+    st = get_parallel_state()
+    if (m["layout"]["tp"], m["layout"]["pp"]) != (st.tp_size, st.pp_size):
+        raise ValueError(f"{model_dir}: partitioned for tp={m['layout']['tp']} pp={m['layout']['pp']}, "
+                         f"this worker runs tp={st.tp_size} pp={st.pp_size}")
+    entry = next(r for r in m["ranks"] if r["rank"] == st.rank)
+    log.info("loading rank %d from partition file %s", st.rank, entry["file"])
+    return load_partition(model, model_dir / entry["file"])
 
 
 def warm_up(engine: Engine) -> None:

@@ -1,0 +1,154 @@
+"""Ahead-of-time partitioning: one safetensors file per rank plus manifest.json.
+
+The controller never slices tensors itself: it runs `worker.partition_rank` once per rank (several
+processes at a time), each with the worker's own name mapping and sharding code, reading only its
+slices. Partitions are keyed by (source content hash, layout, dtype), so a second deploy of the same
+model and layout reuses the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "shardserve-partition-v1"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+SAMPLE = 1 << 20  # bytes read at each sampled offset of a large file
+
+
+def is_partition(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(path: Path) -> dict:
+    manifest = json.loads((Path(path) / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}/{MANIFEST}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
+    return manifest
+
+
+def source_hash(src: Path) -> str:
+    """Content hash of a model folder. Small files are hashed whole; weight files over 64 MiB by
+    their size, safetensors header and 1 MiB samples at 16 offsets (a full read of a 350 GB
+    checkpoint would cost minutes for every start)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(src).iterdir() if p.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= 64 << 20:
+                h.update(fh.read())
+                continue
+            for i in range(16):
+                fh.seek((size - SAMPLE) * i // 15)
+                h.update(fh.read(SAMPLE))
+    return h.hexdigest()
+
+
+def partition(src: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "fp32", processes: int = 0,
+              src_hash: str | None = None) -> dict:
+    """Write the partition of `src` into `out` (atomically: a temp folder renamed at the end)."""
+    src, out = Path(src).resolve(), Path(out)
+    world = tp * pp
+    started = time.monotonic()
+    src_hash = src_hash or source_hash(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".partition-", dir=out.parent))
+    try:
+        procs = processes or max(1, min(world, os.cpu_count() or 1))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+        def run_rank(rank: int) -> dict:
+            if procs == 1:  # in this process, one rank after another (no interpreter start-up per rank)
+                from worker.distributed import reset_parallel_state
+                from worker.partition_rank import partition_rank
+
+                try:
+                    return partition_rank(src, tmp / f"rank-{rank}.safetensors", tp, pp, rank, dtype)
+                finally:
+                    reset_parallel_state()
+            cmd = [sys.executable, "-m", "worker.partition_rank", str(src), str(tmp / f"rank-{rank}.safetensors"),
+                   "--tp", str(tp), "--pp", str(pp), "--rank", str(rank), "--dtype", dtype]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if r.returncode:
+                raise RuntimeError(f"partitioning rank {rank} failed:\n{r.stderr[-4000:]}")
+            return json.loads(r.stdout.strip().splitlines()[-1])
+
+        with ThreadPoolExecutor(procs) as pool:
+            ranks = list(pool.map(run_rank, range(world)))
+        for f in src.iterdir():  # config, tokenizer and generation files travel with the partition
+            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != "model.safetensors.index.json":
+                shutil.copy2(f, tmp / f.name)
+        config = json.loads((src / "config.json").read_text())
+        manifest = {
+            "format": FORMAT, "source": {"path": str(src), "hash": src_hash},
+            "layout": {"tp": tp, "pp": pp}, "dtype": dtype, "quantize": None,
+            "architecture": (config.get("architectures") or [config.get("model_type")])[0],
+            "config": config, "ranks": ranks,
+            "partition_seconds": round(time.monotonic() - started, 3),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("partitioned %s for tp=%d pp=%d %s into %s in %.2fs (%s)", src, tp, pp, dtype, out,
+             manifest["partition_seconds"], ", ".join(f"rank {r['rank']}: {r['bytes'] / 1e6:.1f} MB" for r in ranks))
+    return manifest
+
+
+def check_layout(path: Path, tp: int, pp: int, dtype: str | None = None) -> dict:
+    m = read_manifest(path)
+    if (m["layout"]["tp"], m["layout"]["pp"]) != (tp, pp):
+        raise ValueError(f"{path}: partitioned for tp={m['layout']['tp']} pp={m['layout']['pp']}, "
+                         f"but serving asks for tp={tp} pp={pp}")
+    if dtype and m["dtype"] != dtype:
+        raise ValueError(f"{path}: partitioned as {m['dtype']}, but serving asks for {dtype}")
+    return m
+
+
+def ensure_partition(src: Path, cache_dir: Path, tp: int, pp: int, dtype: str,
+                     processes: int = 0) -> tuple[Path, bool]:
+    """(partition folder, reused?) for `src` in the cache, partitioning on a miss."""
+    key = f"{source_hash(src)[:16]}-tp{tp}-pp{pp}-{dtype}"
+    out = Path(cache_dir) / "partitions" / key
+    if is_partition(out):
+        log.info("reusing cached partition %s", out)
+        return out, True
+    log.info("no cached partition for %s (tp=%d pp=%d %s): partitioning into %s", src, tp, pp, dtype, out)
+    partition(src, out, tp, pp, dtype, processes)
+    return out, False
+
+
+def run(args) -> int:
+    m = partition(Path(args.src), Path(args.out), args.tp, args.pp, args.dtype, args.processes)
+    for r in m["ranks"]:
+        print(f"rank {r['rank']} (tp {r['tp_rank']}, pp {r['pp_rank']}): {r['file']}, {r['bytes'] / 1e6:.1f} MB, "
+              f"layers {r['layers'][0]}-{r['layers'][1] - 1}")
+    print(f"manifest: {Path(args.out) / MANIFEST} ({m['partition_seconds']:.2f}s)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("partition", help="partition a model ahead of time: one file per rank + manifest.json")
+    p.add_argument("src", help="a local Hugging Face model folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--processes", type=int, default=0,
+                   help="ranks partitioned at once in worker processes (0 = min(world, cores); 1 = in this process)")
+    p.set_defaults(func=lambda a: run(a))

@@ -1,0 +1,107 @@
+"""Write one rank's partition file with the worker's own mapping and sharding code.
+
+`python -m worker.partition_rank SRC OUT_FILE --tp N --pp M --rank R --dtype D` builds the model
+for rank R on the meta device (no memory), streams the checkpoint through the same weight
+loaders that serve runtime loading (each reads only this rank's slices), and writes each
+parameter into a safetensors file as soon as it is complete: peak memory is about one parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+from pathlib import Path
+
+import torch
+
+from worker.distributed import ParallelState, set_parallel_state
+from worker.engine.engine import DTYPES
+from worker.loader import load_config, load_weights
+from worker.models.registry import model_class
+
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
+             torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
+
+
+class StreamingSafetensorsWriter:
+    """A safetensors file whose header is planned from shapes up front; tensors written in any order."""
+
+    def __init__(self, path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], metadata: dict):
+        self.path = path
+        header, offset = {"__metadata__": {k: str(v) for k, v in metadata.items()}}, 0
+        self.offsets = {}
+        for name in sorted(specs):
+            shape, dtype = specs[name]
+            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self.offsets[name] = (offset, size, tuple(shape), dtype)
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.data_start = 8 + len(raw)
+        self.written: set[str] = set()
+        self.f = open(path, "wb")
+        self.f.write(struct.pack("<Q", len(raw)) + raw)
+        self.f.truncate(self.data_start + offset)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        offset, size, shape, dtype = self.offsets[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"{name}: got {list(tensor.shape)} {tensor.dtype}, planned {list(shape)} {dtype}")
+        self.f.seek(self.data_start + offset)
+        self.f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        self.written.add(name)
+
+    def close(self) -> None:
+        self.f.close()
+        missing = set(self.offsets) - self.written
+        if missing:
+            self.path.unlink(missing_ok=True)
+            raise ValueError(f"partition file incomplete, never written: {sorted(missing)[:10]}")
+
+
+def partition_rank(src: Path, out_file: Path, tp: int, pp: int, rank: int, dtype: str) -> dict:
+    """Returns this rank's manifest entry: file, bytes, layer range, tensor shapes."""
+    tp_rank, pp_rank = rank % tp, rank // tp
+    set_parallel_state(ParallelState(tp_rank=tp_rank, tp_size=tp, pp_rank=pp_rank, pp_size=pp))
+    config = load_config(src)
+    torch_dtype = DTYPES[dtype]
+    torch.set_default_dtype(torch_dtype)
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    torch.set_default_dtype(torch.float32)
+    params = dict(model.named_parameters())
+    specs = {n: (tuple(p.shape), p.dtype) for n, p in params.items()}
+    tmp = out_file.with_suffix(".partial")
+    writer = StreamingSafetensorsWriter(tmp, specs, {"tp": tp, "pp": pp, "rank": rank, "dtype": dtype})
+    try:
+        load_weights(model, src, sink=writer.write)
+    finally:
+        writer.close()
+    tmp.rename(out_file)
+    from worker.models.base import stage_range
+
+    layers = stage_range(int(getattr(config, "num_hidden_layers", getattr(config, "num_layers", 0)) or 0))
+    return {"rank": rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "file": out_file.name,
+            "bytes": sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in specs.values()),
+            "layers": list(layers), "tensors": {n: list(s) for n, (s, _) in sorted(specs.items())}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="shardserve-partition-rank")
+    p.add_argument("src", type=Path)
+    p.add_argument("out_file", type=Path)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    a = p.parse_args(argv)
+    entry = partition_rank(a.src, a.out_file, a.tp, a.pp, a.rank, a.dtype)
+    print(json.dumps(entry))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
