@@ -12,8 +12,10 @@ COMMAND_MODULES = [
     "controller.serve",
     "controller.client",
     "controller.demo_model",
+    "controller.admin_cli",
     "controller.partition",
     "controller.bench",
+    "controller.download",
 ]
 
 

@@ -130,14 +130,23 @@ def _range(name: str, value, lo, hi, lo_open=False) -> None:
 
 
 def resolve(p: gpb.GenerationParameters, *, prompt_tokens: int, max_model_len: int, vocab_size: int,
-            eos_token_ids: tuple[int, ...], encode_plain) -> wpb.SamplingParams:
-    """Validate user parameters and fill every worker field. Raises RequestError."""
+            eos_token_ids: tuple[int, ...], encode_plain, encoder_decoder: bool = False) -> wpb.SamplingParams:
+    """Validate user parameters and fill every worker field. Raises RequestError.
+
+    Encoder-decoder models (T5): the prompt feeds the encoder and the decoder starts from its own
+    start token, so max_model_len limits each side separately: prompt <= max_model_len and
+    max_new_tokens <= max_model_len - 1 (the decoder's start token takes one position)."""
     has = p.HasField
-    max_new = p.max_new_tokens if has("max_new_tokens") else min(DEFAULT_MAX_NEW_TOKENS,
-                                                                  max(1, max_model_len - prompt_tokens))
+    room = max_model_len - 1 if encoder_decoder else max_model_len - prompt_tokens
+    max_new = p.max_new_tokens if has("max_new_tokens") else min(DEFAULT_MAX_NEW_TOKENS, max(1, room))
     if max_new < 1:
         raise invalid(f"parameter max_new_tokens: must be >= 1, got {max_new}")
-    if prompt_tokens + max_new > max_model_len:
+    if encoder_decoder:
+        if prompt_tokens > max_model_len:
+            raise invalid(f"prompt ({prompt_tokens} tokens) exceeds the encoder's limit of {max_model_len} tokens")
+        if max_new > room:
+            raise invalid(f"max_new_tokens ({max_new}) exceeds the decoder's limit of {room} new tokens")
+    elif prompt_tokens + max_new > max_model_len:
         raise invalid(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new}) = {prompt_tokens + max_new} "
                       f"exceeds the model's context of {max_model_len} tokens")
     temperature = p.temperature if has("temperature") else 1.0
@@ -172,6 +181,9 @@ def resolve(p: gpb.GenerationParameters, *, prompt_tokens: int, max_model_len: i
     _range("length_penalty", length_penalty, -10.0, 10.0)
     diversity = p.beam_search_diversity_rate
     _range("beam_search_diversity_rate", diversity, 0.0, 100.0)
+    if beams > 1 and encoder_decoder:
+        raise invalid("parameter num_beams: beam search is not available for encoder-decoder models yet; "
+                      "use num_beams=1")
     if beams > 1:
         sampling = False  # beam search is deterministic (FT ignores top_k/top_p with beam_width > 1)
     for name in ("stop_token_sequences", "bad_word_token_sequences"):

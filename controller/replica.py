@@ -134,6 +134,7 @@ class Replica:
             time.sleep(delay)
             try:
                 self.start()
+                self.proc.wait()  # PR_SET_PDEATHSIG: the new worker lives only while this thread does
                 return
             except WorkerStartError as e:
                 log.error("replica %s restart failed: %s", self.name, e)

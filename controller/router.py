@@ -20,6 +20,7 @@ class ModelEntry:
     replicas: list[Replica]
     max_model_len: int
     vocab_size: int
+    encoder_decoder: bool = False  # T5: max_model_len limits prompt and new tokens separately
     # requests admitted beyond what the replicas' batches hold before RESOURCE_EXHAUSTED
     max_queued_requests: int = 256
     max_batch_size: int = 32

@@ -9,40 +9,52 @@ import torch
 
 from worker.engine.build import build_engine
 from worker.engine.engine import EngineConfig
-from worker.engine.sequence import Sampling, Sequence
+from worker.engine.sequence import Sampling
+
+# Tiny models: one intra-op thread is fastest and keeps timing stable on a busy 2-core machine.
+torch.set_num_threads(1)
 
 
-def make_random_model(config, out: Path, seed: int = 0, std: float = 0.08, model_cls=None) -> Path:
+def hf_auto_class(config):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def make_random_model(config, out: Path, seed: int = 0, std: float = 0.08, model_cls=None,
+                      max_shard_size=None) -> Path:
     """Save a random model built from a transformers config class, weights drawn wide enough
-    that greedy outputs do not collapse into one repeated token."""
-    from transformers import AutoModelForCausalLM
-
+    that greedy outputs do not collapse into one repeated token. Norm weights ~ N(1, 0.1)."""
     torch.manual_seed(seed)
-    model = (model_cls or AutoModelForCausalLM).from_config(config)
+    model = (model_cls or hf_auto_class(config)).from_config(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, std)
-            elif "norm" in name or "ln" in name:
+            is_norm = any(k in name for k in ("norm", "ln_", "ln.", "layernorm"))
+            if p.dim() == 1 and is_norm and name.endswith("weight"):
                 p.normal_(1.0, 0.1)
             else:
                 p.normal_(0.0, std)
-    model.save_pretrained(str(out), safe_serialization=True)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(out), safe_serialization=True, **kw)
     return out
 
 
 def run_ours(model_dir: Path, prompts: list[list[int]], max_new_tokens: int, **engine_kw):
     """All prompts batched together in one engine; returns (tokens, logits) per prompt,
-    logits as [steps, vocab] fp32."""
+    logits as [steps, vocab] fp32. Encoder-decoder models: prompts feed the encoder."""
     engine = build_engine(EngineConfig(model_dir=Path(model_dir), **engine_kw))
+    return run_engine(engine, prompts, max_new_tokens)
+
+
+def run_engine(engine, prompts: list[list[int]], max_new_tokens: int):
     logits: dict[str, list[torch.Tensor]] = {}
     done: dict[str, list[int]] = {}
     engine.logits_hook = lambda seqs, lg: [logits.setdefault(s.request_id, []).append(lg[i].clone())
                                            for i, s in enumerate(seqs)]
     seqs = []
     for i, p in enumerate(prompts):
-        seq = Sequence(f"r{i}", list(p), Sampling(max_new_tokens=max_new_tokens),
-                       emit=lambda t, lp, fin, err, i=i: done.__setitem__(f"r{i}", True) if fin else None)
+        seq = engine.new_sequence(f"r{i}", list(p), Sampling(max_new_tokens=max_new_tokens),
+                                  emit=lambda t, lp, fin, err, i=i: done.__setitem__(f"r{i}", True) if fin else None)
         seqs.append(seq)
         engine.add(seq)
     while len(done) < len(prompts):
@@ -52,15 +64,18 @@ def run_ours(model_dir: Path, prompts: list[list[int]], max_new_tokens: int, **e
 
 def run_hf(model_dir: Path, prompts: list[list[int]], max_new_tokens: int):
     """transformers greedy generate, one prompt at a time (no padding effects)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    auto = hf_auto_class(AutoConfig.from_pretrained(str(model_dir)))
+    model = auto.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
+    enc_dec = bool(model.config.is_encoder_decoder)
     toks, logits = [], []
     for p in prompts:
         out = model.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                              do_sample=False, output_logits=True, return_dict_in_generate=True,
                              pad_token_id=0, eos_token_id=None)
-        toks.append(out.sequences[0, len(p):].tolist())
+        # encoder-decoder: sequences = [decoder_start, generated...]
+        toks.append(out.sequences[0, 1 if enc_dec else len(p):].tolist())
         logits.append(torch.stack([s[0].float() for s in out.logits]))
     return toks, logits

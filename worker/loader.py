@@ -81,7 +81,11 @@ def map_name(model: nn.Module, name: str) -> tuple[str, object] | None:
 
 
 def expected_shards(model: nn.Module, param_name: str, param) -> set:
-    """Shard ids a parameter must receive to be complete."""
+    """Shard ids a parameter must receive to be complete (a parameter may state its own
+    `required_shards`, e.g. an LM head filled from the embedding unless the checkpoint has one)."""
+    required = getattr(param, "required_shards", None)
+    if required is not None:
+        return set(required)
     ids = {shard for _, (ours, shard) in getattr(model, "packed_modules", {}).items()
            if param_name.endswith(f".{ours}.weight") or param_name.endswith(f".{ours}.bias")}
     return ids or {None}
@@ -108,34 +112,35 @@ def load_weights(model: nn.Module, model_dir: Path, sink=None) -> int:
             mapped = map_name(model, name)
             if mapped is None:
                 continue
-            target, shard = mapped
-            if elsewhere and target.startswith(elsewhere):
-                continue
-            if target not in params:
-                if tied and target == "lm_head.weight":
-                    continue  # tied to the embedding; the duplicate is redundant
-                unused.append(name)
-                continue
-            param = params[target]
-            loader = getattr(param, "weight_loader", None)
-            if loader is None:
-                errors.append(f"{target}: parameter has no weight_loader")
-                continue
-            dest = param
-            if sink is not None:
-                dest = buffers.get(target)
-                if dest is None:
-                    dest = buffers[target] = nn.Parameter(torch.zeros(param.shape, dtype=param.dtype),
-                                                          requires_grad=False)
-            dest.ckpt_name = name
-            try:
-                loader(dest, tensor, shard)
-            except (ValueError, RuntimeError) as e:
-                errors.append(f"{name} -> {target}: {e}")
-                continue
-            received[target].add(shard)
-            if sink is not None and expected_shards(model, target, param) <= received[target]:
-                sink(target, buffers.pop(target).data)
+            # a mapping may fan one tensor out to several parameters: [(target, shard), ...]
+            for target, shard in (mapped if isinstance(mapped, list) else [mapped]):
+                if elsewhere and target.startswith(elsewhere):
+                    continue
+                if target not in params:
+                    if tied and target == "lm_head.weight":
+                        continue  # tied to the embedding; the duplicate is redundant
+                    unused.append(name)
+                    continue
+                param = params[target]
+                loader = getattr(param, "weight_loader", None)
+                if loader is None:
+                    errors.append(f"{target}: parameter has no weight_loader")
+                    continue
+                dest = param
+                if sink is not None:
+                    dest = buffers.get(target)
+                    if dest is None:
+                        dest = buffers[target] = nn.Parameter(torch.zeros(param.shape, dtype=param.dtype),
+                                                              requires_grad=False)
+                dest.ckpt_name = name
+                try:
+                    loader(dest, tensor, shard)
+                except (ValueError, RuntimeError) as e:
+                    errors.append(f"{name} -> {target}: {e}")
+                    continue
+                received[target].add(shard)
+                if sink is not None and expected_shards(model, target, param) <= received[target]:
+                    sink(target, buffers.pop(target).data)
     missing = [n for n, got in received.items() if not expected_shards(model, n, params[n]) <= got]
     if missing or unused or errors:
         parts = []

@@ -11,7 +11,7 @@ import grpc
 from shardserve.v1 import worker_pb2 as pb
 from shardserve.v1 import worker_pb2_grpc as pb_grpc
 from worker.engine.engine import Engine
-from worker.engine.sequence import Finish, Sampling, Sequence
+from worker.engine.sequence import Finish, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,14 @@ class WorkerService(pb_grpc.WorkerServicer):
         bad = [t for t in request.prompt_token_ids if t >= vocab]
         if bad:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt_token_ids: ids {bad[:5]} >= vocab_size {vocab}")
+        limit = self.engine.max_model_len
+        if self.engine.encoder_decoder and len(request.prompt_token_ids) > limit:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"prompt ({len(request.prompt_token_ids)} tokens) exceeds the encoder's limit of {limit}")
         out: queue.SimpleQueue = queue.SimpleQueue()
-        seq = Sequence(request.request_id, list(request.prompt_token_ids), sampling_from_pb(request.sampling),
-                       emit=lambda toks, lps, fin, err: out.put((toks, lps, fin, err)))
+        seq = self.engine.new_sequence(request.request_id, list(request.prompt_token_ids),
+                                       sampling_from_pb(request.sampling),
+                                       emit=lambda toks, lps, fin, err: out.put((toks, lps, fin, err)))
         arrival = time.monotonic()
         context.add_callback(lambda: self.engine.abort(request.request_id))
         self.engine.add(seq)
@@ -71,7 +76,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             if seq.sampling.return_log_probs:
                 msg.log_probs.extend(lps)
             if first:
-                msg.prompt_tokens = seq.num_prompt
+                msg.prompt_tokens = seq.num_input_tokens
                 msg.queue_seconds = max(0.0, (seq.first_scheduled or arrival) - arrival)
                 first = False
             if fin is not None:

@@ -50,3 +50,9 @@ def test_invalid_values_name_the_parameter(params, needle):
     with pytest.raises(RequestError) as e:
         resolved(**params)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.message
+
+
+def test_beams_refused_for_encoder_decoder_models():
+    with pytest.raises(RequestError, match="encoder-decoder") as e:
+        resolve(parameters_from_dict({"num_beams": 2}), encoder_decoder=True, **KW)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT

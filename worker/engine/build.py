@@ -9,9 +9,9 @@ import torch
 
 from worker.distributed import get_parallel_state
 from worker.engine.engine import Engine, EngineConfig
-from worker.engine.sequence import Sampling, Sequence
+from worker.engine.sequence import Sampling
 from worker.loader import load_config, load_partition, load_weights
-from worker.models.registry import model_class
+from worker.models.registry import max_positions, model_class
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def build_engine(config: EngineConfig) -> Engine:
     model.eval()
     param_bytes = load_rank_weights(model, config.model_dir)
     phases["load"] = time.monotonic() - t0
-    max_len = config.max_model_len or int(model_config.max_position_embeddings)
+    max_len = config.max_model_len or max_positions(model_config)
     per_block = kv_bytes_per_block(model, config.block_size, dtype)
     blocks_for_one = -(-max_len // config.block_size)
     if config.num_kv_blocks:
@@ -81,8 +81,8 @@ def load_rank_weights(model, model_dir) -> int:
 def warm_up(engine: Engine) -> None:
     """Run one short request through the whole step path so the first client is not the test."""
     done = []
-    seq = Sequence("warmup", list(range(1, 9)), Sampling(max_new_tokens=2),
-                   emit=lambda toks, lps, fin, err: done.append((fin, err)) if fin else None)
+    seq = engine.new_sequence("warmup", list(range(1, 9)), Sampling(max_new_tokens=2),
+                              emit=lambda toks, lps, fin, err: done.append((fin, err)) if fin else None)
     engine.add(seq)
     while not done:
         engine.step()

@@ -21,7 +21,8 @@ from worker.engine.block_manager import BlockManager
 from worker.engine.runner import ModelRunner, build_plan
 from worker.engine.sampler import sample
 from worker.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from worker.engine.sequence import Finish, Sequence
+from worker.engine.sequence import Finish, Sampling, Sequence
+from worker.models.registry import max_positions
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Engine:
         self.model = model
         self.model_config = model_config
         self.config = config
-        self.max_model_len = config.max_model_len or int(model_config.max_position_embeddings)
+        self.max_model_len = config.max_model_len or max_positions(model_config)
         self.runner = ModelRunner(model, config.block_size, torch.device(config.device))
         self.kv_cache_bytes = self.runner.allocate_kv_cache(num_kv_blocks, config.torch_dtype)
         self.blocks = BlockManager(num_kv_blocks, config.block_size)
@@ -76,6 +77,21 @@ class Engine:
         self.stats = EngineStats(kv_blocks_total=num_kv_blocks)
         # tests: called with (sampled sequences, their logits [S, vocab]) every step
         self.logits_hook = None
+        # encoder-decoder models: prompts feed the encoder, the decoder starts from this token
+        self.encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
+        self.decoder_start_token_id = getattr(model_config, "decoder_start_token_id", None)
+        if self.encoder_decoder and self.decoder_start_token_id is None:
+            self.decoder_start_token_id = model_config.pad_token_id  # T5's convention
+        self.next_cross_slot = 0
+        self.cross_free: list[int] = []  # slots of finished requests, freed at the next step
+
+    def new_sequence(self, request_id: str, prompt: list[int], sampling: Sampling, emit=None) -> Sequence:
+        """A request as the engine runs it (any thread). Encoder-decoder: the prompt is the
+        encoder's input and the decoder starts from decoder_start_token_id."""
+        kw = {} if emit is None else {"emit": emit}
+        if not self.encoder_decoder:
+            return Sequence(request_id, list(prompt), sampling, **kw)
+        return Sequence(request_id, [int(self.decoder_start_token_id)], sampling, encoder_ids=list(prompt), **kw)
 
     # ---- called from other threads -------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -97,8 +113,11 @@ class Engine:
                 if arg.sampling.seed is not None and not arg.sampling.greedy:
                     arg.generator = torch.Generator().manual_seed(int(arg.sampling.seed))
                 self.seqs[arg.request_id] = arg
+                if arg.encoder_ids is not None:
+                    arg.cross_slot = self.next_cross_slot
+                    self.next_cross_slot += 1
                 self.scheduler.add(arg)
-                self.stats.prompt_tokens_total += arg.num_prompt
+                self.stats.prompt_tokens_total += arg.num_input_tokens
             elif op == "abort":
                 seq = self.seqs.get(arg)
                 if seq is not None:
@@ -107,6 +126,8 @@ class Engine:
     def _finish(self, seq: Sequence, reason: Finish, new: list[int] = (), lps: list[float] = (), error: str = ""):
         self.scheduler.finish(seq, reason)
         self.seqs.pop(seq.request_id, None)
+        if seq.cross_slot >= 0:
+            self.cross_free.append(seq.cross_slot)
         seq.emit(list(new), list(lps), reason, error)
 
     def step(self) -> bool:
@@ -116,7 +137,11 @@ class Engine:
         if not batch.seqs:
             return False
         try:
-            logits = self.runner.run(build_plan(batch, self.config.block_size))
+            plan = build_plan(batch, self.config.block_size, self.cross_free)
+            self.cross_free = []
+            logits = self.runner.run(plan)
+            for seq in batch.seqs:
+                seq.encoded = True
             self._update(batch, logits)
         except Exception as e:  # a failing step fails its requests, never the worker
             log.error("engine step failed: %s\n%s", e, traceback.format_exc())

@@ -69,10 +69,20 @@ class Sequence:
     generator: torch.Generator | None = None
     cum_log_prob: float = 0.0
     beam: object | None = None  # worker.engine.beam.BeamGroup this sequence is a beam of (or whose handle it is)
+    # encoder-decoder models: the prompt feeds the encoder (token_ids starts with the decoder
+    # start token); cross_slot names the request's cross-attention state in the model runner
+    encoder_ids: list[int] | None = None
+    cross_slot: int = -1
+    encoded: bool = False
 
     def __post_init__(self):
         if not self.num_prompt:
             self.num_prompt = len(self.token_ids)
+
+    @property
+    def num_input_tokens(self) -> int:
+        """Prompt tokens as the client sent them (the encoder's input for encoder-decoder models)."""
+        return len(self.encoder_ids) if self.encoder_ids is not None else self.num_prompt
 
     @property
     def num_generated(self) -> int:

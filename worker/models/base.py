@@ -1,6 +1,6 @@
 """What every decoder-only model provides, so that the runner (and pipeline stages) can drive it.
 
-A model is: `embed(input_ids) -> [T, hidden]`, `layers` (a ModuleList; each layer maps
+A model is: `embed(input_ids, positions) -> [T, hidden]`, `layers` (a ModuleList; each layer maps
 (positions [T], x [T, hidden]) -> x), `final_norm(x)`, `compute_logits(h [B, hidden]) -> [B, vocab]`
 and `attention_layers()`. Layers outside this rank's pipeline stage are `StageMissing` placeholders
 (see `make_layers`), so a stage holds only its own weights.
@@ -42,7 +42,8 @@ class DecoderModel(nn.Module):
 
     layers: nn.ModuleList
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        # positions [T] are needed by models with learned absolute positions (GPT-2, OPT)
         raise NotImplementedError
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +51,7 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden [T, hidden]
-        x = self.embed(input_ids)
+        x = self.embed(input_ids, positions)
         for layer in self.layers:
             x = layer(positions, x)
         return self.final_norm(x)
@@ -59,4 +60,20 @@ class DecoderModel(nn.Module):
         return self.lm_head(hidden).float()
 
     def attention_layers(self) -> list:
-        return [m for m in self.modules() if m.__class__.__name__ == "PagedAttention"]
+        from worker.layers.attention import PagedAttention
+
+        return [m for m in self.modules() if isinstance(m, PagedAttention)]
+
+
+def map_with_prefix(model: nn.Module, name: str, prefix: str, ignored: tuple[str, ...] = ()) -> tuple | None:
+    """The usual checkpoint-name mapping: names without the model's prefix (older hub files, e.g.
+    'h.0.attn...' for GPT-2) get it; deliberately unused buffers (`ignored` suffixes) map to None;
+    separate q/k/v (or gate/up) tensors map to their packed parameter via `model.packed_modules`."""
+    if any(name.endswith(s) for s in ignored):
+        return None
+    if not name.startswith(prefix) and not name.startswith("lm_head."):
+        name = prefix + name
+    for ckpt, (ours, shard) in getattr(model, "packed_modules", {}).items():
+        if f".{ckpt}." in name:
+            return name.replace(f".{ckpt}.", f".{ours}."), shard
+    return name, None

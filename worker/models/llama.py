@@ -28,9 +28,14 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = self.qkv_proj.local_kv_heads
         inv_freq, scaling = rope_inv_freq(config, self.head_dim)
         self.rotary = RotaryEmbedding(inv_freq, scaling, neox_style=True)
+        # Mistral: every layer slides; Qwen2: `layer_types` says which layers do (those from
+        # max_window_layers on, and only with use_sliding_window; the config clears the window otherwise)
         window = getattr(config, "sliding_window", None)
         if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
             window = None
+        layer_types = getattr(config, "layer_types", None)
+        if window is not None and layer_types is not None:
+            window = window if layer_types[layer_idx] == "sliding_attention" else None
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, sliding_window=window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +106,7 @@ class LlamaForCausalLM(DecoderModel):
         if self.tied:
             self.lm_head.tie(self.model.embed_tokens)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:

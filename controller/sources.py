@@ -1,0 +1,305 @@
+"""One resolver from "where the model is" to a local folder holding config.json, weights and tokenizer.
+
+Accepted sources (ACCEPTED_FORMS):
+  s3://bucket/prefix/             downloaded (verified, resumable) to CACHE/s3/<bucket>/<prefix>
+  /a/local/folder, file:///a/b     used in place
+  nothing ("" or None)             /opt/ml/model, SageMaker's model folder, when it exists
+  .../models--org--name[/snapshots/<rev>], or org/name
+                                   a Hugging Face cache folder, or a hub id looked up in the local cache
+                                   (HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub); never the network
+  .../serving.properties, or a folder holding one
+                                   its option.s3url or option.model_id is resolved as above; without
+                                   either, the properties file's own folder is the model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from controller.download import DEFAULT_PATTERNS, download_s3, parse_s3_url, unsafe_reason
+
+logger = logging.getLogger(__name__)
+
+SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
+PROPERTIES_NAME = "serving.properties"
+ACCEPTED_FORMS = (
+    "s3://bucket/prefix/, a local model folder (or file:///path), a serving.properties file or a folder "
+    "with one (option.s3url / option.model_id), a Hugging Face cache folder (models--org--name) or a hub "
+    "id already in the local Hugging Face cache, or nothing for /opt/ml/model"
+)
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_HUB_ID = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?")
+_MAX_HOPS = 4  # serving.properties pointing at serving.properties...
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    path: Path  # absolute local folder with config.json (and weights, tokenizer)
+    kind: str  # "local" | "s3" | "sagemaker" | "hf-cache"
+    origin: str  # what it was resolved from, after following serving.properties (e.g. the s3:// URL)
+    download_seconds: float = 0.0  # 0 unless kind == "s3"
+    downloaded_bytes: int = 0  # bytes fetched this time (0 when the cache was already complete)
+    files_fetched: int = 0
+    files_skipped: int = 0  # already in the cache and verified
+    properties_file: Path | None = None  # the serving.properties that was followed, if any
+
+
+@dataclass(frozen=True)
+class _Options:
+    cache_dir: Path
+    endpoint_url: str | None
+    concurrency: int
+    progress: object
+    include: tuple[str, ...]
+    sagemaker_dir: Path
+    hf_cache: Path | None
+
+
+def resolve_model_source(
+    src: str | os.PathLike | None,
+    cache_dir: str | os.PathLike,
+    *,
+    endpoint_url: str | None = None,
+    concurrency: int | None = None,
+    progress=None,
+    include: Sequence[str] = DEFAULT_PATTERNS,
+    sagemaker_dir: str | os.PathLike = SAGEMAKER_MODEL_DIR,
+    hf_cache: str | os.PathLike | None = None,
+) -> ResolvedSource:
+    """Turn `src` into a local model folder, downloading from S3 into `cache_dir` when needed.
+
+    Raises ValueError for an unknown scheme or a folder that is not a model (message names the accepted
+    forms), FileNotFoundError (with the path) for a local path or cached hub id that isn't there, and
+    controller.download.DownloadError when S3 fails. `progress`: None/True = bar on a terminal, log lines
+    otherwise; False = silent; a callable gets (done_bytes, total_bytes).
+    """
+    opts = _Options(
+        cache_dir=Path(cache_dir),
+        endpoint_url=endpoint_url,
+        concurrency=concurrency or 16,
+        progress=True if progress is None else progress,
+        include=tuple(include),
+        sagemaker_dir=Path(sagemaker_dir),
+        hf_cache=Path(hf_cache) if hf_cache else None,
+    )
+    return _resolve(None if src is None else str(src), opts, hops=0)
+
+
+def _resolve(src: str | None, opts: _Options, hops: int) -> ResolvedSource:
+    if hops > _MAX_HOPS:
+        raise ValueError(f"serving.properties files point at each other more than {_MAX_HOPS} times")
+    src = (src or "").strip()
+    if not src:
+        if opts.sagemaker_dir.is_dir():
+            return _from_folder(opts.sagemaker_dir, opts, hops)
+        raise ValueError(
+            f"no model source given and {opts.sagemaker_dir} does not exist; give one of: {ACCEPTED_FORMS}"
+        )
+    m = _SCHEME.match(src)
+    if m:
+        scheme = m.group(1).lower()
+        if scheme == "s3":
+            return _from_s3(src, opts)
+        if scheme != "file":
+            raise ValueError(
+                f"unsupported source scheme '{scheme}://' in {src!r}; accepted: {ACCEPTED_FORMS}"
+            )
+        src = urllib.parse.unquote(urllib.parse.urlsplit(src).path)
+    path = Path(src).expanduser()
+    if path.is_file():
+        return _from_properties_file(path, opts, hops)
+    if path.is_dir():
+        return _from_folder(path, opts, hops)
+    if _HUB_ID.fullmatch(src) and not set(src.split("/")) & {".", ".."}:
+        root = opts.hf_cache or hf_cache_root()
+        folder = root / ("models--" + src.replace("/", "--"))
+        if folder.is_dir():
+            return _hf(folder, src)
+        raise FileNotFoundError(
+            f"model source {src!r}: no such local folder ({path.absolute()}), and not in the Hugging Face "
+            f"cache ({folder} is missing); fetching from the Hub is not supported (offline)"
+        )
+    raise FileNotFoundError(f"model source {path.absolute()} does not exist")
+
+
+def _from_s3(url: str, opts: _Options) -> ResolvedSource:
+    dest = s3_cache_path(opts.cache_dir, url)
+    result = download_s3(
+        url,
+        dest,
+        endpoint_url=opts.endpoint_url,
+        concurrency=opts.concurrency,
+        include=opts.include,
+        progress=opts.progress,
+    )
+    _require_config(dest, url)
+    return ResolvedSource(
+        path=dest.absolute(),
+        kind="s3",
+        origin=result.url,
+        download_seconds=result.seconds,
+        downloaded_bytes=result.bytes,
+        files_fetched=result.files_fetched,
+        files_skipped=result.files_skipped,
+    )
+
+
+def _from_properties_file(path: Path, opts: _Options, hops: int) -> ResolvedSource:
+    if path.name != PROPERTIES_NAME and path.suffix != ".properties":
+        raise ValueError(f"{path} is a file; give a model folder or a serving.properties ({ACCEPTED_FORMS})")
+    target = properties_target(path)
+    if target is None:  # DJLServing: the folder holding serving.properties is the model
+        return _from_folder(path.parent, opts, hops, skip_properties=True)
+    resolved = _resolve(target, opts, hops + 1)
+    return dataclasses.replace(resolved, properties_file=path.absolute())
+
+
+def _from_folder(path: Path, opts: _Options, hops: int, skip_properties: bool = False) -> ResolvedSource:
+    props = path / PROPERTIES_NAME
+    if not skip_properties and props.is_file():
+        target = properties_target(props)
+        if target is not None and not _same_folder(target, path):
+            return _from_properties_file(props, opts, hops)
+    if hf_snapshot(path, required=False) is not None:
+        return _hf(path, str(path))
+    _require_config(path, str(path))
+    sagemaker = path.absolute() == opts.sagemaker_dir.absolute()
+    return ResolvedSource(
+        path=path.absolute(),
+        kind="sagemaker" if sagemaker else "local",
+        origin=str(path),
+        properties_file=props.absolute() if props.is_file() else None,
+    )
+
+
+def _hf(folder: Path, origin: str) -> ResolvedSource:
+    snapshot = hf_snapshot(folder, required=True)
+    _require_config(snapshot, origin)
+    return ResolvedSource(path=snapshot.absolute(), kind="hf-cache", origin=origin)
+
+
+def _require_config(folder: Path, origin: str) -> None:
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"{origin} is not a model folder: {folder / 'config.json'} is missing "
+            f"(a model needs config.json, weights and tokenizer files; accepted sources: {ACCEPTED_FORMS})"
+        )
+
+
+def _same_folder(target: str, folder: Path) -> bool:
+    if _SCHEME.match(target):
+        return False
+    p = Path(target).expanduser()
+    p = p if p.is_absolute() else folder / p
+    return p.exists() and p.resolve() == folder.resolve()
+
+
+# ---- serving.properties ---------------------------------------------------------------------------
+
+
+def read_properties(path: str | os.PathLike) -> dict[str, str]:
+    """Java .properties: `key=value` or `key: value`, `#`/`!` comments, `\\` line continuation."""
+    out: dict[str, str] = {}
+    pending = ""
+    for raw in Path(path).read_text(encoding="utf-8").splitlines():
+        line = pending + raw.strip() if pending else raw.strip()
+        pending = ""
+        if not line or line[0] in "#!":
+            continue
+        if line.endswith("\\") and not line.endswith("\\\\"):
+            pending = line[:-1]
+            continue
+        m = re.match(r"([^=:\s]+)\s*[=:\s]\s*(.*)", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+        else:
+            out[line] = ""
+    return out
+
+
+def properties_target(path: str | os.PathLike) -> str | None:
+    """The model a serving.properties points at (option.s3url, else option.model_id), or None.
+
+    A relative local model_id is taken relative to the properties file's folder when that exists.
+    """
+    path = Path(path)
+    props = read_properties(path)
+    target = props.get("option.s3url") or props.get("option.model_id")
+    if not target:
+        return None
+    if not _SCHEME.match(target) and not Path(target).expanduser().is_absolute():
+        candidate = path.parent / target
+        if candidate.exists():
+            return str(candidate)
+    return target
+
+
+def s3_url_from_properties(src: str | os.PathLike) -> str:
+    """The s3:// URL named by a serving.properties (or a folder holding one): for `shardserve download`."""
+    path = Path(src)
+    file = path / PROPERTIES_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{src}: not an s3:// URL, and no serving.properties at {file}")
+    target = properties_target(file)
+    if not target or not target.startswith("s3://"):
+        raise ValueError(f"{file} names no s3:// model (option.s3url / option.model_id): {target!r}")
+    return target
+
+
+# ---- S3 cache and Hugging Face cache ----------------------------------------------------------------
+
+
+def s3_cache_path(cache_dir: str | os.PathLike, url: str) -> Path:
+    """CACHE/s3/<bucket>/<prefix parts>: where an S3 model is kept between runs."""
+    u = parse_s3_url(url)
+    parts = [p for p in u.prefix.split("/") if p]
+    bad = [p for p in parts if unsafe_reason(p)]
+    if bad:
+        raise ValueError(
+            f"refusing {url!r} as a cache folder: prefix part {bad[0]!r} is not a safe folder name"
+        )
+    return Path(cache_dir).joinpath("s3", u.bucket, *parts)
+
+
+def hf_cache_root() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
+def hf_snapshot(folder: Path, required: bool) -> Path | None:
+    """The snapshot folder for a Hugging Face cache entry (`models--org--name`) or a snapshot inside one.
+
+    The revision refs/main points at wins; else the only snapshot; else the newest. None (or
+    FileNotFoundError when `required`) when `folder` is not such a cache folder.
+    """
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder
+    snapshots = folder / "snapshots"
+    if not folder.name.startswith("models--") or not snapshots.is_dir():
+        if required:
+            raise FileNotFoundError(f"{folder} is not a Hugging Face cache folder (no snapshots/)")
+        return None
+    ref = folder / "refs" / "main"
+    if ref.is_file():
+        revision = ref.read_text().strip()
+        if revision and (snapshots / revision).is_dir() and not unsafe_reason(revision):
+            return snapshots / revision
+    found = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"{folder} has no snapshot in {snapshots}")
+    if len(found) > 1:
+        logger.warning(
+            "%s: refs/main missing; using the newest of %d snapshots, %s", folder, len(found), found[-1].name
+        )
+    return found[-1]

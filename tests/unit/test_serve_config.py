@@ -1,0 +1,120 @@
+"""`shardserve serve` settings: flags > environment > serving.properties > defaults, strict keys, TLS and
+admin-token checks, SageMaker's model folder. Pure functions; no server is started."""
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+
+from controller import serve
+from controller.cli import build_parser, main
+from controller.properties import PropertiesError
+from controller.replica import ReplicaSpec
+
+
+@pytest.fixture
+def env(tmp_path):
+    """An environment with no LMI variables and a SageMaker model folder that does not exist."""
+    return {"PATH": "/usr/bin", serve.SAGEMAKER_MODEL_DIR_ENV: str(tmp_path / "no-such-opt-ml-model")}
+
+
+def settings(argv, env):
+    return serve.settings_from_args(build_parser().parse_args(["serve", *argv]), env)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_serve_the_demo_model_with_our_batch_limits(env):
+    s = settings([], env)
+    assert s.source is None and s.name == "demo" and s.replicas == 1
+    assert s.layout.tensor_parallel == 1 and s.layout.resolved_dtype == "fp32" and s.layout.device == "cpu"
+    assert s.spec.max_batch_size == serve.DEFAULT_MAX_BATCH_SIZE
+    assert s.server.max_queued_requests == serve.DEFAULT_MAX_QUEUED_REQUESTS
+    assert s.server.admin_token is None and s.server.tls_cert is None
+
+
+def test_properties_file_then_environment_then_flags(tmp_path, env, caplog):
+    props = write(tmp_path / "serving.properties", "\n".join([
+        "engine=FasterTransformer", "option.entryPoint=djl_python.fastertransformer",
+        f"option.model_id={tmp_path}", "option.dtype=fp16", "option.max_rolling_batch_size=4",
+        "job_queue_size=9", "option.tensor_parallel_degree=1"]))
+    with caplog.at_level(logging.INFO):
+        s = settings(["--properties", str(props)], env)
+    assert "engine=FasterTransformer accepted" in caplog.text
+    assert (s.source, s.layout.dtype, s.spec.max_batch_size, s.server.max_queued_requests) == (str(tmp_path), "fp16", 4, 9)
+    assert s.name == tmp_path.name
+    env = {**env, "OPTION_DTYPE": "bf16", "MAX_BATCH_SIZE": "6"}
+    s = settings(["--properties", str(props)], env)
+    assert (s.layout.dtype, s.spec.max_batch_size) == ("bf16", 6)  # environment over the file
+    s = settings(["--properties", str(props), "--dtype", "fp32", "--max-batch-size", "2"], env)
+    assert (s.layout.dtype, s.spec.max_batch_size) == ("fp32", 2)  # flags over both
+    assert s.properties.sources["dtype"] == "flag dtype"
+
+
+def test_hf_model_id_from_the_environment_and_model_flag_over_it(tmp_path, env):
+    s = settings([], {**env, "HF_MODEL_ID": str(tmp_path)})
+    assert s.source == str(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    assert settings(["--model", str(other), "--name", "x"], {**env, "HF_MODEL_ID": str(tmp_path)}).source == str(other)
+
+
+def test_unknown_key_refuses_to_start_and_names_the_key(tmp_path, env, capsys, monkeypatch):
+    props = write(tmp_path / "serving.properties", "engine=MPI\noption.tensor_paralel_degree=2\n")
+    with pytest.raises(PropertiesError, match="option.tensor_paralel_degree"):
+        settings(["--properties", str(props)], env)
+    with pytest.raises(PropertiesError, match="OPTION_NOPE"):
+        settings([], {**env, "OPTION_NOPE": "1"})
+    monkeypatch.setenv(serve.SAGEMAKER_MODEL_DIR_ENV, env[serve.SAGEMAKER_MODEL_DIR_ENV])
+    assert main(["serve", "--properties", str(props), "--port", "1", "--http-port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error" in err and "option.tensor_paralel_degree" in err and "did you mean" in err
+
+
+def test_layouts_the_workers_cannot_run_are_refused_at_startup(env):
+    fields = {f.name for f in dataclasses.fields(ReplicaSpec)}
+    if "tensor_parallel" in fields:
+        assert settings([], {**env, "TENSOR_PARALLEL_DEGREE": "2"}).layout.tensor_parallel == 2
+    else:
+        with pytest.raises(serve.ConfigError, match="tensor_parallel=2"):
+            settings([], {**env, "TENSOR_PARALLEL_DEGREE": "2"})
+
+
+def test_admin_token_flag_over_environment_and_never_in_repr(env):
+    assert settings([], {**env, "SHARDSERVE_ADMIN_TOKEN": "from-env"}).server.admin_token == "from-env"
+    s = settings(["--admin-token", "from-flag"], {**env, "SHARDSERVE_ADMIN_TOKEN": "from-env"})
+    assert s.server.admin_token == "from-flag" and "from-flag" not in repr(s)
+    assert settings([], {**env, "SHARDSERVE_ADMIN_TOKEN": ""}).server.admin_token is None
+
+
+def test_tls_needs_both_files_and_they_must_exist(tmp_path, env):
+    cert = write(tmp_path / "c.pem", "x")
+    with pytest.raises(serve.ConfigError, match="go together"):
+        settings(["--tls-cert", str(cert)], env)
+    with pytest.raises(serve.ConfigError, match="--tls-key"):
+        settings(["--tls-cert", str(cert), "--tls-key", str(tmp_path / "missing.pem")], env)
+    s = settings(["--tls-cert", str(cert), "--tls-key", str(cert)], env)
+    assert s.server.tls_cert == cert
+
+
+def test_sagemaker_model_folder_is_the_default_model_and_its_properties_are_read(tmp_path, env):
+    sm = tmp_path / "opt-ml-model"
+    sm.mkdir()
+    write(sm / "config.json", "{}")
+    write(sm / "serving.properties", "engine=Python\noption.max_rolling_batch_size=3\n")
+    env = {**env, serve.SAGEMAKER_MODEL_DIR_ENV: str(sm)}
+    s = settings([], env)
+    assert s.source is None and s.name == "model" and s.spec.max_batch_size == 3
+    res = serve.resolve_model(None, tmp_path / "cache", env)
+    assert res.path == sm.absolute() and res.kind == "sagemaker"
+
+
+def test_resolve_model_refuses_what_is_not_a_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        serve.resolve_model(str(tmp_path / "nope"), tmp_path)
+    with pytest.raises(ValueError, match="config.json is missing"):
+        serve.resolve_model(str(tmp_path), tmp_path)
