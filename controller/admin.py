@@ -102,6 +102,8 @@ def detail(rec: ModelRecord) -> apb.ModelDetail:
                             kv_cache_bytes=k.kv_cache_bytes)
             if rec.download_seconds:  # the controller's phase, before the worker's own
                 d.load_phases.add(phase="download", seconds=rec.download_seconds)
+            if rec.partition_seconds:
+                d.load_phases.add(phase="partition", seconds=rec.partition_seconds)
             for p in r.status.load_phases:
                 d.load_phases.add(phase=p.phase, seconds=p.seconds)
     return out

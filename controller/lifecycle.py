@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 
 from controller.metrics import LOAD_PHASES
+from controller.model_source import prepare_resolved
 from controller.params import RequestError
 from controller.replica import Replica, ReplicaSpec
 from controller.router import ModelEntry, Router
@@ -117,6 +118,7 @@ class ModelRecord:
     error_code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION  # for callers that waited
     path: Path | None = None
     download_seconds: float = 0.0  # 0 unless the source was fetched (S3)
+    partition_seconds: float = 0.0  # 0 unless partitioned at this start (a cached partition costs 0)
     spec: ReplicaSpec | None = None
     entry: ModelEntry | None = None
     replicas: list[Replica] = field(default_factory=list)  # replaced, never mutated (readers iterate it)
@@ -158,10 +160,11 @@ class ModelManager:
     """Loads, scales, drains and unloads models; the admin servicer is a thin layer over it."""
 
     def __init__(self, router: ServingRouter, metrics, runtime_dir: Path, *,
-                 resolve: Callable, spec_for: Callable[[Path, Layout], ReplicaSpec],
+                 resolve: Callable, spec_for: Callable[[Path, Layout], ReplicaSpec], cache_dir: Path,
                  max_queued_requests: int = 256, grace_s: float = 30.0,
                  on_accepting: Callable[[bool], None] = lambda ok: None):
         self.router = router
+        self.cache_dir = Path(cache_dir)  # partitions made at load time are cached here
         self.metrics = metrics
         self.runtime_dir = runtime_dir
         # (source or None, progress(done, total)) -> sources.ResolvedSource; raises FileNotFoundError /
@@ -217,9 +220,15 @@ class ModelManager:
         try:
             rec.phase = "resolving the source"
             res = self.resolve(rec.source or None, progress)
-            path = rec.path = res.path
             rec.download_seconds = res.download_seconds
             self.metrics.add_download_bytes(rec.name, res.downloaded_bytes)
+            rec.phase = "partitioning (or reusing a cached partition)"
+            lay = rec.layout
+            prep = prepare_resolved(res, self.cache_dir, tp=lay.tensor_parallel, pp=lay.pipeline_parallel,
+                                    dtype=lay.resolved_dtype)
+            log.info("model %s: %s", rec.name, prep.log_line)
+            path = rec.path = prep.path
+            rec.partition_seconds = prep.phases.get("partition", 0.0)
             rec.phase = "reading the tokenizer"
             codec = Codec(path)
             spec = self.spec_for(path, rec.layout)
@@ -277,6 +286,8 @@ class ModelManager:
             return
         if rec.download_seconds:
             self.metrics.observe_load_phase(rec.name, r.name, "download", rec.download_seconds)
+        if rec.partition_seconds:
+            self.metrics.observe_load_phase(rec.name, r.name, "partition", rec.partition_seconds)
         for phase in r.status.load_phases:
             if phase.phase in LOAD_PHASES:
                 self.metrics.observe_load_phase(rec.name, r.name, phase.phase, phase.seconds)

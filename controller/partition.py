@@ -42,9 +42,9 @@ def read_manifest(path: Path) -> dict:
 def source_hash(src: Path) -> str:
     """Content hash of a model folder. Small files are hashed whole; weight files over 64 MiB by
     their size, safetensors header and 1 MiB samples at 16 offsets (a full read of a 350 GB
-    checkpoint would cost minutes for every start)."""
+    checkpoint would cost minutes for every start). Dotfiles (download state, locks) are not content."""
     h = hashlib.sha256()
-    for f in sorted(p for p in Path(src).iterdir() if p.is_file()):
+    for f in sorted(p for p in Path(src).iterdir() if p.is_file() and not p.name.startswith(".")):
         size = f.stat().st_size
         h.update(f"{f.name}\0{size}\0".encode())
         with open(f, "rb") as fh:
@@ -69,27 +69,33 @@ def partition(src: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "fp32
     try:
         procs = processes or max(1, min(world, os.cpu_count() or 1))
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        groups = [list(range(world))[i::procs] for i in range(min(procs, world))]  # ranks per process
 
-        def run_rank(rank: int) -> dict:
-            if procs == 1:  # in this process, one rank after another (no interpreter start-up per rank)
+        def run_group(group: list[int]) -> list[dict]:
+            if procs == 1:  # in this process, one rank after another (no interpreter start-up at all)
                 from worker.distributed import reset_parallel_state
                 from worker.partition_rank import partition_rank
 
-                try:
-                    return partition_rank(src, tmp / f"rank-{rank}.safetensors", tp, pp, rank, dtype)
-                finally:
-                    reset_parallel_state()
-            cmd = [sys.executable, "-m", "worker.partition_rank", str(src), str(tmp / f"rank-{rank}.safetensors"),
-                   "--tp", str(tp), "--pp", str(pp), "--rank", str(rank), "--dtype", dtype]
+                out = []
+                for rank in group:
+                    try:
+                        out.append(partition_rank(src, tmp / f"rank-{rank}.safetensors", tp, pp, rank, dtype))
+                    finally:
+                        reset_parallel_state()
+                return out
+            # one worker process writes several ranks: one interpreter start per process, not per rank
+            cmd = [sys.executable, "-m", "worker.partition_rank", str(src), str(tmp), "--tp", str(tp),
+                   "--pp", str(pp), "--dtype", dtype, *(x for r in group for x in ("--rank", str(r)))]
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if r.returncode:
-                raise RuntimeError(f"partitioning rank {rank} failed:\n{r.stderr[-4000:]}")
-            return json.loads(r.stdout.strip().splitlines()[-1])
+                raise RuntimeError(f"partitioning ranks {group} failed:\n{r.stderr[-4000:]}")
+            return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")][-len(group):]
 
-        with ThreadPoolExecutor(procs) as pool:
-            ranks = list(pool.map(run_rank, range(world)))
+        with ThreadPoolExecutor(len(groups)) as pool:
+            ranks = sorted((e for g in pool.map(run_group, groups) for e in g), key=lambda e: e["rank"])
         for f in src.iterdir():  # config, tokenizer and generation files travel with the partition
-            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != "model.safetensors.index.json":
+            if (f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith(".")
+                    and f.name != "model.safetensors.index.json"):
                 shutil.copy2(f, tmp / f.name)
         config = json.loads((src / "config.json").read_text())
         manifest = {
@@ -128,27 +134,51 @@ def ensure_partition(src: Path, cache_dir: Path, tp: int, pp: int, dtype: str,
     if is_partition(out):
         log.info("reusing cached partition %s", out)
         return out, True
-    log.info("no cached partition for %s (tp=%d pp=%d %s): partitioning into %s", src, tp, pp, dtype, out)
-    partition(src, out, tp, pp, dtype, processes)
+    from controller.download import exclusive_lock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out.parent / f".{key}.lock"):  # one partitioner per key; the others wait, then reuse
+        if is_partition(out):
+            log.info("reusing partition %s (made by another process meanwhile)", out)
+            return out, True
+        log.info("no cached partition for %s (tp=%d pp=%d %s): partitioning into %s", src, tp, pp, dtype, out)
+        partition(src, out, tp, pp, dtype, processes)
     return out, False
 
 
 def run(args) -> int:
-    m = partition(Path(args.src), Path(args.out), args.tp, args.pp, args.dtype, args.processes)
+    src = Path(args.src)
+    if "://" in args.src or not src.is_dir():  # s3://, serving.properties, a Hugging Face id: fetch first
+        from controller.serve import default_cache_dir
+        from controller.sources import resolve_model_source
+
+        cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        src = resolve_model_source(args.src, cache, endpoint_url=args.endpoint_url).path
+    m = partition(src, Path(args.out), args.tp, args.pp, args.dtype, args.processes)
     for r in m["ranks"]:
         print(f"rank {r['rank']} (tp {r['tp_rank']}, pp {r['pp_rank']}): {r['file']}, {r['bytes'] / 1e6:.1f} MB, "
               f"layers {r['layers'][0]}-{r['layers'][1] - 1}")
     print(f"manifest: {Path(args.out) / MANIFEST} ({m['partition_seconds']:.2f}s)")
+    if args.upload:
+        from controller.upload import upload_partition
+
+        up = upload_partition(Path(args.out), args.upload, endpoint_url=args.endpoint_url)
+        print(f"uploaded: {up.url} ({up.files} files, {up.bytes / 1e6:.1f} MB, {up.seconds:.2f}s); "
+              f"serve it with --model {up.url} --tp {args.tp} --pp {args.pp} --dtype {args.dtype}")
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("partition", help="partition a model ahead of time: one file per rank + manifest.json")
-    p.add_argument("src", help="a local Hugging Face model folder")
-    p.add_argument("--out", required=True)
+    p.add_argument("src", help="a model source: local folder, s3://bucket/prefix/, serving.properties, HF cache id")
+    p.add_argument("--out", required=True, help="the partition folder to write")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--processes", type=int, default=0,
                    help="ranks partitioned at once in worker processes (0 = min(world, cores); 1 = in this process)")
+    p.add_argument("--upload", default=None, metavar="S3_URL",
+                   help="then put the partition at s3://bucket/prefix/ (serving from there skips partitioning)")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS / AWS_ENDPOINT_URL)")
+    p.add_argument("--cache-dir", default=None, help="where a remote source is downloaded")
     p.set_defaults(func=lambda a: run(a))

@@ -195,6 +195,7 @@ class Controller:
         self.models = ModelManager(self.router, self.metrics, self.runtime_dir,
                                    resolve=lambda src, progress: resolve_model(src, cache_dir, progress=progress),
                                    spec_for=lambda path, layout: replica_spec(self.base_spec, path, layout),
+                                   cache_dir=cache_dir,
                                    max_queued_requests=config.max_queued_requests,
                                    grace_s=config.shutdown_grace_s, on_accepting=self._set_serving)
         self.server: grpc.Server | None = None

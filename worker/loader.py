@@ -155,7 +155,11 @@ def load_weights(model: nn.Module, model_dir: Path, sink=None) -> int:
 
 
 def load_partition(model: nn.Module, rank_file: Path) -> int:
-    """Fill `model` from its own rank file of a partition (names and shapes exactly ours)."""
+    """Fill `model` from its own rank file of a partition (names and shapes exactly ours).
+
+    On CPU, with the file's dtype equal to the parameter's, the parameter becomes a view of the
+    memory-mapped file (copy-on-write, pages read on first touch): no copy and no second resident
+    copy of the weights. Other devices or dtypes copy from the mapping."""
     params = dict(model.named_parameters())
     with safe_open(str(rank_file), framework="pt") as f:
         names = set(f.keys())
@@ -169,5 +173,8 @@ def load_partition(model: nn.Module, rank_file: Path) -> int:
             p = params[name]
             if tuple(t.shape) != tuple(p.shape):
                 raise WeightLoadError(f"{rank_file}: {name} has shape {list(t.shape)}, expected {list(p.shape)}")
-            p.data.copy_(t)
+            if p.device.type == "cpu" and t.dtype == p.dtype:
+                p.data = t  # a tied parameter is one object: every module using it sees the mapping
+            else:
+                p.data.copy_(t)
     return sum(p.numel() * p.element_size() for p in params.values())

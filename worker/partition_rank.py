@@ -1,9 +1,10 @@
 """Write one rank's partition file with the worker's own mapping and sharding code.
 
-`python -m worker.partition_rank SRC OUT_FILE --tp N --pp M --rank R --dtype D` builds the model
-for rank R on the meta device (no memory), streams the checkpoint through the same weight
+`python -m worker.partition_rank SRC OUT --tp N --pp M --rank R [--rank R2 ...] --dtype D` builds the
+model for rank R on the meta device (no memory), streams the checkpoint through the same weight
 loaders that serve runtime loading (each reads only this rank's slices), and writes each
-parameter into a safetensors file as soon as it is complete: peak memory is about one parameter.
+parameter into a safetensors file as soon as it is complete: peak memory is a few parameters, never
+the model (303M-parameter Llama, 1.21 GB: +138 MB over the imports; bench/startup.py).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class StreamingSafetensorsWriter:
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise ValueError(f"{name}: got {list(tensor.shape)} {tensor.dtype}, planned {list(shape)} {dtype}")
         self.f.seek(self.data_start + offset)
-        self.f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        self.f.write(tensor.contiguous().view(torch.uint8).numpy().data)  # from the buffer, no copy
         self.written.add(name)
 
     def close(self) -> None:
@@ -92,16 +93,24 @@ def partition_rank(src: Path, out_file: Path, tp: int, pp: int, rank: int, dtype
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="shardserve-partition-rank")
     p.add_argument("src", type=Path)
-    p.add_argument("out_file", type=Path)
+    p.add_argument("out", type=Path, help="the rank file (*.safetensors), or a folder for rank-<r>.safetensors")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--rank", type=int, action="append", help="repeat to write several ranks in this process")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     a = p.parse_args(argv)
-    entry = partition_rank(a.src, a.out_file, a.tp, a.pp, a.rank, a.dtype)
-    print(json.dumps(entry))
-    return 0
+    ranks = a.rank or [0]
+    if a.out.suffix == ".safetensors" and len(ranks) > 1:
+        p.error("several --rank need a folder as out")
+    from worker.distributed import reset_parallel_state
 
+    for rank in ranks:  # one interpreter start for all of them; one JSON line (manifest entry) each
+        out = a.out if a.out.suffix == ".safetensors" else a.out / f"rank-{rank}.safetensors"
+        try:
+            print(json.dumps(partition_rank(a.src, out, a.tp, a.pp, rank, a.dtype)), flush=True)
+        finally:
+            reset_parallel_state()
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -52,3 +52,34 @@ def test_cache_reuses_a_partition(llama_dir, tmp_path):
     assert reused and again == first
     other, reused = ensure_partition(llama_dir, tmp_path, 2, 1, "fp32", processes=1)
     assert not reused and other != first
+
+
+def test_rank_file_is_memory_mapped_not_copied(llama_dir, tmp_path):
+    """On CPU a worker's parameters are views of its own mapped rank file (no copy, no other rank's file)."""
+    from worker.engine.build import build_engine
+    from worker.engine.engine import EngineConfig
+
+    partition(llama_dir, tmp_path / "p", tp=1, pp=1, processes=1)
+    engine = build_engine(EngineConfig(model_dir=tmp_path / "p", num_kv_blocks=64))
+    rank_file = str((tmp_path / "p" / "rank-0.safetensors").resolve())
+    mapped = [line for line in open("/proc/self/maps") if line.rstrip().endswith(rank_file)]
+    assert mapped, "the rank file is not mapped"
+    spans = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in mapped]
+    params = list(engine.model.parameters())
+    inside = [p for p in params if any(lo <= p.data_ptr() < hi for lo, hi in spans)]
+    assert len(inside) == len(params)
+
+
+def test_scaled_rope_model_partitions(tmp_path):
+    """The model is built on the meta device while partitioning; scaled RoPE must still get real numbers."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 64},
+                      architectures=["LlamaForCausalLM"])
+    src = make_random_model(cfg, tmp_path / "m")
+    partition(src, tmp_path / "p", tp=1, pp=1, processes=1)
+    assert run_ours(tmp_path / "p", PROMPTS, 8)[0] == run_ours(src, PROMPTS, 8)[0]
