@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "controller.demo_model",
     "controller.admin_cli",
     "controller.partition",
+    "controller.bench",
     "controller.download",
 ]
 

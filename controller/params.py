@@ -4,13 +4,16 @@ the worker's fully resolved SamplingParams. Every error names the parameter and 
 Semantics (FasterTransformer defaults where a parameter is absent):
 - greedy unless sampling is asked for: do_sample=true, or top_k > 1 / top_k = 0 given, or top_p in (0, 1)
   given without top_k; FT's default top_k=1 means greedy, and temperature alone does not switch to sampling;
-- max_new_tokens defaults to FT's max_seq_len default, 200;
-- repetition_penalty and presence_penalty are exclusive (as in FT).
+- max_new_tokens defaults to FT's max_seq_len default, 200 (capped by the context);
+- repetition_penalty and presence_penalty are exclusive (as in FT);
+- random_seed defaults to FT's 0: an unseeded sampled request is reproducible, like FT's;
+- num_beams (FT beam_width) > 1 is beam search; len_penalty defaults to FT's 0.0 (HF's is 1.0: send
+  length_penalty=1.0 for HF results); sampling parameters are ignored by beam search (as in FT);
+- stop words / bad words: strings (encoded without special tokens) or lists of token-id lists
+  (FT's form); a flat list of ints is one token sequence.
 """
 
 from __future__ import annotations
-
-import os
 
 import grpc
 
@@ -18,6 +21,9 @@ from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import worker_pb2 as wpb
 
 DEFAULT_MAX_NEW_TOKENS = 200
+MAX_BEAMS = 16
+UINT32_MAX = (1 << 32) - 1
+UINT64_MAX = (1 << 64) - 1
 
 # user-facing name -> canonical proto field
 ALIASES = {
@@ -77,8 +83,9 @@ def _coerce(field, name: str, value):
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError
         v = int(value)
-        if v < 0:
-            raise invalid(f"parameter {name}: must be >= 0, got {v}")
+        top = UINT64_MAX if want == field.TYPE_UINT64 else UINT32_MAX
+        if v < 0 or v > top:
+            raise invalid(f"parameter {name}: {v} is out of range [0, {top}]")
         return v
     except (TypeError, ValueError):
         kind = {field.TYPE_BOOL: "a boolean", field.TYPE_FLOAT: "a number"}.get(want, "a non-negative integer")
@@ -96,8 +103,12 @@ def parameters_from_dict(params: dict) -> gpb.GenerationParameters:
         canonical = ALIASES.get(name)
         if canonical is None:
             raise invalid(f"unknown parameter {name!r}; known: {', '.join(sorted(ALIASES))}")
-        if canonical in ("stop", "bad_words") and isinstance(value, list) and value and all(
-                isinstance(v, list) for v in value):  # FT style: token-id lists
+        if canonical in ("stop", "bad_words") and isinstance(value, list) and any(
+                isinstance(v, (list, int)) and not isinstance(v, bool) for v in value):  # FT style: token ids
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                value = [value]  # one sequence
+            elif not all(isinstance(v, list) for v in value):
+                raise invalid(f"parameter {name}: expected strings or lists of token ids, got {value!r}")
             target = stop_ids if canonical == "stop" else bad_ids
             target.extend(_coerce(fields["stop_token_sequences"], name, value))
             continue
@@ -113,7 +124,7 @@ def parameters_from_dict(params: dict) -> gpb.GenerationParameters:
 
 
 def _range(name: str, value, lo, hi, lo_open=False) -> None:
-    if value < lo or value > hi or (lo_open and value == lo):
+    if not lo <= value <= hi or (lo_open and value == lo):  # NaN fails the chained comparison
         left = "(" if lo_open else "["
         raise invalid(f"parameter {name}: {value} is out of range {left}{lo}, {hi}]")
 
@@ -155,7 +166,7 @@ def resolve(p: gpb.GenerationParameters, *, prompt_tokens: int, max_model_len: i
         sampling = False
     rep = p.repetition_penalty if has("repetition_penalty") else 1.0
     _range("repetition_penalty", rep, 0.0, 100.0, lo_open=True)
-    if has("presence_penalty") and has("repetition_penalty") and rep != 1.0:
+    if has("presence_penalty") and has("repetition_penalty"):
         raise invalid("parameters repetition_penalty and presence_penalty are exclusive: set one of them")
     pres = p.presence_penalty if has("presence_penalty") else 0.0
     freq = p.frequency_penalty if has("frequency_penalty") else 0.0
@@ -165,16 +176,22 @@ def resolve(p: gpb.GenerationParameters, *, prompt_tokens: int, max_model_len: i
     if min_new > max_new:
         raise invalid(f"parameter min_new_tokens: {min_new} is larger than max_new_tokens {max_new}")
     beams = p.num_beams if has("num_beams") else 1
-    if beams < 1:
-        raise invalid(f"parameter num_beams: must be >= 1, got {beams}")
+    _range("num_beams", beams, 1, MAX_BEAMS)
+    length_penalty = p.length_penalty if has("length_penalty") else 0.0
+    _range("length_penalty", length_penalty, -10.0, 10.0)
+    diversity = p.beam_search_diversity_rate
+    _range("beam_search_diversity_rate", diversity, 0.0, 100.0)
+    if beams > 1 and encoder_decoder:
+        raise invalid("parameter num_beams: beam search is not available for encoder-decoder models yet; "
+                      "use num_beams=1")
     if beams > 1:
-        raise RequestError(grpc.StatusCode.UNIMPLEMENTED, "parameter num_beams > 1: beam search is not available yet")
+        sampling = False  # beam search is deterministic (FT ignores top_k/top_p with beam_width > 1)
     for name in ("stop_token_sequences", "bad_word_token_sequences"):
         for seq in getattr(p, name):
             bad = [t for t in seq.token_ids if t >= vocab_size]
             if bad or not seq.token_ids:
                 raise invalid(f"parameter {name}: token ids must be non-empty and < vocab_size {vocab_size}")
-    seed = p.seed if has("seed") else int.from_bytes(os.urandom(8), "little") >> 1
+    seed = p.seed if has("seed") else 0
     out = wpb.SamplingParams(
         max_new_tokens=max_new,
         temperature=temperature if sampling else 0.0,
@@ -186,8 +203,8 @@ def resolve(p: gpb.GenerationParameters, *, prompt_tokens: int, max_model_len: i
         frequency_penalty=freq,
         min_new_tokens=min_new,
         num_beams=beams,
-        length_penalty=p.length_penalty if has("length_penalty") else 1.0,
-        beam_search_diversity_rate=p.beam_search_diversity_rate,
+        length_penalty=length_penalty,
+        beam_search_diversity_rate=diversity,
         return_log_probs=p.return_log_probs or p.return_cum_log_probs,
     )
     if not p.ignore_eos:

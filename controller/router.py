@@ -57,9 +57,19 @@ class Router:
 
     @contextmanager
     def admit(self, entry: ModelEntry, n: int = 1):
-        """Hold n admission slots of `entry` for the duration of a request."""
+        """Hold n admission slots of `entry` for the duration of a request (one per prompt).
+
+        Never blocks: a request beyond `capacity` (what the replicas' batches hold plus
+        max_queued_requests, DJLServing's job_queue_size) is refused at once with RESOURCE_EXHAUSTED.
+        The slot is released when the request ends for any reason (done, error, client cancel or
+        deadline: the worker call is cancelled too and the engine frees its batch row and KV blocks
+        at its next step)."""
         if not self.accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        if n > entry.capacity:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"field prompts: {n} prompts in one request, more than model {entry.name} admits at "
+                               f"once ({entry.capacity}); send fewer per request")
         with entry.lock:
             if entry.in_flight + n > entry.capacity:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,

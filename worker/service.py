@@ -40,6 +40,9 @@ def sampling_from_pb(p: pb.SamplingParams) -> Sampling:
         stop_token_sequences=seqs(p.stop_token_sequences),
         bad_word_token_sequences=seqs(p.bad_word_token_sequences),
         return_log_probs=bool(p.return_log_probs),
+        num_beams=max(1, int(p.num_beams)),
+        length_penalty=float(p.length_penalty),
+        beam_search_diversity_rate=float(p.beam_search_diversity_rate),
     )
 
 

@@ -1,7 +1,8 @@
 """Fixed-size KV blocks: a free list and per-sequence block tables.
 
 Invariant: every block id is either in the free list or referenced by sequences (ref_count > 0);
-`num_free + used == num_blocks` at all times.
+`num_free + used == num_blocks` at all times. Beams of one request share their full prompt blocks
+(ref_count = number of beams holding it); a block still being written is held by one sequence only.
 """
 
 from __future__ import annotations
@@ -45,11 +46,28 @@ class BlockManager:
             self.ref_count[b] = 1
             seq.block_table.append(b)
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """child shares parent's full blocks (copy-on-write is the caller's job for the last one)."""
-        child.block_table = list(parent.block_table)
+    def fork(self, parent: Sequence, child: Sequence, num_tokens: int | None = None) -> int:
+        """child shares the parent's blocks that are full within its first `num_tokens` tokens (default:
+        all it has computed). A partly filled block is never shared: it is still written to, so the child
+        recomputes those tokens into a block of its own. Returns how many tokens the child shares."""
+        n = parent.num_computed if num_tokens is None else num_tokens
+        full = min(n // self.block_size, len(parent.block_table))
+        self.release(child)
+        child.block_table = parent.block_table[:full]
         for b in child.block_table:
             self.ref_count[b] += 1
+        return full * self.block_size
+
+    def check(self, tables: list[list[int]]) -> None:
+        """Invariant check for tests: `tables` (every live block table) hold exactly the used blocks."""
+        counts = [0] * self.num_blocks
+        for table in tables:
+            for b in table:
+                counts[b] += 1
+        if counts != self.ref_count:
+            raise AssertionError("block reference counts disagree with the live block tables")
+        if sorted(self.free) != [b for b in range(self.num_blocks) if counts[b] == 0]:
+            raise AssertionError("free list disagrees with the live block tables")
 
     def release(self, seq: Sequence) -> None:
         for b in seq.block_table:

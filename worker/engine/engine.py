@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from worker.engine.beam import beam_step
 from worker.engine.block_manager import BlockManager
 from worker.engine.runner import ModelRunner, build_plan
 from worker.engine.sampler import sample
@@ -156,12 +157,13 @@ class Engine:
         sampled = [s for s, ok in zip(batch.seqs, samples) if ok]
         if self.logits_hook is not None and sampled:
             self.logits_hook(sampled, logits)
-        tokens, logprobs = sample(logits, sampled) if sampled else ([], [])
         now = time.monotonic()
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
             if seq.first_scheduled is None:
                 seq.first_scheduled = now
+        sampled, logits = beam_step(sampled, logits, self.scheduler, self._finish, self.max_model_len)
+        tokens, logprobs = sample(logits, sampled) if sampled else ([], [])
         for seq, tok, lp in zip(sampled, tokens, logprobs):
             seq.token_ids.append(tok)
             seq.cum_log_prob += lp

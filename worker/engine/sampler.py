@@ -45,10 +45,32 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def needs_processing(seq: Sequence) -> bool:
+    """Whether apply_penalties would change this sequence's logits now."""
+    s = seq.sampling
+    return (s.repetition_penalty != 1.0 or bool(s.bad_word_token_sequences)
+            or ((s.presence_penalty or s.frequency_penalty) and seq.num_generated > 0)
+            or (seq.num_generated < s.min_new_tokens and bool(s.eos_token_ids)))
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-    """logits: [B, V] fp32, one row per sequence -> (token per row, its log-prob)."""
-    tokens, logprobs = [], []
-    for row, seq in zip(logits, seqs):
+    """logits: [B, V] fp32, one row per sequence -> (token per row, its log-prob).
+
+    Plain greedy rows (no processors) take a vectorised path: argmax and log_softmax are per-row
+    reductions, so a row's token does not depend on which rows share the call."""
+    plain = [i for i, s in enumerate(seqs) if s.sampling.greedy and not needs_processing(s)]
+    tokens: list[int] = [0] * len(seqs)
+    logprobs: list[float] = [0.0] * len(seqs)
+    if plain:
+        rows = logits[plain] if len(plain) < len(seqs) else logits
+        best = torch.argmax(rows, -1)  # [P]
+        lps = torch.log_softmax(rows, -1).gather(1, best[:, None])[:, 0]
+        for i, tok, lp in zip(plain, best.tolist(), lps.tolist()):
+            tokens[i], logprobs[i] = tok, lp
+    done = set(plain)
+    for i, (row, seq) in enumerate(zip(logits, seqs)):
+        if i in done:
+            continue
         s = seq.sampling
         row = apply_penalties(row.clone(), seq)
         if s.greedy:
@@ -59,6 +81,5 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
             probs = torch.softmax(scaled, -1)
             tok = int(torch.multinomial(probs, 1, generator=seq.generator))
             lp = torch.log(probs[tok])
-        tokens.append(tok)
-        logprobs.append(float(lp))
+        tokens[i], logprobs[i] = tok, float(lp)
     return tokens, logprobs

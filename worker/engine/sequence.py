@@ -41,6 +41,9 @@ class Sampling:
     stop_token_sequences: tuple[tuple[int, ...], ...] = ()
     bad_word_token_sequences: tuple[tuple[int, ...], ...] = ()
     return_log_probs: bool = False
+    num_beams: int = 1  # > 1: beam search (worker.engine.beam); sampling fields are then unused
+    length_penalty: float = 0.0  # FT default; finished beam score = sum(log-probs) / generated_len ** length_penalty
+    beam_search_diversity_rate: float = 0.0  # FT: rank-k sibling candidate of a beam scored -rate * k
 
     @property
     def greedy(self) -> bool:
@@ -65,6 +68,7 @@ class Sequence:
     first_scheduled: float | None = None
     generator: torch.Generator | None = None
     cum_log_prob: float = 0.0
+    beam: object | None = None  # worker.engine.beam.BeamGroup this sequence is a beam of (or whose handle it is)
     # encoder-decoder models: the prompt feeds the encoder (token_ids starts with the decoder
     # start token); cross_slot names the request's cross-attention state in the model runner
     encoder_ids: list[int] | None = None

@@ -46,50 +46,65 @@ class PagedAttention(nn.Module):
         return attend(q, k_flat, v_flat, ctx, self.scale, self.sliding_window, self.alibi_slopes)
 
 
-def gather_slots(ctx) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_slots(block_tables, context_lens, L: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat slots [B, L] of every cached key of each sequence (L = max context) and valid mask [B, L]."""
-    L = ctx.max_context_len
-    pos = torch.arange(L, device=ctx.block_tables.device)
-    blocks = ctx.block_tables.gather(1, (pos // ctx.block_size).expand(ctx.block_tables.shape[0], L))
-    slots = blocks * ctx.block_size + pos % ctx.block_size
-    valid = pos[None, :] < ctx.context_lens[:, None]
+    pos = torch.arange(L, device=block_tables.device)
+    blocks = block_tables.gather(1, (pos // block_size).expand(block_tables.shape[0], L))
+    slots = blocks * block_size + pos % block_size
+    valid = pos[None, :] < context_lens[:, None]
     return torch.where(valid, slots, 0), valid
 
 
 def attend(q, k_flat, v_flat, ctx, scale, sliding_window=None, alibi_slopes=None, bias=None):
-    """q: [T, H, D] against cached keys; `bias`, if given, is added to scores: [B, H, Q, L]."""
-    B = ctx.context_lens.shape[0]
+    """q: [T, H, D] (flat, sequence-major) against cached keys -> [T, H, D].
+
+    `bias`, if given, is added to scores: [B, H, max_query_len, max_context_len] in step layout.
+    Decoding sequences (one query token) and prefill chunks are attended in separate groups, so a
+    long prompt chunk in the step does not pad every decode row to its length.
+    """
+    decode = ctx.query_lens == 1
+    n_decode = int(decode.sum())
+    if n_decode in (0, decode.numel()):
+        rows = torch.arange(decode.numel(), device=q.device)
+        return _attend_rows(q, k_flat, v_flat, ctx, rows, scale, sliding_window, alibi_slopes, bias)
+    out = torch.empty_like(q)
+    for rows in (torch.nonzero(decode).flatten(), torch.nonzero(~decode).flatten()):
+        qi = torch.arange(int(ctx.query_lens[rows].max()), device=q.device)
+        valid = qi[None, :] < ctx.query_lens[rows][:, None]
+        tokens = (ctx.query_start[rows][:, None] + qi[None, :])[valid]  # this group's rows of q, in order
+        out[tokens] = _attend_rows(q, k_flat, v_flat, ctx, rows, scale, sliding_window, alibi_slopes, bias)
+    return out
+
+
+def _attend_rows(q, k_flat, v_flat, ctx, rows, scale, sliding_window, alibi_slopes, bias):
+    """Attention for the step's sequences `rows` [G]; returns their tokens' outputs [Tg, H, D] in order."""
     H = q.shape[1]
     Hkv = k_flat.shape[1]
-    Q, L = ctx.max_query_len, ctx.max_context_len
-    slots, valid = gather_slots(ctx)
-    keys = k_flat[slots]  # [B, L, Hkv, D]
+    q_lens, c_lens = ctx.query_lens[rows], ctx.context_lens[rows]
+    G, Q, L = rows.numel(), int(q_lens.max()), int(c_lens.max())
+    slots, valid = gather_slots(ctx.block_tables[rows], c_lens, L, ctx.block_size)
+    keys = k_flat[slots]  # [G, L, Hkv, D]
     values = v_flat[slots]
-    if Hkv != H:
-        keys = keys.repeat_interleave(H // Hkv, dim=2)
-        values = values.repeat_interleave(H // Hkv, dim=2)
-    # scatter flat queries into [B, Q, H, D]
     qi = torch.arange(Q, device=q.device)
-    q_valid = qi[None, :] < ctx.query_lens[:, None]  # [B, Q]
-    q_index = torch.where(q_valid, ctx.query_start[:-1, None] + qi[None, :], 0)
-    qp = q[q_index]  # [B, Q, H, D]
-    q_pos = (ctx.context_lens - ctx.query_lens)[:, None] + qi[None, :]  # [B, Q] absolute positions
+    q_valid = qi[None, :] < q_lens[:, None]  # [G, Q]
+    q_index = torch.where(q_valid, ctx.query_start[rows][:, None] + qi[None, :], 0)
+    qp = q[q_index]  # [G, Q, H, D]
+    q_pos = (c_lens - q_lens)[:, None] + qi[None, :]  # [G, Q] absolute positions
     k_pos = torch.arange(L, device=q.device)
-    allowed = (k_pos[None, None, :] <= q_pos[:, :, None]) & valid[:, None, :]  # [B, Q, L]
+    allowed = (k_pos[None, None, :] <= q_pos[:, :, None]) & valid[:, None, :]  # [G, Q, L]
     if sliding_window is not None:
         allowed &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
-    scores_bias = torch.zeros(B, 1, Q, L, dtype=torch.float32, device=q.device)
+    scores_bias = torch.zeros(G, 1, Q, L, dtype=torch.float32, device=q.device)
     scores_bias.masked_fill_(~allowed[:, None], float("-inf"))
     if alibi_slopes is not None:
-        rel = (k_pos[None, None, :] - q_pos[:, :, None]).float()  # [B, Q, L]
+        rel = (k_pos[None, None, :] - q_pos[:, :, None]).float()  # [G, Q, L]
         scores_bias = scores_bias + alibi_slopes[None, :, None, None] * rel[:, None]
     if bias is not None:
-        scores_bias = scores_bias + bias
+        scores_bias = scores_bias + bias[rows][:, :, :Q, :L]
     # padded query rows see nothing: give them one key to avoid NaN, they are dropped anyway
     scores_bias[:, :, :, 0].masked_fill_(~q_valid[:, None, :], 0.0)
     out = F.scaled_dot_product_attention(
         qp.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=scores_bias.to(qp.dtype), scale=scale,
-    )  # [B, H, Q, D]
-    out = out.transpose(1, 2)  # [B, Q, H, D]
-    return out[q_valid]  # [T, H, D] in flat order (sequence-major, as q)
+        attn_mask=scores_bias.to(qp.dtype), scale=scale, enable_gqa=Hkv != H,
+    )  # [G, H, Q, D]
+    return out.transpose(1, 2)[q_valid]  # [Tg, H, D]

@@ -1,0 +1,95 @@
+"""`shardserve bench`: shardserve against transformers and CTranslate2, side by side, one run,
+same weights and token ids. Prints a table (stderr with --json), writes JSON (--out).
+
+Full: 32 concurrent streams, prompt 128, 128 new tokens, on the demo model and a ~300M Llama.
+--quick: the demo model only, 8 streams, prompt 64, 32 new tokens (under 3 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from bench import ct2, hf, models, ours
+from bench.workload import Result, Workload, format_table, prompts
+
+log = logging.getLogger("shardserve.bench")
+
+
+def headline(results: list[Result]) -> list[str]:
+    lines = []
+    for model in dict.fromkeys(r.model for r in results):
+        mine = [r for r in results if r.model == model and r.system == "shardserve"]
+        for ref in (r for r in results if r.model == model and r.system != "shardserve"):
+            if mine:
+                lines.append(f"{model}: shardserve / {ref.system} {ref.scenario}: "
+                             f"{mine[0].tokens_per_s / ref.tokens_per_s:.2f}x tokens/s")
+    return lines
+
+
+def bench_model(name: str, model_dir: Path, work: Workload, cache: Path, seq_limit: int | None,
+                systems: set[str], threads: int) -> list[Result]:
+    ps = prompts(model_dir, work)
+    out = []
+    log.info("%s: %d prompts of %.0f tokens, %d new tokens each", name, len(ps),
+             sum(len(p[1]) for p in ps) / len(ps), work.new_tokens)
+    if "shardserve" in systems:
+        out.append(ours.run(model_dir, name, work, ps, cache, threads))
+        log.info("%s", out[-1])
+    if "transformers" in systems:
+        import torch
+
+        torch.set_num_threads(threads)
+        model = hf.load(model_dir)
+        out.append(hf.run(model, name, work, ps, batch_size=1, limit=seq_limit))
+        log.info("%s", out[-1])
+        out.append(hf.run(model, name, work, ps, batch_size=8))
+        log.info("%s", out[-1])
+        del model
+        gc.collect()
+    if "ctranslate2" in systems:
+        ct2_dir = ct2.convert(model_dir, cache)
+        for compute in ("float32", "int8"):
+            out.append(ct2.run(ct2_dir, model_dir, name, work, ps, compute, threads=threads))
+            log.info("%s", out[-1])
+    return out
+
+
+def main(args) -> int:
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else Path.home() / ".cache" / "shardserve" / "bench"
+    cache.mkdir(parents=True, exist_ok=True)
+    systems = set(args.systems.split(","))
+    if args.quick:
+        work, names, seq_limit = Workload(streams=8, prompt_tokens=64, new_tokens=32), ["demo"], None
+    else:
+        work, names, seq_limit = Workload(), ["demo", "llama-300m"], None
+    if args.models:
+        names = args.models.split(",")
+    threads = args.threads or os.cpu_count() or 1
+    load_before = os.getloadavg()[0]
+    t0 = time.monotonic()
+    results: list[Result] = []
+    for name in names:
+        model_dir = models.demo(cache) if name == "demo" else models.llama_300m(cache)
+        limit = seq_limit if name == "demo" else (args.sequential_limit or None)
+        results.extend(bench_model(name, model_dir, work, cache, limit, systems, threads))
+    table = format_table(results) + "\n" + "\n".join(headline(results))
+    table += (f"\n[{'quick' if args.quick else 'full'}: {work.streams} streams, prompt ~{work.prompt_tokens}, "
+              f"{work.new_tokens} new tokens; {os.cpu_count()} CPU cores, {threads} threads per system; "
+              f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; {time.monotonic() - t0:.0f}s]")
+    doc = {"results": [r.public() for r in results],
+           "workload": {"streams": work.streams, "prompt_tokens": work.prompt_tokens, "new_tokens": work.new_tokens,
+                        "quick": bool(args.quick)}}
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    if args.json:
+        print(table, file=sys.stderr)
+        print(json.dumps({"results": doc["results"]}))
+    else:
+        print(table)
+    return 0

@@ -1,0 +1,74 @@
+"""The benchmark workload and its measurements: N concurrent streams, all arriving at t=0, each
+a prompt of ~P tokens asking for exactly T new tokens (eos ignored), identical token ids for
+every system (the prompts are cut from the OS licence texts and encoded by the model's tokenizer)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Workload:
+    streams: int = 32
+    prompt_tokens: int = 128
+    new_tokens: int = 128
+
+
+@dataclass
+class Result:
+    system: str  # shardserve | transformers | ctranslate2
+    model: str
+    scenario: str
+    tokens_per_s: float  # generated tokens / wall seconds, whole scenario
+    ttft_p50_s: float  # time to first token from arrival (t=0); non-streaming systems: the full latency
+    latency_p50_s: float  # arrival -> last token
+    latency_p90_s: float
+    latency_p99_s: float
+    requests: int = 0
+    note: str = ""
+
+    def public(self) -> dict:
+        keys = ("system", "model", "scenario", "tokens_per_s", "ttft_p50_s", "latency_p50_s", "latency_p90_s",
+                "latency_p99_s")
+        return {k: getattr(self, k) for k in keys}
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Nearest-rank-interpolated percentile, q in [0, 100]."""
+    if len(xs) == 1:
+        return xs[0]
+    return statistics.quantiles(sorted(xs), n=100, method="inclusive")[max(0, min(98, round(q) - 1))]
+
+
+def make_result(system, model, scenario, wall_s, generated, ttfts, latencies, note="") -> Result:
+    return Result(system, model, scenario, generated / wall_s, percentile(ttfts, 50), percentile(latencies, 50),
+                  percentile(latencies, 90), percentile(latencies, 99), len(latencies), note)
+
+
+def prompts(model_dir: Path, work: Workload) -> list[tuple[str, list[int]]]:
+    """(text, token ids as the server's Codec encodes it) per stream; ids ~ work.prompt_tokens long."""
+    from controller.demo_model import corpus_lines
+    from controller.tokenizer import Codec
+
+    codec = Codec(model_dir)
+    text = " ".join(corpus_lines())
+    out = []
+    pos = 0
+    for _ in range(work.streams):
+        chunk = text[pos: pos + 8 * work.prompt_tokens]
+        ids = codec.encode_plain(chunk)[: work.prompt_tokens - 1]
+        prompt = codec.decode(ids)
+        out.append((prompt, codec.encode(prompt)))
+        pos += 8 * work.prompt_tokens
+    return out
+
+
+def format_table(results: list[Result]) -> str:
+    head = f"{'system':<13}{'model':<12}{'scenario':<26}{'tok/s':>8}{'TTFT p50':>10}{'lat p50':>9}{'p90':>9}{'p99':>9}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r.system:<13}{r.model:<12}{r.scenario:<26}{r.tokens_per_s:>8.1f}{r.ttft_p50_s:>10.2f}"
+                     f"{r.latency_p50_s:>9.2f}{r.latency_p90_s:>9.2f}{r.latency_p99_s:>9.2f}")
+    return "\n".join(lines)
