@@ -224,9 +224,9 @@ class ModelManager:
             self.metrics.add_download_bytes(rec.name, res.downloaded_bytes)
             rec.phase = "partitioning (or reusing a cached partition)"
             lay = rec.layout
+            custom_split = bool(getattr(self.spec_for(res.path, lay), "stage_layers", ()))
             prep = prepare_resolved(res, self.cache_dir, tp=lay.tensor_parallel, pp=lay.pipeline_parallel,
-                                    dtype=lay.resolved_dtype)
-            log.info("model %s: %s", rec.name, prep.log_line)
+                                    dtype=lay.resolved_dtype, partition_ahead=not custom_split)
             path = rec.path = prep.path
             rec.partition_seconds = prep.phases.get("partition", 0.0)
             rec.phase = "reading the tokenizer"

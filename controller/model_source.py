@@ -58,9 +58,12 @@ def prepare_model(src: str | os.PathLike | None, cache_dir: Path, *, tp: int = 1
 
 
 def prepare_resolved(resolved: ResolvedSource, cache_dir: Path, *, tp: int = 1, pp: int = 1, dtype: str = "fp32",
-                     processes: int = 0) -> PreparedModel:
+                     processes: int = 0, partition_ahead: bool = True) -> PreparedModel:
     """The partitioning half of prepare_model, for a source the caller already resolved
-    (e.g. controller.serve.resolve_model, which also knows the SageMaker environment)."""
+    (e.g. controller.serve.resolve_model, which also knows the SageMaker environment).
+
+    partition_ahead=False (a custom pipeline stage split, which cached partitions do not key on):
+    ranks slice the checkpoint themselves at load."""
     if tp < 1 or pp < 1:
         raise ValueError(f"tp and pp must be >= 1, got tp={tp} pp={pp}")
     cache_dir = Path(cache_dir)
@@ -79,11 +82,13 @@ def prepare_resolved(resolved: ResolvedSource, cache_dir: Path, *, tp: int = 1, 
             partition="prepartitioned", source=resolved,
             log_line=f"model {name}: {got}; already partitioned for tp={tp} pp={pp} {dtype}, served without "
                      f"partitioning from {resolved.path}"))
-    if tp * pp == 1:
+    if tp * pp == 1 or not partition_ahead:
+        why = "world size 1" if tp * pp == 1 else "a custom stage split"
         return _done(PreparedModel(
             path=resolved.path, name=name, phases=phases, downloaded_bytes=resolved.downloaded_bytes,
             partition="none", source=resolved,
-            log_line=f"model {name}: {got}; world size 1 loads the checkpoint directly from {resolved.path}"))
+            log_line=f"model {name}: {got}; {why}: every rank reads its slices of the checkpoint in "
+                     f"{resolved.path}"))
     t0 = time.monotonic()
     path, reused = ensure_partition(resolved.path, cache_dir, tp, pp, dtype, processes)
     phases["partition"] = time.monotonic() - t0
