@@ -66,8 +66,11 @@ def run_linear_bench(n_layers: int, reps: int, tokens: list[int], floor_GBps: fl
     t_start = time.perf_counter()
     ws = make_layers(n_layers)
     params = sum(w.numel() for w in ws)
-    print(f"layers: {n_layers} x {len(LAYER_SHAPES)} linears, {params / 1e6:.0f}M weights "
-          f"(built in {time.perf_counter() - t_start:.1f} s)", flush=True)
+    print(
+        f"layers: {n_layers} x {len(LAYER_SHAPES)} linears, {params / 1e6:.0f}M weights "
+        f"(built in {time.perf_counter() - t_start:.1f} s)",
+        flush=True,
+    )
 
     q8 = [reference.quantize_int8(w) for w in ws]
     q4 = [reference.quantize_int4(w, GROUP) for w in ws]
@@ -77,29 +80,51 @@ def run_linear_bench(n_layers: int, reps: int, tokens: list[int], floor_GBps: fl
         xs = {i: torch.randn(T, i, dtype=x_dtype) for (_, i) in LAYER_SHAPES}
         return lambda: [fn_per_layer(k, xs[ws[k].shape[1]]) for k in range(len(ws))]
 
-    variants["torch fp32 F.linear"] = (4, lambda T, dt: chain(lambda k, x: F.linear(x, ws[k]), T, torch.float32))
+    variants["torch fp32 F.linear"] = (
+        4,
+        lambda T, dt: chain(lambda k, x: F.linear(x, ws[k]), T, torch.float32),
+    )
     wb = None
     if os.environ.get("BENCH_SKIP_BF16") is None:
         wb = [w.to(torch.bfloat16) for w in ws]
-        variants["torch bf16 F.linear"] = (2, lambda T, dt: chain(lambda k, x: F.linear(x, wb[k]), T, torch.bfloat16))
-    variants["ours int8 (fp32 x)"] = (1, lambda T, dt: chain(lambda k, x: ops.int8_linear(x, *q8[k]), T, torch.float32))
-    variants["ours int8 (bf16 x)"] = (1, lambda T, dt: chain(lambda k, x: ops.int8_linear(x, *q8[k]), T, torch.bfloat16))
+        variants["torch bf16 F.linear"] = (
+            2,
+            lambda T, dt: chain(lambda k, x: F.linear(x, wb[k]), T, torch.bfloat16),
+        )
+    variants["ours int8 (fp32 x)"] = (
+        1,
+        lambda T, dt: chain(lambda k, x: ops.int8_linear(x, *q8[k]), T, torch.float32),
+    )
+    variants["ours int8 (bf16 x)"] = (
+        1,
+        lambda T, dt: chain(lambda k, x: ops.int8_linear(x, *q8[k]), T, torch.bfloat16),
+    )
     s8b = [s.to(torch.bfloat16) for (_, s) in q8]
     variants["torch _weight_int8pack_mm (bf16 x)"] = (
-        1, lambda T, dt: chain(lambda k, x: torch._weight_int8pack_mm(x, q8[k][0], s8b[k]), T, torch.bfloat16))
-    variants["ours int4 g128 (fp32 x)"] = (0.5, lambda T, dt: chain(
-        lambda k, x: ops.int4_linear(x, q4[k][0], q4[k][1], q4[k][2], None, GROUP), T, torch.float32))
+        1,
+        lambda T, dt: chain(lambda k, x: torch._weight_int8pack_mm(x, q8[k][0], s8b[k]), T, torch.bfloat16),
+    )
+    variants["ours int4 g128 (fp32 x)"] = (
+        0.5,
+        lambda T, dt: chain(
+            lambda k, x: ops.int4_linear(x, q4[k][0], q4[k][1], q4[k][2], None, GROUP), T, torch.float32
+        ),
+    )
     # torch's CPU int4 format: [N, K] int32 values 0..15 packed by _convert_weight_to_int4pack_for_cpu,
     # scales_and_zeros [K/group, N, 2] with w = (q - 8) * scale + zero
     t4 = []
-    for (p, s, z) in q4:
+    for p, s, z in q4:
         qv = reference.unpack_int4(p).to(torch.int32)
         packed = torch._convert_weight_to_int4pack_for_cpu(qv, 2)
         zero_pt = (8.0 - z) * s  # (q - z) * s == (q - 8) * s + (8 - z) * s
         sz = torch.stack([s, zero_pt], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         t4.append((packed, sz))
-    variants["torch _weight_int4pack_mm_for_cpu (bf16 x)"] = (0.5, lambda T, dt: chain(
-        lambda k, x: torch._weight_int4pack_mm_for_cpu(x, t4[k][0], GROUP, t4[k][1]), T, torch.bfloat16))
+    variants["torch _weight_int4pack_mm_for_cpu (bf16 x)"] = (
+        0.5,
+        lambda T, dt: chain(
+            lambda k, x: torch._weight_int4pack_mm_for_cpu(x, t4[k][0], GROUP, t4[k][1]), T, torch.bfloat16
+        ),
+    )
     print(f"quantised and packed in {time.perf_counter() - t_start:.1f} s", flush=True)
 
     rows = []
@@ -109,13 +134,21 @@ def run_linear_bench(n_layers: int, reps: int, tokens: list[int], floor_GBps: fl
             sec = best_seconds(fn, reps)
             weight_bytes = params * bytes_per_weight
             gbps = weight_bytes / sec / 1e9
-            rows.append({
-                "kernel": name, "tokens": T, "ms_per_pass": sec * 1e3, "weight_GB": weight_bytes / 1e9,
-                "GBps": gbps, "x_floor": floor_GBps / gbps,
-            })
-            print(f"  T={T:<3d} {name:44s} {sec * 1e3:8.1f} ms {gbps:6.1f} GB/s "
-                  f"{floor_GBps / gbps:5.2f}x floor", flush=True)
-    del wb
+            rows.append(
+                {
+                    "kernel": name,
+                    "tokens": T,
+                    "ms_per_pass": sec * 1e3,
+                    "weight_GB": weight_bytes / 1e9,
+                    "GBps": gbps,
+                    "x_floor": floor_GBps / gbps,
+                }
+            )
+            print(
+                f"  T={T:<3d} {name:44s} {sec * 1e3:8.1f} ms {gbps:6.1f} GB/s "
+                f"{floor_GBps / gbps:5.2f}x floor",
+                flush=True,
+            )
     return rows
 
 
@@ -137,13 +170,18 @@ def run_other_kernels(reps: int) -> list[dict]:
         f"paged_attention_decode B={B} H={H}/{Hkv} D={D} ctx={ctx}": (
             lambda: ops.paged_attention_decode(q, kc, vc, tables, lens, 0.125),
             lambda: reference.paged_attention_decode(q, kc, vc, tables, lens, 0.125),
-            2 * kc.numel() * 4),
+            2 * kc.numel() * 4,
+        ),
         "fused_add_rms_norm 8x4096": (
             lambda: ops.fused_add_rms_norm(x, r, w, 1e-6),
-            lambda: reference.fused_add_rms_norm(x, r, w, 1e-6), 0),
+            lambda: reference.fused_add_rms_norm(x, r, w, 1e-6),
+            0,
+        ),
         "sample_top_k_top_p 8x32000 (k=50, p=0.9)": (
             lambda: ops.sample_top_k_top_p(logits, temp, tk, tp, gens),
-            lambda: reference.sample_top_k_top_p(logits, temp, tk, tp, gens), 0),
+            lambda: reference.sample_top_k_top_p(logits, temp, tk, tp, gens),
+            0,
+        ),
     }
     for name, (nat, ref, nbytes) in cases.items():
         a, b = best_seconds(nat, reps), best_seconds(ref, reps)
@@ -163,20 +201,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "kernels.json"))
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    print(f"kernel path: {ops.KERNEL_PATH} ({ops.backend('cpu').detail}); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"kernel path: {ops.KERNEL_PATH} ({ops.backend('cpu').detail}); torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     bw = read_bandwidth()
-    print(f"memory: read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps_read_plus_write']:.1f} GB/s "
-          f"(read+write); floor = weight bytes / read bandwidth", flush=True)
+    print(
+        f"memory: read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps_read_plus_write']:.1f} GB/s "
+        f"(read+write); floor = weight bytes / read bandwidth",
+        flush=True,
+    )
     tokens = [int(t) for t in args.tokens.split(",") if t]
     linear = run_linear_bench(args.layers, args.reps, tokens, bw["read_GBps"])
     print("other kernels (fp32):")
     other = run_other_kernels(args.reps)
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "kernel_path": ops.KERNEL_PATH,
-                    "isa": ops.backend("cpu").detail},
-        "memory": bw, "layers": args.layers, "linear": linear, "other": other,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "kernel_path": ops.KERNEL_PATH,
+            "isa": ops.backend("cpu").detail,
+        },
+        "memory": bw,
+        "layers": args.layers,
+        "linear": linear,
+        "other": other,
         "seconds": time.perf_counter() - t0,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -135,8 +135,10 @@ def build(kind: str, force: bool = False, verbose: bool = False) -> bool:
     except Exception as exc:  # noqa: BLE001 - a failed build must never fail the install
         msg = str(exc).strip().splitlines()
         tail = "\n  ".join(msg[-15:]) if msg else type(exc).__name__
-        print(f"WARNING: native {kind} extension not built; the torch path will be used.\n  {tail}",
-              file=sys.stderr)
+        print(
+            f"WARNING: native {kind} extension not built; the torch path will be used.\n  {tail}",
+            file=sys.stderr,
+        )
         return False
 
 
@@ -167,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if cuda_wanted():
             build("cuda", args.force, args.verbose)
         elif args.cuda_only:
-            print("WARNING: no CUDA torch or CUDA toolkit here; CUDA extension not built",
-                  file=sys.stderr)
+            print("WARNING: no CUDA torch or CUDA toolkit here; CUDA extension not built", file=sys.stderr)
     return 0
 
 

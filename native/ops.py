@@ -71,8 +71,7 @@ def _resolve(device_type: str) -> Backend:
         if isinstance(exc, RuntimeError) and "run `make native`" in str(exc):
             log.info("native kernels unavailable for %s: %s", device_type, exc)
         else:
-            log.warning("native %s kernels failed their start-up check, using torch: %s",
-                        device_type, exc)
+            log.warning("native %s kernels failed their start-up check, using torch: %s", device_type, exc)
         return Backend(device_type, None, str(exc).splitlines()[0] if str(exc) else repr(exc))
 
 
@@ -91,7 +90,7 @@ def backend(device: torch.device | str) -> Backend:
 
 
 def kernel_path(device: torch.device | str = "cpu") -> str:
-    """"native" or "torch": what kernels on `device` run."""
+    """ "native" or "torch": what kernels on `device` run."""
     return backend(device).path
 
 
@@ -228,9 +227,7 @@ def sample_top_k_top_p(
     if ops is None:
         return reference.sample_with_uniforms(logits, temperature, top_k, top_p, uniforms)
     dev = logits.device
-    return ops.sample_top_k_top_p(
-        logits, temperature.to(dev), top_k.to(dev), top_p.to(dev), uniforms.to(dev)
-    )
+    return ops.sample_top_k_top_p(logits, temperature.to(dev), top_k.to(dev), top_p.to(dev), uniforms.to(dev))
 
 
 KERNEL_PATH: str = kernel_path("cpu")

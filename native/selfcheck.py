@@ -29,15 +29,23 @@ def self_check(ops, device: torch.device) -> None:
     q, kc, vc = rnd(2, 4, 16), rnd(6, 4, 2, 16), rnd(6, 4, 2, 16)
     tables = torch.tensor([[5, 0, 3], [1, 4, 2]], dtype=torch.int32, device=device)
     lens = torch.tensor([9, 3], dtype=torch.int32, device=device)
-    _close("paged_attention_decode", ops.paged_attention_decode(q, kc, vc, tables, lens, 0.25, None),
-           reference.paged_attention_decode(q, kc, vc, tables, lens, 0.25), 1e-4)
+    _close(
+        "paged_attention_decode",
+        ops.paged_attention_decode(q, kc, vc, tables, lens, 0.25, None),
+        reference.paged_attention_decode(q, kc, vc, tables, lens, 0.25),
+        1e-4,
+    )
 
     x, r, w, b = rnd(3, 40), rnd(3, 40), rnd(40), rnd(40)
-    for got, want in zip(ops.fused_add_rms_norm(x, r, w, 1e-6),
-                         reference.fused_add_rms_norm(x, r, w, 1e-6)):
+    for got, want in zip(
+        ops.fused_add_rms_norm(x, r, w, 1e-6), reference.fused_add_rms_norm(x, r, w, 1e-6), strict=True
+    ):
         _close("fused_add_rms_norm", got, want, 1e-4)
-    for got, want in zip(ops.fused_add_layer_norm(x, r, w, b, 1e-5),
-                         reference.fused_add_layer_norm(x, r, w, b, 1e-5)):
+    for got, want in zip(
+        ops.fused_add_layer_norm(x, r, w, b, 1e-5),
+        reference.fused_add_layer_norm(x, r, w, b, 1e-5),
+        strict=True,
+    ):
         _close("fused_add_layer_norm", got, want, 1e-4)
 
     q, k, v = rnd(3, 4, 16), rnd(3, 2, 16), rnd(3, 2, 16)
@@ -47,7 +55,7 @@ def self_check(ops, device: torch.device) -> None:
     caches = [torch.zeros(2, 4, 2, 16, device=device) for _ in range(4)]
     got = ops.rotary_cache_write(q, k, v, pos, cs, caches[0], caches[1], slots, True, 8)
     want = reference.rotary_cache_write(q, k, v, pos, cs, caches[2], caches[3], slots, True, 8)
-    for a, b_ in zip(list(got) + caches[:2], list(want) + caches[2:]):
+    for a, b_ in zip(list(got) + caches[:2], list(want) + caches[2:], strict=True):
         _close("rotary_cache_write", a, b_, 1e-5)
 
     w = rnd(12, 64)
@@ -55,8 +63,12 @@ def self_check(ops, device: torch.device) -> None:
     qw, s = reference.quantize_int8(w)
     _close("int8_linear", ops.int8_linear(x, qw, s, None), reference.int8_linear(x, qw, s), 1e-3)
     p, s4, z4 = reference.quantize_int4(w, 32)
-    _close("int4_linear", ops.int4_linear(x, p, s4, z4, None, 32),
-           reference.int4_linear(x, p, s4, z4, None, 32), 1e-3)
+    _close(
+        "int4_linear",
+        ops.int4_linear(x, p, s4, z4, None, 32),
+        reference.int4_linear(x, p, s4, z4, None, 32),
+        1e-3,
+    )
 
     logits = rnd(3, 50)
     temp = torch.tensor([0.0, 0.8, 1.0])

@@ -60,8 +60,15 @@ def restore_backends():
 
 def test_self_check_accepts_correct_and_rejects_each_broken_kernel():
     selfcheck.self_check(FakeOps(), torch.device("cpu"))
-    for name in ["paged_attention_decode", "fused_add_rms_norm", "fused_add_layer_norm",
-                 "rotary_cache_write", "int8_linear", "int4_linear", "sample_top_k_top_p"]:
+    for name in [
+        "paged_attention_decode",
+        "fused_add_rms_norm",
+        "fused_add_layer_norm",
+        "rotary_cache_write",
+        "int8_linear",
+        "int4_linear",
+        "sample_top_k_top_p",
+    ]:
         with pytest.raises(RuntimeError, match=name):
             selfcheck.self_check(FakeOps(broken=name), torch.device("cpu"))
 
@@ -103,26 +110,44 @@ def test_torch_path_runs_every_public_kernel(restore_backends):
     ops._force("cpu", ops.Backend("cpu", None, "test"))
     assert ops.kernel_path("cpu") == "torch"
     g = torch.Generator().manual_seed(0)
-    q, kc, vc = torch.randn(1, 2, 8, generator=g), torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 4, 1, 8, generator=g)
+    q, kc, vc = (
+        torch.randn(1, 2, 8, generator=g),
+        torch.randn(2, 4, 1, 8, generator=g),
+        torch.randn(2, 4, 1, 8, generator=g),
+    )
     tables, lens = torch.tensor([[1, 0]], dtype=torch.int32), torch.tensor([6], dtype=torch.int32)
-    assert torch.equal(ops.paged_attention_decode(q, kc, vc, tables, lens, 0.5),
-                       reference.paged_attention_decode(q, kc, vc, tables, lens, 0.5))
+    assert torch.equal(
+        ops.paged_attention_decode(q, kc, vc, tables, lens, 0.5),
+        reference.paged_attention_decode(q, kc, vc, tables, lens, 0.5),
+    )
     x, w = torch.randn(2, 8, generator=g), torch.randn(8, generator=g)
-    assert torch.equal(ops.fused_add_rms_norm(x, x, w, 1e-6)[0], reference.fused_add_rms_norm(x, x, w, 1e-6)[0])
-    assert torch.equal(ops.fused_add_layer_norm(x, None, w, w, 1e-6)[0],
-                       reference.fused_add_layer_norm(x, None, w, w, 1e-6)[0])
+    assert torch.equal(
+        ops.fused_add_rms_norm(x, x, w, 1e-6)[0], reference.fused_add_rms_norm(x, x, w, 1e-6)[0]
+    )
+    assert torch.equal(
+        ops.fused_add_layer_norm(x, None, w, w, 1e-6)[0],
+        reference.fused_add_layer_norm(x, None, w, w, 1e-6)[0],
+    )
     k_cache, v_cache = torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8)
     k = torch.randn(1, 1, 8, generator=g)
-    ops.rotary_cache_write(q[:1], k, k, torch.tensor([1]), torch.randn(4, 8), k_cache, v_cache,
-                           torch.tensor([5]), True, 8)
+    ops.rotary_cache_write(
+        q[:1], k, k, torch.tensor([1]), torch.randn(4, 8), k_cache, v_cache, torch.tensor([5]), True, 8
+    )
     assert torch.equal(v_cache.view(-1, 1, 8)[5], k[0])
     wq = torch.randn(16, 64, generator=g)
     xq = torch.randn(1, 64, generator=g)
-    assert torch.equal(ops.int8_linear(xq, *ops.quantize_int8(wq)), reference.int8_linear(xq, *reference.quantize_int8(wq)))
+    assert torch.equal(
+        ops.int8_linear(xq, *ops.quantize_int8(wq)), reference.int8_linear(xq, *reference.quantize_int8(wq))
+    )
     p, s, z = ops.quantize_int4(wq, 32)
     assert torch.equal(ops.int4_linear(xq, p, s, z, None, 32), reference.int4_linear(xq, p, s, z, None, 32))
-    tokens = ops.sample_top_k_top_p(torch.randn(3, 10, generator=g), [0.0, 1.0, 1.0], [0, 3, 0], [1.0, 1.0, 0.5],
-                                    [None, torch.Generator().manual_seed(1), None])
+    tokens = ops.sample_top_k_top_p(
+        torch.randn(3, 10, generator=g),
+        [0.0, 1.0, 1.0],
+        [0, 3, 0],
+        [1.0, 1.0, 0.5],
+        [None, torch.Generator().manual_seed(1), None],
+    )
     assert tokens.dtype == torch.int64 and tokens.shape == (3,)
 
 

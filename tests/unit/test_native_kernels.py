@@ -58,10 +58,15 @@ def test_fused_add_norms(nat, dtype, with_residual):
     x, res = rand(6, 1000, dtype=dtype, gen=g), rand(6, 1000, dtype=dtype, gen=g)
     w, b = rand(1000, dtype=dtype, gen=g), rand(1000, dtype=dtype, gen=g)
     r = res if with_residual else None
-    for got, want in zip(nat.fused_add_rms_norm(x, r, w, 1e-6), reference.fused_add_rms_norm(x, r, w, 1e-6)):
+    for got, want in zip(
+        nat.fused_add_rms_norm(x, r, w, 1e-6), reference.fused_add_rms_norm(x, r, w, 1e-6), strict=True
+    ):
         assert_close(got, want, dtype)
-    for got, want in zip(nat.fused_add_layer_norm(x, r, w, b, 1e-5),
-                         reference.fused_add_layer_norm(x, r, w, b, 1e-5)):
+    for got, want in zip(
+        nat.fused_add_layer_norm(x, r, w, b, 1e-5),
+        reference.fused_add_layer_norm(x, r, w, b, 1e-5),
+        strict=True,
+    ):
         assert_close(got, want, dtype)
     out, _ = nat.fused_add_layer_norm(x, r, w, None, 1e-5)
     assert_close(out, reference.fused_add_layer_norm(x, r, w, None, 1e-5)[0], dtype)
@@ -73,14 +78,20 @@ def test_fused_add_norms(nat, dtype, with_residual):
 def test_rotary_cache_write(nat, dtype, is_neox, rot_dim):
     g = torch.Generator().manual_seed(3)
     T, H, Hkv, D, nb, bs = 9, 8, 2, 64, 6, 4
-    q, k, v = rand(T, H, D, dtype=dtype, gen=g), rand(T, Hkv, D, dtype=dtype, gen=g), rand(T, Hkv, D, dtype=dtype, gen=g)
+    q, k, v = (
+        rand(T, H, D, dtype=dtype, gen=g),
+        rand(T, Hkv, D, dtype=dtype, gen=g),
+        rand(T, Hkv, D, dtype=dtype, gen=g),
+    )
     positions = torch.randint(0, 50, (T,), generator=g)
     cos_sin = rand(50, rot_dim, gen=g)  # fp32 cache with low-precision activations is allowed
     slots = torch.tensor([0, 3, -1, 5, 23, 8, -1, 12, 1])
     caches = [torch.zeros(nb, bs, Hkv, D, dtype=dtype) for _ in range(4)]
     got = nat.rotary_cache_write(q, k, v, positions, cos_sin, caches[0], caches[1], slots, is_neox, rot_dim)
-    want = reference.rotary_cache_write(q, k, v, positions, cos_sin, caches[2], caches[3], slots, is_neox, rot_dim)
-    for a, b in zip([*got, caches[0], caches[1]], [*want, caches[2], caches[3]]):
+    want = reference.rotary_cache_write(
+        q, k, v, positions, cos_sin, caches[2], caches[3], slots, is_neox, rot_dim
+    )
+    for a, b in zip([*got, caches[0], caches[1]], [*want, caches[2], caches[3]], strict=True):
         assert_close(a, b, dtype)
 
 
@@ -138,5 +149,7 @@ def test_public_api_uses_native_and_matches(nat):
     gens = [torch.Generator().manual_seed(i) for i in range(4)]
     ref_gens = [torch.Generator().manual_seed(i) for i in range(4)]
     args = ([0.0, 0.7, 1.0, 1.3], [0, 10, 0, 5], [1.0, 0.8, 0.5, 1.0])
-    assert torch.equal(ops.sample_top_k_top_p(logits, *args, gens),
-                       reference.sample_top_k_top_p(logits, *[torch.tensor(a) for a in args], ref_gens))
+    assert torch.equal(
+        ops.sample_top_k_top_p(logits, *args, gens),
+        reference.sample_top_k_top_p(logits, *[torch.tensor(a) for a in args], ref_gens),
+    )

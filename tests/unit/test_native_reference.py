@@ -25,8 +25,9 @@ def test_paged_attention_equals_dense_attention_gqa_alibi():
         k_cache[table[0, t // bs], t % bs] = k[t]
         v_cache[table[0, t // bs], t % bs] = v[t]
     slopes = torch.rand(H, generator=g)
-    got = reference.paged_attention_decode(q, k_cache, v_cache, table, torch.tensor([n], dtype=torch.int32),
-                                           0.3, slopes)
+    got = reference.paged_attention_decode(
+        q, k_cache, v_cache, table, torch.tensor([n], dtype=torch.int32), 0.3, slopes
+    )
     for h in range(H):
         kh, vh = k[:, h // (H // Hkv)], v[:, h // (H // Hkv)]  # query head h reads kv head h // group
         scores = 0.3 * kh @ q[0, h] + slopes[h] * (torch.arange(n) - (n - 1))
@@ -64,13 +65,18 @@ def _cos_sin(max_pos: int, rot_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_rotary_matches_hf_and_writes_slots(is_neox):
     g = torch.Generator().manual_seed(2)
     T, H, Hkv, D, rot = 5, 4, 2, 16, 8
-    q, k, v = torch.randn(T, H, D, generator=g), torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g)
+    q, k, v = (
+        torch.randn(T, H, D, generator=g),
+        torch.randn(T, Hkv, D, generator=g),
+        torch.randn(T, Hkv, D, generator=g),
+    )
     pos = torch.tensor([0, 7, 3, 3, 11])
     cos, sin = _cos_sin(16, rot)
     k_cache, v_cache = torch.zeros(3, 4, Hkv, D), torch.zeros(3, 4, Hkv, D)
     slots = torch.tensor([4, -1, 0, 11, 5])
-    q_rot, k_rot = reference.rotary_cache_write(q, k, v, pos, torch.cat([cos, sin], 1), k_cache, v_cache,
-                                                slots, is_neox, rot)
+    q_rot, k_rot = reference.rotary_cache_write(
+        q, k, v, pos, torch.cat([cos, sin], 1), k_cache, v_cache, slots, is_neox, rot
+    )
     if is_neox:  # HF Llama: cos/sin repeated over both halves, [T, rot]
         c, s = torch.cat([cos, cos], 1)[pos], torch.cat([sin, sin], 1)[pos]
         want_q, want_k = llama_rotary(q[..., :rot], k[..., :rot], c, s, unsqueeze_dim=1)
@@ -124,7 +130,9 @@ def test_sampling_greedy_and_degenerate_filters_give_argmax():
     argmax = logits.argmax(-1)
     ones, zeros = torch.ones(B), torch.zeros(B, dtype=torch.long)
     assert torch.equal(reference.sample_with_uniforms(logits, torch.zeros(B), zeros, ones, u), argmax)
-    assert torch.equal(reference.sample_with_uniforms(logits, ones, torch.ones(B, dtype=torch.long), ones, u), argmax)
+    assert torch.equal(
+        reference.sample_with_uniforms(logits, ones, torch.ones(B, dtype=torch.long), ones, u), argmax
+    )
     assert torch.equal(reference.sample_with_uniforms(logits, ones, zeros, torch.full((B,), 1e-6), u), argmax)
 
 
@@ -136,8 +144,16 @@ def test_sampling_respects_top_k_and_top_p_sets():
     seen_k, seen_p = set(), set()
     for i in range(300):
         u = torch.tensor([i / 300], dtype=torch.float64)
-        seen_k.add(int(reference.sample_with_uniforms(logits, torch.ones(1), torch.tensor([5]), torch.ones(1), u)))
-        seen_p.add(int(reference.sample_with_uniforms(logits, torch.ones(1), torch.tensor([0]), torch.tensor([0.6]), u)))
+        seen_k.add(
+            int(reference.sample_with_uniforms(logits, torch.ones(1), torch.tensor([5]), torch.ones(1), u))
+        )
+        seen_p.add(
+            int(
+                reference.sample_with_uniforms(
+                    logits, torch.ones(1), torch.tensor([0]), torch.tensor([0.6]), u
+                )
+            )
+        )
     assert seen_k == set(order[:5].tolist())
     assert seen_p == set(order[:nucleus].tolist())
 
@@ -147,13 +163,23 @@ def test_sampling_follows_the_distribution():
     u = torch.arange(4000, dtype=torch.float64)[:, None] / 4000  # a fine grid of uniforms
     counts = torch.zeros(4)
     for ui in u:
-        counts[int(reference.sample_with_uniforms(logits, torch.ones(1), torch.zeros(1, dtype=torch.long), torch.ones(1), ui))] += 1
+        counts[
+            int(
+                reference.sample_with_uniforms(
+                    logits, torch.ones(1), torch.zeros(1, dtype=torch.long), torch.ones(1), ui
+                )
+            )
+        ] += 1
     torch.testing.assert_close(counts / 4000, torch.softmax(logits[0], 0), atol=1e-3, rtol=0)
 
 
 def test_sampling_is_per_row_deterministic_and_batch_invariant():
     logits = _logits(B=4, V=100)
-    params = (torch.tensor([0.7, 1.0, 0.0, 1.2]), torch.tensor([0, 20, 0, 3]), torch.tensor([0.9, 1.0, 1.0, 0.5]))
+    params = (
+        torch.tensor([0.7, 1.0, 0.0, 1.2]),
+        torch.tensor([0, 20, 0, 3]),
+        torch.tensor([0.9, 1.0, 1.0, 0.5]),
+    )
 
     def run(rows, seeds):
         gens = [torch.Generator().manual_seed(s) for s in seeds]
