@@ -260,7 +260,11 @@ def time_all(ns, dev, torch, reference, quick: bool) -> None:
                 native_GBps=nbytes / t_nat / 1e9,
             )
             for label, fn in (extra or {}).items():
-                t = timed(fn, dev, torch, iters)
+                try:
+                    t = timed(fn, dev, torch, iters)
+                except Exception as exc:  # noqa: BLE001 - e.g. an op this torch lacks on the device
+                    entry[f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    continue
                 entry[f"{label}_us"] = t * 1e6
                 entry[f"{label}_x_floor"] = t / floor
         except Exception as exc:  # noqa: BLE001

@@ -16,6 +16,13 @@ import pytest
 
 CUDA_DIR = Path(__file__).resolve().parents[2] / "native" / "cuda"
 CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
+TORCH_NVCC_FLAGS = [
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr",
+]
 
 
 def find_nvcc() -> str | None:
@@ -39,6 +46,7 @@ def _nvcc(src: Path, out_dir: Path) -> subprocess.CompletedProcess:
         "-O3",
         "--use_fast_math",
         "-std=c++17",
+        *TORCH_NVCC_FLAGS,  # what torch.utils.cpp_extension adds to every .cu it builds
         "-c",
         str(src),
         "-o",
