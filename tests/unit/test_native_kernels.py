@@ -96,7 +96,7 @@ def test_rotary_cache_write(nat, dtype, is_neox, rot_dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [1, 3, 4, 7, 33])  # register tiles of 4, tails, the dequant+GEMM path
+@pytest.mark.parametrize("tokens", [1, 3, 4, 7, 33, 70])  # tiles of 4, tails; > 64: dequant + GEMM
 def test_int8_linear(nat, dtype, tokens):
     g = torch.Generator().manual_seed(4)
     w, bias = rand(203, 320, gen=g), rand(203, gen=g)  # rows not a multiple of 4, in not of 16
@@ -107,7 +107,7 @@ def test_int8_linear(nat, dtype, tokens):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [1, 4, 6, 33])
+@pytest.mark.parametrize("tokens", [1, 4, 6, 70])
 @pytest.mark.parametrize("group_size,symmetric", [(128, False), (64, True), (32, False)])
 def test_int4_linear(nat, dtype, tokens, group_size, symmetric):
     g = torch.Generator().manual_seed(5)

@@ -149,8 +149,9 @@ std::tuple<at::Tensor, at::Tensor> rotary_cache_write_op(
   return {q_out, k_out};
 }
 
-// Above this many tokens a linear layer is compute-bound: dequantise row chunks, then MKL.
-constexpr int64_t kSmallT = 16;
+// Up to this many tokens the register-tiled kernels (weights read once per row block) beat
+// dequantise + MKL sgemm on these CPUs; above it, dequantise row chunks and call MKL.
+constexpr int64_t kSmallT = 64;
 
 template <typename Dequant>
 at::Tensor dequant_matmul(const at::Tensor& x, int64_t O, int64_t I, Dequant&& deq) {

@@ -419,7 +419,10 @@ void int8_dequant(const int8_t* qw, const float* scales, float* w, int64_t o0, i
 #pragma omp parallel for schedule(static)
   for (int64_t o = o0; o < o1; ++o) {
     const float s = scales[o];
-    for (int64_t i = 0; i < I; ++i) w[(o - o0) * I + i] = static_cast<float>(qw[o * I + i]) * s;
+    const int8_t* q = qw + o * I;
+    float* dst = w + (o - o0) * I;
+#pragma omp simd
+    for (int64_t i = 0; i < I; ++i) dst[i] = static_cast<float>(q[i]) * s;
   }
 }
 
@@ -429,10 +432,18 @@ void int4_dequant(const uint8_t* packed, const float* scales, const float* zeros
 #pragma omp parallel for schedule(static)
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* row = packed + o * (I / 2);
-    for (int64_t i = 0; i < I; ++i) {
-      const int64_t g = i / group_size;
-      const float z = zeros ? zeros[o * G + g] : 8.f;
-      w[(o - o0) * I + i] = (int4_at(row, i) - z) * scales[o * G + g];
+    float* dst = w + (o - o0) * I;
+    for (int64_t run = 0; run < I / 32; ++run) {  // a run never straddles a group
+      const int64_t g = run * 32 / group_size;
+      const float s = scales[o * G + g];
+      const float m = -(zeros ? zeros[o * G + g] : 8.f) * s;  // w = q * s + m
+      const uint8_t* b = row + run * 16;
+      float* d = dst + run * 32;
+#pragma omp simd
+      for (int j = 0; j < 16; ++j) {
+        d[j] = static_cast<float>(b[j] & 15) * s + m;
+        d[j + 16] = static_cast<float>(b[j] >> 4) * s + m;
+      }
     }
   }
 }
