@@ -160,7 +160,7 @@ def test_sampling_respects_top_k_and_top_p_sets():
 
 def test_sampling_follows_the_distribution():
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]])
-    u = torch.arange(4000, dtype=torch.float64)[:, None] / 4000  # a fine grid of uniforms
+    u = torch.arange(1000, dtype=torch.float64)[:, None] / 1000  # a fine grid of uniforms
     counts = torch.zeros(4)
     for ui in u:
         counts[
@@ -170,7 +170,7 @@ def test_sampling_follows_the_distribution():
                 )
             )
         ] += 1
-    torch.testing.assert_close(counts / 4000, torch.softmax(logits[0], 0), atol=1e-3, rtol=0)
+    torch.testing.assert_close(counts / 1000, torch.softmax(logits[0], 0), atol=1.5e-3, rtol=0)
 
 
 def test_sampling_is_per_row_deterministic_and_batch_invariant():
