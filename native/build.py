@@ -86,6 +86,9 @@ def _build(kind: str, verbose: bool) -> float:
     out_dir = BUILD_DIR / kind
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp_path(kind).unlink(missing_ok=True)
+    # cpp_extension waits forever on a lock file left by a build that was killed; we are the only
+    # builder of this folder (make native / gpu_check), so a lock here is stale.
+    (out_dir / "lock").unlink(missing_ok=True)
     os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
     t0 = time.perf_counter()
     if kind == "cpu":

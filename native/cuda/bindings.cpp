@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <string>
 #include <tuple>
 
@@ -168,6 +169,11 @@ std::tuple<at::Tensor, at::Tensor> rotary_cache_write_op(
   return {q_out, k_out};
 }
 
+// The vectorised GEMV paths load 16 bytes at a time; a view that starts mid-allocation is copied.
+at::Tensor aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
+}
+
 at::Tensor finish_linear(const at::Tensor& y, const at::Tensor& x_in, int64_t O) {
   auto shape = x_in.sizes().vec();
   shape.back() = O;
@@ -197,7 +203,8 @@ at::Tensor int8_linear_op(const at::Tensor& x_in, const at::Tensor& qw_in, const
     if (bias.defined()) y = y + bias.to(y.scalar_type());
     return finish_linear(y, x_in, O);
   }
-  auto x = x2.to(at::kFloat).contiguous();
+  auto x = aligned16(x2.to(at::kFloat).contiguous());
+  qw = aligned16(qw);
   auto y = at::empty({T, O}, x.options());
   check(int8_gemv(x.data_ptr<float>(), qw.data_ptr<int8_t>(), s.data_ptr<float>(),
                   bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), T, O, I,
@@ -239,7 +246,8 @@ at::Tensor int4_linear_op(const at::Tensor& x_in, const at::Tensor& packed_in,
     if (bias.defined()) y = y + bias.to(y.scalar_type());
     return finish_linear(y, x_in, O);
   }
-  auto x = x2.to(at::kFloat).contiguous();
+  auto x = aligned16(x2.to(at::kFloat).contiguous());
+  packed = aligned16(packed);
   auto y = at::empty({T, O}, x.options());
   check(int4_gemv(x.data_ptr<float>(), packed.data_ptr<uint8_t>(), s.data_ptr<float>(), zp,
                   bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), T, O, I,
