@@ -9,6 +9,8 @@ Skipped, with the reason, when the extension was not built (`make native`).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -97,11 +99,12 @@ def test_rotary_cache_write(nat, dtype, is_neox, rot_dim):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 3, 4, 7, 33, 70])  # tiles of 4, tails; > 64: dequant + GEMM
-def test_int8_linear(nat, dtype, tokens):
+@pytest.mark.parametrize("in_features", [320, 200])  # 200: not a multiple of the 16-wide vectors
+def test_int8_linear(nat, dtype, tokens, in_features):
     g = torch.Generator().manual_seed(4)
-    w, bias = rand(203, 320, gen=g), rand(203, gen=g)  # rows not a multiple of 4, in not of 16
+    w, bias = rand(203, in_features, gen=g), rand(203, gen=g)  # 203 rows: not a multiple of 4
     qw, scales = reference.quantize_int8(w)
-    x = rand(tokens, 320, dtype=dtype, gen=g)
+    x = rand(tokens, in_features, dtype=dtype, gen=g)
     assert_close(nat.int8_linear(x, qw, scales, bias), reference.int8_linear(x, qw, scales, bias), dtype)
     assert_close(nat.int8_linear(x, qw, scales, None), reference.int8_linear(x, qw, scales, None), dtype)
 
@@ -136,6 +139,49 @@ def test_sampling_matches_reference_exactly(nat):
     got = nat.sample_top_k_top_p(logits, temperature, top_k, top_p, uniforms)
     want = reference.sample_with_uniforms(logits, temperature, top_k, top_p, uniforms)
     assert torch.equal(got, want)
+
+
+ISA_SCRIPT = """
+import torch
+from native import ops, reference as R
+n = ops.backend("cpu").ops
+assert n is not None and n.isa() == "{isa}", n and n.isa()
+g = torch.Generator().manual_seed(0)
+w = torch.randn(37, 200, generator=g)
+qw, s = R.quantize_int8(w)
+p, s4, z4 = R.quantize_int4(torch.randn(37, 256, generator=g), 64)
+for T in (1, 5):
+    x = torch.randn(T, 200, generator=g)
+    assert (n.int8_linear(x, qw, s, None) - R.int8_linear(x, qw, s)).abs().max() < 1e-3
+    x = torch.randn(T, 256, generator=g)
+    assert (n.int4_linear(x, p, s4, z4, None, 64) - R.int4_linear(x, p, s4, z4, None, 64)).abs().max() < 1e-3
+from native.selfcheck import self_check
+self_check(n, torch.device("cpu"))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_lower_isa_paths_match_reference(nat, isa):
+    """The AVX2 and portable code paths, forced with SHARDSERVE_ISA in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    if nat.isa() == "generic" or (isa == "avx2" and nat.isa() == "avx2"):
+        pytest.skip(f"this CPU runs {nat.isa()}: covered by the other tests")
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(
+        os.environ, SHARDSERVE_ISA=isa, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", ISA_SCRIPT.format(isa=isa)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
 def test_public_api_uses_native_and_matches(nat):
