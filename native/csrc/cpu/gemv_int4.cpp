@@ -11,7 +11,11 @@ namespace shardserve {
 namespace cpu {
 namespace {
 
-constexpr int64_t kRows = 4;    // weight rows per task (independent accumulator chains)
+#ifndef SS_INT4_ROWS
+#define SS_INT4_ROWS 1
+#endif
+// Weight rows per kernel call: consecutive rows, read as one sequential stream.
+constexpr int64_t kRows = SS_INT4_ROWS;
 constexpr int64_t kTokens = 4;  // tokens per pass over a row block (held in registers)
 
 // ---------------------------------------------------------------- int4
@@ -55,11 +59,11 @@ SS_TARGET_AVX512 void int4_block_avx512(const float* x, const float* xsum,
       corr[r][t] = 0.f;
     }
   for (int64_t g = 0; g < G; ++g) {
-    __m512 d[kRows][NT];
+    __m512 d0[kRows][NT], d1[kRows][NT];  // low / high nibble halves: independent FMA chains
 #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 4
-      for (int t = 0; t < NT; ++t) d[r][t] = _mm512_setzero_ps();
+      for (int t = 0; t < NT; ++t) d0[r][t] = d1[r][t] = _mm512_setzero_ps();
     for (int64_t i = g * gs; i < (g + 1) * gs; i += 32) {
       __m512 x0[NT], x1[NT];
 #pragma GCC unroll 4
@@ -75,8 +79,8 @@ SS_TARGET_AVX512 void int4_block_avx512(const float* x, const float* xsum,
         __m512 w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
 #pragma GCC unroll 4
         for (int t = 0; t < NT; ++t) {
-          d[r][t] = _mm512_fmadd_ps(w0, x0[t], d[r][t]);
-          d[r][t] = _mm512_fmadd_ps(w1, x1[t], d[r][t]);
+          d0[r][t] = _mm512_fmadd_ps(w0, x0[t], d0[r][t]);
+          d1[r][t] = _mm512_fmadd_ps(w1, x1[t], d1[r][t]);
         }
       }
     }
@@ -87,7 +91,7 @@ SS_TARGET_AVX512 void int4_block_avx512(const float* x, const float* xsum,
       const __m512 sv = _mm512_set1_ps(sg);
 #pragma GCC unroll 4
       for (int t = 0; t < NT; ++t) {
-        a[r][t] = _mm512_fmadd_ps(d[r][t], sv, a[r][t]);
+        a[r][t] = _mm512_fmadd_ps(_mm512_add_ps(d0[r][t], d1[r][t]), sv, a[r][t]);
         corr[r][t] += sg * zg * xsum[t * G + g];
       }
     }
@@ -114,11 +118,11 @@ SS_TARGET_AVX2 void int4_block_avx2(const float* x, const float* xsum,
       corr[r][t] = 0.f;
     }
   for (int64_t g = 0; g < G; ++g) {
-    __m256 d[kRows][NT];
+    __m256 d0[kRows][NT], d1[kRows][NT];  // low / high nibble halves: independent FMA chains
 #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 4
-      for (int t = 0; t < NT; ++t) d[r][t] = _mm256_setzero_ps();
+      for (int t = 0; t < NT; ++t) d0[r][t] = d1[r][t] = _mm256_setzero_ps();
     for (int64_t i = g * gs; i < (g + 1) * gs; i += 32) {
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {  // bytes [8h, 8h+8): weights 8h.. (low) and 16+8h.. (high)
@@ -137,8 +141,8 @@ SS_TARGET_AVX2 void int4_block_avx2(const float* x, const float* xsum,
           __m256 w1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
 #pragma GCC unroll 4
           for (int t = 0; t < NT; ++t) {
-            d[r][t] = _mm256_fmadd_ps(w0, x0[t], d[r][t]);
-            d[r][t] = _mm256_fmadd_ps(w1, x1[t], d[r][t]);
+            d0[r][t] = _mm256_fmadd_ps(w0, x0[t], d0[r][t]);
+            d1[r][t] = _mm256_fmadd_ps(w1, x1[t], d1[r][t]);
           }
         }
       }
@@ -150,7 +154,7 @@ SS_TARGET_AVX2 void int4_block_avx2(const float* x, const float* xsum,
       const __m256 sv = _mm256_set1_ps(sg);
 #pragma GCC unroll 4
       for (int t = 0; t < NT; ++t) {
-        a[r][t] = _mm256_fmadd_ps(d[r][t], sv, a[r][t]);
+        a[r][t] = _mm256_fmadd_ps(_mm256_add_ps(d0[r][t], d1[r][t]), sv, a[r][t]);
         corr[r][t] += sg * zg * xsum[t * G + g];
       }
     }

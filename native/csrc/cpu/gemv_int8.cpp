@@ -1,5 +1,5 @@
 // Weight-only int8 linear layer: y = (x . qw^T) * scale + bias. Batch-1 decode is bound by reading
-// the weight once, so each task streams a block of kRows rows exactly once and serves up to kTokens
+// the weight once, so each thread streams its rows once, sequentially, and serves up to kTokens
 // tokens from registers; AVX-512 / AVX2 / portable versions are chosen at run time.
 #include <immintrin.h>
 
@@ -12,7 +12,11 @@ namespace shardserve {
 namespace cpu {
 namespace {
 
-constexpr int64_t kRows = 4;    // weight rows per task (independent accumulator chains)
+#ifndef SS_INT8_ROWS
+#define SS_INT8_ROWS 1
+#endif
+// Weight rows per kernel call: consecutive rows, read as one sequential stream.
+constexpr int64_t kRows = SS_INT8_ROWS;
 constexpr int64_t kTokens = 4;  // tokens per pass over a row block (held in registers)
 
 // ---------------------------------------------------------------- int8, generic
@@ -32,33 +36,40 @@ SS_INLINE void int8_block_generic(const float* x, const int8_t* w, float* acc, i
   }
 }
 
-// ---------------------------------------------------------------- int8, AVX2 (8 lanes)
-template <int NT>
-SS_TARGET_AVX2 void int8_block_avx2(const float* x, const int8_t* w, float* acc,
-                                               int64_t I) {
-  __m256 a[kRows][NT];
+// ---------------------------------------------------------------- int8, AVX2 / AVX-512
+// R rows (consecutive, so the weight read is one sequential stream) x NT tokens, two accumulator
+// sets over alternating vectors so that FMA latency never limits the stream.
+template <int R, int NT>
+SS_TARGET_AVX2 void int8_block_avx2(const float* x, const int8_t* w, float* acc, int64_t I) {
+  __m256 a[2][R][NT];
+#pragma GCC unroll 2
+  for (int u = 0; u < 2; ++u)
 #pragma GCC unroll 4
-  for (int r = 0; r < kRows; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int t = 0; t < NT; ++t) a[r][t] = _mm256_setzero_ps();
+      for (int t = 0; t < NT; ++t) a[u][r][t] = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= I; i += 8) {
-    __m256 xv[NT];
+  for (; i + 16 <= I; i += 16) {
+#pragma GCC unroll 2
+    for (int u = 0; u < 2; ++u) {
+      __m256 xv[NT];
 #pragma GCC unroll 4
-    for (int t = 0; t < NT; ++t) xv[t] = _mm256_loadu_ps(x + t * I + i);
+      for (int t = 0; t < NT; ++t) xv[t] = _mm256_loadu_ps(x + t * I + i + 8 * u);
 #pragma GCC unroll 4
-    for (int r = 0; r < kRows; ++r) {
-      __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * I + i));
-      __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+      for (int r = 0; r < R; ++r) {
+        __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * I + i + 8 * u));
+        __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 #pragma GCC unroll 4
-      for (int t = 0; t < NT; ++t) a[r][t] = _mm256_fmadd_ps(wv, xv[t], a[r][t]);
+        for (int t = 0; t < NT; ++t) a[u][r][t] = _mm256_fmadd_ps(wv, xv[t], a[u][r][t]);
+      }
     }
   }
 #pragma GCC unroll 4
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int t = 0; t < NT; ++t) {
-      __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a[r][t]), _mm256_extractf128_ps(a[r][t], 1));
+      const __m256 v = _mm256_add_ps(a[0][r][t], a[1][r][t]);
+      __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
       s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
       s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
       float s = _mm_cvtss_f32(s4);
@@ -68,33 +79,36 @@ SS_TARGET_AVX2 void int8_block_avx2(const float* x, const int8_t* w, float* acc,
   }
 }
 
-// ---------------------------------------------------------------- int8, AVX-512 (16 lanes)
-template <int NT>
-SS_TARGET_AVX512 void int8_block_avx512(const float* x, const int8_t* w, float* acc,
-                                                   int64_t I) {
-  __m512 a[kRows][NT];
+template <int R, int NT>
+SS_TARGET_AVX512 void int8_block_avx512(const float* x, const int8_t* w, float* acc, int64_t I) {
+  __m512 a[2][R][NT];
+#pragma GCC unroll 2
+  for (int u = 0; u < 2; ++u)
 #pragma GCC unroll 4
-  for (int r = 0; r < kRows; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int t = 0; t < NT; ++t) a[r][t] = _mm512_setzero_ps();
+      for (int t = 0; t < NT; ++t) a[u][r][t] = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= I; i += 16) {
-    __m512 xv[NT];
+  for (; i + 32 <= I; i += 32) {
+#pragma GCC unroll 2
+    for (int u = 0; u < 2; ++u) {
+      __m512 xv[NT];
 #pragma GCC unroll 4
-    for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(x + t * I + i);
+      for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(x + t * I + i + 16 * u);
 #pragma GCC unroll 4
-    for (int r = 0; r < kRows; ++r) {
-      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * I + i));
-      __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+      for (int r = 0; r < R; ++r) {
+        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * I + i + 16 * u));
+        __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
 #pragma GCC unroll 4
-      for (int t = 0; t < NT; ++t) a[r][t] = _mm512_fmadd_ps(wv, xv[t], a[r][t]);
+        for (int t = 0; t < NT; ++t) a[u][r][t] = _mm512_fmadd_ps(wv, xv[t], a[u][r][t]);
+      }
     }
   }
 #pragma GCC unroll 4
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int t = 0; t < NT; ++t) {
-      float s = _mm512_reduce_add_ps(a[r][t]);
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(a[0][r][t], a[1][r][t]));
       for (int64_t j = i; j < I; ++j) s += x[t * I + j] * static_cast<float>(w[r * I + j]);
       acc[r * NT + t] = s;
     }
@@ -109,8 +123,8 @@ SS_INLINE void int8_tile(const float* xt, const int8_t* w, float* acc, int64_t n
     if (rows == kRows) {
 #define SS_I8_CASE(N)                                                      \
   case N:                                                                  \
-    if constexpr (ISA == Isa::Avx512) int8_block_avx512<N>(xt, w, acc, I); \
-    else int8_block_avx2<N>(xt, w, acc, I);                                \
+    if constexpr (ISA == Isa::Avx512) int8_block_avx512<kRows, N>(xt, w, acc, I); \
+    else int8_block_avx2<kRows, N>(xt, w, acc, I);                                \
     return;
       switch (nt) {
         SS_I8_CASE(1)
