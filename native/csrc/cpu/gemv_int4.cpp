@@ -42,10 +42,9 @@ SS_INLINE void int4_row_generic(const float* x, const float* xsum, const uint8_t
 }
 
 template <int NT>
-SS_TARGET_AVX512 void int4_block_avx512(const float* x, const float* xsum,
-                                                  const uint8_t* w, const float* s,
-                                                  const float* z, int64_t I, int64_t gs,
-                                                  float* acc) {
+SS_TARGET_AVX512 void int4_block_avx512(const float* x, const float* xsum, const uint8_t* w,
+                                        const float* s, const float* z, int64_t I, int64_t gs,
+                                        float* acc) {
   // w: kRows rows of I/2 bytes; s, z: kRows rows of G. acc[r*NT + t].
   const int64_t G = I / gs;
   const __m512i lo_mask = _mm512_set1_epi32(0x0f);
@@ -59,28 +58,40 @@ SS_TARGET_AVX512 void int4_block_avx512(const float* x, const float* xsum,
       corr[r][t] = 0.f;
     }
   for (int64_t g = 0; g < G; ++g) {
-    __m512 d0[kRows][NT], d1[kRows][NT];  // low / high nibble halves: independent FMA chains
+    // four independent chains per (row, token): low / high nibbles of two consecutive runs
+    __m512 d[4][kRows][NT];
 #pragma GCC unroll 4
-    for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < 4; ++c)
 #pragma GCC unroll 4
-      for (int t = 0; t < NT; ++t) d0[r][t] = d1[r][t] = _mm512_setzero_ps();
-    for (int64_t i = g * gs; i < (g + 1) * gs; i += 32) {
-      __m512 x0[NT], x1[NT];
+      for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 4
-      for (int t = 0; t < NT; ++t) {
-        x0[t] = _mm512_loadu_ps(x + t * I + i);
-        x1[t] = _mm512_loadu_ps(x + t * I + i + 16);
-      }
+        for (int t = 0; t < NT; ++t) d[c][r][t] = _mm512_setzero_ps();
+    const float* xg = x + g * gs;
+    const uint8_t* wg = w + g * gs / 2;
+    int64_t i = 0;
+    for (; i < gs; i += 64) {  // gs is a multiple of 32; a trailing single run is handled below
+      const bool two = i + 64 <= gs;
 #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r) {
-        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * (I / 2) + i / 2));
-        __m512i v = _mm512_cvtepu8_epi32(b);
-        __m512 w0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, lo_mask));
-        __m512 w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+        const uint8_t* wr = wg + r * (I / 2) + i / 2;
+        const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr)));
+        const __m512 w00 = _mm512_cvtepi32_ps(_mm512_and_si512(v0, lo_mask));
+        const __m512 w01 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4));
 #pragma GCC unroll 4
         for (int t = 0; t < NT; ++t) {
-          d0[r][t] = _mm512_fmadd_ps(w0, x0[t], d0[r][t]);
-          d1[r][t] = _mm512_fmadd_ps(w1, x1[t], d1[r][t]);
+          d[0][r][t] = _mm512_fmadd_ps(w00, _mm512_loadu_ps(xg + t * I + i), d[0][r][t]);
+          d[1][r][t] = _mm512_fmadd_ps(w01, _mm512_loadu_ps(xg + t * I + i + 16), d[1][r][t]);
+        }
+        if (two) {
+          const __m512i v1 =
+              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + 16)));
+          const __m512 w10 = _mm512_cvtepi32_ps(_mm512_and_si512(v1, lo_mask));
+          const __m512 w11 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4));
+#pragma GCC unroll 4
+          for (int t = 0; t < NT; ++t) {
+            d[2][r][t] = _mm512_fmadd_ps(w10, _mm512_loadu_ps(xg + t * I + i + 32), d[2][r][t]);
+            d[3][r][t] = _mm512_fmadd_ps(w11, _mm512_loadu_ps(xg + t * I + i + 48), d[3][r][t]);
+          }
         }
       }
     }
@@ -91,7 +102,8 @@ SS_TARGET_AVX512 void int4_block_avx512(const float* x, const float* xsum,
       const __m512 sv = _mm512_set1_ps(sg);
 #pragma GCC unroll 4
       for (int t = 0; t < NT; ++t) {
-        a[r][t] = _mm512_fmadd_ps(_mm512_add_ps(d0[r][t], d1[r][t]), sv, a[r][t]);
+        const __m512 dd = _mm512_add_ps(_mm512_add_ps(d[0][r][t], d[1][r][t]), _mm512_add_ps(d[2][r][t], d[3][r][t]));
+        a[r][t] = _mm512_fmadd_ps(dd, sv, a[r][t]);
         corr[r][t] += sg * zg * xsum[t * G + g];
       }
     }

@@ -81,34 +81,43 @@ SS_TARGET_AVX2 void int8_block_avx2(const float* x, const int8_t* w, float* acc,
 
 template <int R, int NT>
 SS_TARGET_AVX512 void int8_block_avx512(const float* x, const int8_t* w, float* acc, int64_t I) {
-  __m512 a[2][R][NT];
-#pragma GCC unroll 2
-  for (int u = 0; u < 2; ++u)
+  constexpr int U = 4;  // accumulator sets over consecutive 16-wide vectors
+  __m512 a[U][R][NT];
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u)
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
       for (int t = 0; t < NT; ++t) a[u][r][t] = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 32 <= I; i += 32) {
-#pragma GCC unroll 2
-    for (int u = 0; u < 2; ++u) {
-      __m512 xv[NT];
+  for (; i + 16 * U <= I; i += 16 * U) {
 #pragma GCC unroll 4
-      for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(x + t * I + i + 16 * u);
+    for (int u = 0; u < U; ++u) {
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * I + i + 16 * u));
         __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
 #pragma GCC unroll 4
-        for (int t = 0; t < NT; ++t) a[u][r][t] = _mm512_fmadd_ps(wv, xv[t], a[u][r][t]);
+        for (int t = 0; t < NT; ++t)
+          a[u][r][t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * I + i + 16 * u), a[u][r][t]);
       }
+    }
+  }
+  for (; i + 16 <= I; i += 16) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * I + i));
+      __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) a[0][r][t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * I + i), a[0][r][t]);
     }
   }
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int t = 0; t < NT; ++t) {
-      float s = _mm512_reduce_add_ps(_mm512_add_ps(a[0][r][t], a[1][r][t]));
+      const __m512 v = _mm512_add_ps(_mm512_add_ps(a[0][r][t], a[1][r][t]), _mm512_add_ps(a[2][r][t], a[3][r][t]));
+      float s = _mm512_reduce_add_ps(v);
       for (int64_t j = i; j < I; ++j) s += x[t * I + j] * static_cast<float>(w[r * I + j]);
       acc[r * NT + t] = s;
     }
