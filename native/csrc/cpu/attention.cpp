@@ -1,0 +1,142 @@
+// Paged-attention decode: one query token per sequence, K/V gathered through block tables.
+// Work item = (sequence, kv head): the H/Hkv query heads of a group share each K/V row read.
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels.h"
+
+namespace shardserve {
+namespace cpu {
+namespace {
+
+template <DType DT>
+SS_INLINE float dot_q(const float* q, const void* k, int64_t off, int64_t D) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < D; ++d) s += q[d] * load_f<DT>(k, off + d);
+  return s;
+}
+
+template <DType DT>
+SS_INLINE void axpy_v(float p, const void* v, int64_t off, float* acc, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) acc[d] += p * load_f<DT>(v, off + d);
+}
+
+template <DType DT>
+SS_INLINE void attend_group(const void* q, const void* kc, const void* vc, const int32_t* table,
+                            int64_t ctx, const float* alibi, void* out, int64_t b, int64_t kh,
+                            int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale,
+                            std::vector<float>& buf) {
+  const int64_t G = H / Hkv;
+  const int64_t h0 = kh * G;
+  // buf: qf[G*D] | acc[G*D] | scores[G*ctx]
+  buf.resize(static_cast<size_t>(2 * G * D + G * ctx));
+  float* qf = buf.data();
+  float* acc = qf + G * D;
+  float* sc = acc + G * D;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) {
+      qf[g * D + d] = load_f<DT>(q, (b * H + h0 + g) * D + d) * scale;
+      acc[g * D + d] = 0.f;
+    }
+  // pass 1: scores; rows of the cache are [slot, Hkv, D]
+  for (int64_t t = 0; t < ctx; ++t) {
+    const int64_t slot = static_cast<int64_t>(table[t / bs]) * bs + t % bs;
+    const int64_t off = (slot * Hkv + kh) * D;
+    for (int64_t g = 0; g < G; ++g) {
+      float s = dot_q<DT>(qf + g * D, kc, off, D);
+      if (alibi) s += alibi[h0 + g] * static_cast<float>(t - (ctx - 1));
+      sc[g * ctx + t] = s;
+    }
+  }
+  // softmax per head, kept unnormalised until the end
+  float inv_sum[64];
+  std::vector<float> inv_big;
+  float* inv = inv_sum;
+  if (G > 64) {
+    inv_big.resize(static_cast<size_t>(G));
+    inv = inv_big.data();
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = sc + g * ctx;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < ctx; ++t) m = s[t] > m ? s[t] : m;
+    float sum = 0.f;
+    for (int64_t t = 0; t < ctx; ++t) {
+      s[t] = std::exp(s[t] - m);
+      sum += s[t];
+    }
+    inv[g] = sum > 0.f ? 1.f / sum : 0.f;
+  }
+  // pass 2: weighted sum of V
+  for (int64_t t = 0; t < ctx; ++t) {
+    const int64_t slot = static_cast<int64_t>(table[t / bs]) * bs + t % bs;
+    const int64_t off = (slot * Hkv + kh) * D;
+    for (int64_t g = 0; g < G; ++g) axpy_v<DT>(sc[g * ctx + t], vc, off, acc + g * D, D);
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d)
+      store_f<DT>(out, (b * H + h0 + g) * D + d, acc[g * D + d] * inv[g]);
+}
+
+template <DType DT>
+SS_INLINE void attention_all(const void* q, const void* kc, const void* vc, const int32_t* tables,
+                             const int32_t* lens, const float* alibi, void* out, int64_t B,
+                             int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks,
+                             float scale) {
+  const int64_t items = B * Hkv;
+#pragma omp parallel
+  {
+    std::vector<float> buf;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t b = it / Hkv, kh = it % Hkv;
+      const int64_t ctx = lens[b];
+      if (ctx <= 0) {
+        for (int64_t g = 0; g < H / Hkv; ++g)
+          for (int64_t d = 0; d < D; ++d) store_f<DT>(out, (b * H + kh * (H / Hkv) + g) * D + d, 0.f);
+        continue;
+      }
+      attend_group<DT>(q, kc, vc, tables + b * max_blocks, ctx, alibi, out, b, kh, H, Hkv, D, bs,
+                       scale, buf);
+    }
+  }
+}
+
+#define SS_ATTN_ARGS                                                                          \
+  const void *q, const void *kc, const void *vc, const int32_t *tables, const int32_t *lens,  \
+      const float *alibi, void *out, DType dt, int64_t B, int64_t H, int64_t Hkv, int64_t D, \
+      int64_t bs, int64_t mb, float scale
+#define SS_ATTN_CALL \
+  SS_DISPATCH_DTYPE(dt, attention_all<DT>(q, kc, vc, tables, lens, alibi, out, B, H, Hkv, D, bs, mb, scale))
+
+SS_TARGET_AVX512 void attention_avx512(SS_ATTN_ARGS) { SS_ATTN_CALL }
+SS_TARGET_AVX2 void attention_avx2(SS_ATTN_ARGS) { SS_ATTN_CALL }
+void attention_generic(SS_ATTN_ARGS) { SS_ATTN_CALL }
+
+}  // namespace
+
+void paged_attention_decode(const void* q, const void* k_cache, const void* v_cache,
+                            const int32_t* block_tables, const int32_t* context_lens,
+                            const float* alibi, void* out, DType dt, int64_t B, int64_t H,
+                            int64_t Hkv, int64_t D, int64_t block_size, int64_t max_blocks,
+                            float scale) {
+  switch (detect_isa()) {
+    case Isa::Avx512:
+      attention_avx512(q, k_cache, v_cache, block_tables, context_lens, alibi, out, dt, B, H, Hkv,
+                       D, block_size, max_blocks, scale);
+      break;
+    case Isa::Avx2:
+      attention_avx2(q, k_cache, v_cache, block_tables, context_lens, alibi, out, dt, B, H, Hkv, D,
+                     block_size, max_blocks, scale);
+      break;
+    default:
+      attention_generic(q, k_cache, v_cache, block_tables, context_lens, alibi, out, dt, B, H, Hkv,
+                        D, block_size, max_blocks, scale);
+  }
+}
+
+}  // namespace cpu
+}  // namespace shardserve

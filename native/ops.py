@@ -1,0 +1,233 @@
+"""Kernel API used by the worker: the native extension where it is built for the device, the
+plain-torch reference (native/reference.py) otherwise.
+
+The CPU choice is made once at import: the library built by `make native` (native/build.py) is
+loaded only if its stamp matches the current sources and torch, then every kernel is run once on
+small inputs against its reference (self-check). Any failure logs a warning and selects the torch
+path; it never raises. KERNEL_PATH says what CPU tensors get ("native" or "torch"); for other
+devices ask kernel_path(device) (the CUDA library is tried on first use). SHARDSERVE_NATIVE=0
+forces the torch path everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from native import reference
+
+log = logging.getLogger("shardserve.native")
+
+_LIB_NAMESPACE = {"cpu": "shardserve_cpu", "cuda": "shardserve_cuda"}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What one device type runs: `ops` is the torch.ops namespace, or None for the torch path."""
+
+    device_type: str
+    ops: object | None
+    detail: str  # ISA / reason, for the log line
+
+    @property
+    def path(self) -> str:
+        return "native" if self.ops is not None else "torch"
+
+
+_backends: dict[str, Backend] = {}
+_lock = threading.Lock()
+
+
+def _library_ops(device_type: str):
+    """Loads the built library for `device_type`; returns its ops namespace or raises."""
+    from native import build
+
+    if not build.is_current(device_type):
+        where = build.library_path(device_type)
+        state = "stale" if where.exists() else "not built"
+        raise RuntimeError(f"{device_type} extension {state} ({where}); run `make native`")
+    torch.ops.load_library(str(build.library_path(device_type)))
+    return getattr(torch.ops, _LIB_NAMESPACE[device_type])
+
+
+def _resolve(device_type: str) -> Backend:
+    if os.environ.get("SHARDSERVE_NATIVE", "1").lower() in {"0", "off", "false", "no"}:
+        return Backend(device_type, None, "disabled by SHARDSERVE_NATIVE")
+    if device_type not in _LIB_NAMESPACE:
+        return Backend(device_type, None, "no native kernels for this device type")
+    try:
+        ns = _library_ops(device_type)
+        from native.selfcheck import self_check
+
+        self_check(ns, torch.device(device_type))
+        detail = ns.isa() if device_type == "cpu" else "cuda"
+        return Backend(device_type, ns, detail)
+    except Exception as exc:  # noqa: BLE001 - any failure at start means the torch path
+        if isinstance(exc, RuntimeError) and "run `make native`" in str(exc):
+            log.info("native kernels unavailable for %s: %s", device_type, exc)
+        else:
+            log.warning("native %s kernels failed their start-up check, using torch: %s", device_type, exc)
+        return Backend(device_type, None, str(exc).splitlines()[0] if str(exc) else repr(exc))
+
+
+def backend(device: torch.device | str) -> Backend:
+    """The backend for a device, resolved (and logged) once per device type."""
+    device_type = torch.device(device).type
+    found = _backends.get(device_type)
+    if found is not None:
+        return found
+    with _lock:
+        if device_type not in _backends:
+            chosen = _resolve(device_type)
+            _backends[device_type] = chosen
+            log.info("kernel path for %s: %s (%s)", device_type, chosen.path, chosen.detail)
+        return _backends[device_type]
+
+
+def kernel_path(device: torch.device | str = "cpu") -> str:
+    """ "native" or "torch": what kernels on `device` run."""
+    return backend(device).path
+
+
+def _force(device_type: str, chosen: Backend) -> None:
+    """Test hook: pin the backend of a device type."""
+    with _lock:
+        _backends[device_type] = chosen
+
+
+def _ops_for(t: torch.Tensor):
+    return backend(t.device).ops
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def paged_attention_decode(
+    q: torch.Tensor,  # [B, H, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    context_lens: torch.Tensor,  # [B] int32, includes the current token
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,  # [H]
+) -> torch.Tensor:  # [B, H, D]
+    ops = _ops_for(q)
+    if ops is None:
+        return reference.paged_attention_decode(
+            q, k_cache, v_cache, block_tables, context_lens, scale, alibi_slopes
+        )
+    return ops.paged_attention_decode(
+        q, k_cache, v_cache, block_tables, context_lens, float(scale), alibi_slopes
+    )
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, residual_out): residual_out = x + residual (or x), out = rmsnorm(residual_out) * w."""
+    ops = _ops_for(x)
+    if ops is None:
+        return reference.fused_add_rms_norm(x, residual, weight, eps)
+    return ops.fused_add_rms_norm(x, residual, weight, float(eps))
+
+
+def fused_add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ops = _ops_for(x)
+    if ops is None:
+        return reference.fused_add_layer_norm(x, residual, weight, bias, eps)
+    return ops.fused_add_layer_norm(x, residual, weight, bias, float(eps))
+
+
+def rotary_cache_write(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    positions: torch.Tensor,  # [T] int64
+    cos_sin_cache: torch.Tensor,  # [max_pos, rot_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], written
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64; < 0 skips
+    is_neox: bool,
+    rot_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (q_rot, k_rot)
+    ops = _ops_for(q)
+    if ops is None or k_cache.dtype != q.dtype or not k_cache.is_contiguous():
+        return reference.rotary_cache_write(
+            q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, is_neox, rot_dim
+        )
+    return ops.rotary_cache_write(
+        q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, bool(is_neox), int(rot_dim)
+    )
+
+
+quantize_int8 = reference.quantize_int8
+quantize_int4 = reference.quantize_int4
+
+
+def int8_linear(
+    x: torch.Tensor,  # [..., in]
+    qw: torch.Tensor,  # [out, in] int8
+    scales: torch.Tensor,  # [out] fp32
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:  # [..., out]
+    ops = _ops_for(x)
+    if ops is None:
+        return reference.int8_linear(x, qw, scales, bias)
+    return ops.int8_linear(x, qw, scales, bias)
+
+
+def int4_linear(
+    x: torch.Tensor,  # [..., in]
+    packed: torch.Tensor,  # [out, in/2] uint8 (layout: reference.pack_int4)
+    scales: torch.Tensor,  # [out, in/group_size]
+    zeros: torch.Tensor | None,  # [out, in/group_size] or None (= 8)
+    bias: torch.Tensor | None = None,
+    group_size: int = 128,
+) -> torch.Tensor:  # [..., out]
+    ops = _ops_for(x)
+    if ops is None:
+        return reference.int4_linear(x, packed, scales, zeros, bias, group_size)
+    return ops.int4_linear(x, packed, scales, zeros, bias, int(group_size))
+
+
+def _row_param(values, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=dtype).flatten().cpu()
+    if t.numel() == 1 and batch != 1:
+        t = t.expand(batch)
+    if t.numel() != batch:
+        raise ValueError(f"expected {batch} per-row values, got {t.numel()}")
+    return t
+
+
+def sample_top_k_top_p(
+    logits: torch.Tensor,  # [B, V] fp32
+    temperature: torch.Tensor | Sequence[float],  # [B]; 0 = greedy
+    top_k: torch.Tensor | Sequence[int],  # [B]; 0 = off
+    top_p: torch.Tensor | Sequence[float],  # [B]; 1 = off
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:  # [B] int64 on logits.device
+    """One token per row; each row consumes one uniform from its own generator (see reference)."""
+    batch = logits.shape[0]
+    uniforms = reference.draw_uniforms(batch, list(generators))
+    temperature = _row_param(temperature, batch, torch.float32)
+    top_k = _row_param(top_k, batch, torch.int64)
+    top_p = _row_param(top_p, batch, torch.float32)
+    ops = _ops_for(logits)
+    if ops is None:
+        return reference.sample_with_uniforms(logits, temperature, top_k, top_p, uniforms)
+    dev = logits.device
+    return ops.sample_top_k_top_p(logits, temperature.to(dev), top_k.to(dev), top_p.to(dev), uniforms.to(dev))
+
+
+KERNEL_PATH: str = kernel_path("cpu")

@@ -1,0 +1,258 @@
+"""Plain-torch twins of every native kernel: the specification and the fallback path.
+
+Each function has the same signature and semantics as its native counterpart in ops.py; tests
+compare the two on random inputs. Shapes in comments: T tokens, B sequences, H query heads,
+Hkv kv heads, D head dim, N hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def paged_attention_decode(
+    q: torch.Tensor,  # [B, H, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    context_lens: torch.Tensor,  # [B] int32, includes the current token
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,  # [H]
+) -> torch.Tensor:  # [B, H, D]
+    B, H, D = q.shape
+    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = H // Hkv
+    out = torch.zeros_like(q)
+    flat_k = k_cache.reshape(-1, Hkv, D)
+    flat_v = v_cache.reshape(-1, Hkv, D)
+    for b in range(B):
+        n = int(context_lens[b])
+        if n <= 0:
+            continue
+        pos = torch.arange(n, device=q.device)
+        slots = block_tables[b, pos // block_size].long() * block_size + pos % block_size
+        k = flat_k[slots].float().repeat_interleave(group, dim=1)  # [n, H, D]
+        v = flat_v[slots].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[b].float() * scale, k)  # [H, n]
+        if alibi_slopes is not None:
+            scores = scores + alibi_slopes.float()[:, None] * (pos - (n - 1)).float()[None, :]
+        probs = torch.softmax(scores, dim=-1)
+        out[b] = torch.einsum("hn,nhd->hd", probs, v).to(q.dtype)
+    return out
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor,  # [T, N]
+    residual: torch.Tensor | None,  # [T, N]
+    weight: torch.Tensor,  # [N]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual_out = x + residual (in x's dtype); out = weight * rmsnorm(residual_out) (HF Llama)."""
+    r = x if residual is None else x + residual.to(x.dtype)
+    h = r.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.to(x.dtype) * h.to(x.dtype), r.clone() if residual is None else r
+
+
+def fused_add_layer_norm(
+    x: torch.Tensor,  # [T, N]
+    residual: torch.Tensor | None,  # [T, N]
+    weight: torch.Tensor,  # [N]
+    bias: torch.Tensor | None,  # [N]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual_out = x + residual; out = layer_norm(residual_out) * weight + bias, in fp32."""
+    r = x if residual is None else x + residual.to(x.dtype)
+    b = None if bias is None else bias.float()
+    out = torch.nn.functional.layer_norm(r.float(), (r.shape[-1],), weight.float(), b, eps)
+    return out.to(x.dtype), r.clone() if residual is None else r
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    # x: [T, heads, rot_dim] fp32; cos, sin: [T, 1, rot_dim/2]
+    if is_neox:  # rotate-half (HF Llama / GPT-NeoX)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # interleaved pairs (GPT-J)
+    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+
+
+def rotary_cache_write(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    positions: torch.Tensor,  # [T] int64
+    cos_sin_cache: torch.Tensor,  # [max_pos, rot_dim]: cos half, then sin half
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], written in place
+    v_cache: torch.Tensor,  # same
+    slot_mapping: torch.Tensor,  # [T] int64, slot = block * block_size + offset; < 0 skips
+    is_neox: bool,
+    rot_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (q_rot [T,H,D], k_rot [T,Hkv,D])
+    cs = cos_sin_cache[positions.long()].float()  # [T, rot_dim]
+    cos, sin = cs[:, None, : rot_dim // 2], cs[:, None, rot_dim // 2 :]
+    q_rot, k_rot = q.clone(), k.clone()
+    q_rot[..., :rot_dim] = _rotate(q[..., :rot_dim].float(), cos, sin, is_neox).to(q.dtype)
+    k_rot[..., :rot_dim] = _rotate(k[..., :rot_dim].float(), cos, sin, is_neox).to(k.dtype)
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    Hkv, D = k.shape[1], k.shape[2]
+    k_cache.view(-1, Hkv, D)[slots[keep]] = k_rot[keep].to(k_cache.dtype)
+    v_cache.view(-1, Hkv, D)[slots[keep]] = v[keep].to(v_cache.dtype)
+    return q_rot, k_rot
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: w ~= qw * scales[:, None]. w: [out, in]."""
+    wf = w.float()
+    scales = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [out]
+    qw = torch.round(wf / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return qw, scales
+
+
+def int8_linear(
+    x: torch.Tensor,  # [..., in]
+    qw: torch.Tensor,  # [out, in] int8
+    scales: torch.Tensor,  # [out] fp32
+    bias: torch.Tensor | None = None,  # [out]
+) -> torch.Tensor:  # [..., out], x's dtype
+    y = torch.nn.functional.linear(x.float(), qw.float()) * scales.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def quantize_int4(
+    w: torch.Tensor, group_size: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Asymmetric group-wise int4: w ~= (q - zeros) * scales per group of `group_size` inputs.
+
+    Returns packed uint8 [out, in/2] (in each run of 32 weights, byte j holds weight j in its low
+    nibble and weight j+16 in its high nibble: the layout the CPU kernel unpacks fastest), and
+    scales, zeros fp32 [out, in/group_size].
+    """
+    out_f, in_f = w.shape
+    if group_size % 32 or in_f % group_size:
+        raise ValueError(f"group_size {group_size} must be a multiple of 32 dividing {in_f}")
+    g = w.float().reshape(out_f, in_f // group_size, group_size)
+    lo = g.amin(dim=-1).clamp(max=0.0)
+    hi = g.amax(dim=-1).clamp(min=0.0)
+    scales = ((hi - lo) / 15.0).clamp(min=1e-12)
+    zeros = torch.round(-lo / scales).clamp(0, 15)
+    q = torch.round(g / scales[..., None] + zeros[..., None]).clamp(0, 15).to(torch.uint8)
+    return pack_int4(q.reshape(out_f, in_f)), scales, zeros
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q: [out, in] values 0..15 -> packed uint8 [out, in/2] in the 32-run layout above."""
+    out_f, in_f = q.shape
+    runs = q.to(torch.uint8).reshape(out_f, in_f // 32, 2, 16)
+    return (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(out_f, in_f // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: [out, in/2] uint8 -> [out, in] uint8 values 0..15."""
+    out_f, half = packed.shape
+    runs = packed.reshape(out_f, half // 16, 16)
+    return torch.stack([runs & 15, runs >> 4], dim=2).reshape(out_f, half * 2)
+
+
+def int4_dequantize(
+    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """[out, in] fp32 weight; zeros None means 8 (symmetric)."""
+    q = unpack_int4(packed).float()
+    out_f, in_f = q.shape
+    z = torch.full_like(scales, 8.0) if zeros is None else zeros.float()
+    g = q.reshape(out_f, in_f // group_size, group_size)
+    return ((g - z[..., None]) * scales.float()[..., None]).reshape(out_f, in_f)
+
+
+def int4_linear(
+    x: torch.Tensor,  # [..., in]
+    packed: torch.Tensor,  # [out, in/2] uint8
+    scales: torch.Tensor,  # [out, in/group_size]
+    zeros: torch.Tensor | None,  # [out, in/group_size] or None (= 8)
+    bias: torch.Tensor | None = None,
+    group_size: int = 128,
+) -> torch.Tensor:  # [..., out], x's dtype
+    w = int4_dequantize(packed, scales, zeros, group_size)
+    y = torch.nn.functional.linear(x.float(), w)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def draw_uniforms(batch: int, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One float64 uniform in [0, 1) per row from that row's generator (None: torch's default).
+
+    Each call consumes exactly one draw from each row's generator, greedy rows included, so a
+    row's stream never depends on the other rows of the batch.
+    """
+    if len(generators) != batch:
+        raise ValueError(f"need one generator per row: {len(generators)} for {batch} rows")
+    draws = [
+        torch.rand((), generator=g, dtype=torch.float64, device=g.device if g is not None else "cpu")
+        for g in generators
+    ]
+    return torch.stack([d.cpu() for d in draws]) if draws else torch.empty(0, dtype=torch.float64)
+
+
+def sample_with_uniforms(
+    logits: torch.Tensor,  # [B, V]
+    temperature: torch.Tensor,  # [B]; <= 0 means greedy
+    top_k: torch.Tensor,  # [B] int; 0 (or >= V) means off
+    top_p: torch.Tensor,  # [B]; >= 1 means off
+    uniforms: torch.Tensor,  # [B] float64 in [0, 1)
+) -> torch.Tensor:  # [B] int64
+    """The sampling specification, row by row in float64.
+
+    z = logits / temperature. Order tokens by z descending, ties by lower id. Keep the first
+    top_k. p = softmax of z over the kept set. If top_p < 1, keep (in that order) each token whose
+    preceding probability mass is < top_p (at least one). Then walk kept tokens in id order and
+    return the first whose running mass exceeds uniform * (kept mass); else the last kept.
+    """
+    B, V = logits.shape
+    out = torch.empty(B, dtype=torch.int64)
+    for b in range(B):
+        row = logits[b].float().cpu()
+        t = float(temperature[b])
+        if not t > 0.0:
+            out[b] = int(torch.argmax(row))
+            continue
+        z = row.double() / float(torch.tensor(t, dtype=torch.float32))
+        zmax = z.max()
+        order = torch.sort(z, descending=True, stable=True).indices
+        k = int(top_k[b])
+        keep = torch.zeros(V, dtype=torch.bool)
+        if 0 < k < V:
+            keep[order[:k]] = True
+            order = order[:k]
+        else:
+            keep[:] = True
+        e = torch.exp(z - zmax)
+        p = e / e[keep].sum()
+        tp = float(torch.tensor(float(top_p[b]), dtype=torch.float32))
+        if tp < 1.0:
+            ps = p[order]
+            before = torch.cat([ps.new_zeros(1), torch.cumsum(ps, 0)[:-1]])  # mass before each
+            m = max(1, int((before < tp).sum()))
+            keep[:] = False
+            keep[order[:m]] = True
+        ids = torch.nonzero(keep).flatten()
+        cum = torch.cumsum(p[ids], 0)
+        target = float(uniforms[b]) * float(cum[-1])
+        hit = torch.nonzero(cum > target).flatten()
+        out[b] = int(ids[hit[0]]) if len(hit) else int(ids[-1])
+    return out.to(logits.device)
+
+
+def sample_top_k_top_p(
+    logits: torch.Tensor,  # [B, V] fp32
+    temperature: torch.Tensor,  # [B]
+    top_k: torch.Tensor,  # [B] int, 0 = off
+    top_p: torch.Tensor,  # [B], 1 = off
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:  # [B] int64
+    uniforms = draw_uniforms(logits.shape[0], generators)
+    return sample_with_uniforms(logits, temperature, top_k, top_p, uniforms)
