@@ -102,7 +102,8 @@ def start_server(model_dir: Path, device: str, tp: int, cache: Path, timeout: fl
            "--shutdown-grace", "5"]
     RESULT["server_cmd"] = " ".join(cmd)
     _server = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                   filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     deadline = time.monotonic() + timeout
     t0 = time.monotonic()
     while time.monotonic() < deadline:
