@@ -55,6 +55,7 @@ class ReplicaSpec:
     collective_timeout_s: float = 60.0  # a collective waiting longer fails and ends the rank
     watchdog_s: float = 120.0  # no engine step for this long while requests wait = hung group
     restart_backoff_s: float = 0.5  # first restart delay; doubles per restart, at most 30 s
+    quantize: str | None = None  # None | "int8" | "int4": weight-only quantization (worker --quantize)
 
     @property
     def tp(self) -> int:
@@ -81,6 +82,8 @@ class ReplicaSpec:
             "--rank", str(rank.rank), "--tp", str(self.tp), "--pp", str(self.pp),
             "--master-port", str(master_port), "--collective-timeout", str(self.collective_timeout_s),
         ]
+        if self.quantize:
+            args += ["--quantize", self.quantize]
         if self.stage_layers:
             args += ["--stage-layers", ",".join(str(n) for n in self.stage_layers)]
         if rank.cpus:

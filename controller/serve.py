@@ -355,6 +355,8 @@ def register(sub) -> None:
     p.add_argument("--http-port", type=int, default=8080, help="HTTP port: health, metrics, /ping, /invocations")
     p.add_argument("--cache-dir", default=None, help="downloads, partitions, the demo model")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the linear layers (default: option.quantize, none)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = all cores)")

@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--master-port", type=int, default=0, help="rendezvous port on 127.0.0.1 (0 = no process group)")
     p.add_argument("--collective-timeout", type=float, default=60.0, help="seconds before a collective fails")
     p.add_argument("--stage-layers", default="", help="layers per pipeline stage, e.g. 3,2 (default balanced)")
+    p.add_argument("--quantize", default="", choices=["", "int8", "int4"], help="weight-only quantization of the linear layers")
     p.add_argument("--cpus", default="", help="CPU cores this rank may use, e.g. 0,1 (default: all)")
     return p.parse_args(argv)
 
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
         model_dir=args.model_dir, dtype=args.dtype, device=args.device, block_size=args.block_size,
         kv_cache_bytes=args.kv_cache_bytes, num_kv_blocks=args.num_kv_blocks,
         max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-        max_model_len=args.max_model_len,
+        max_model_len=args.max_model_len, quantize=args.quantize or None,
     )
     engine = build_engine(config)
     engine.runner.on_fatal = fatal_exit
@@ -127,6 +128,7 @@ def main(argv=None) -> int:
         "encoder_decoder": bool(getattr(mc, "is_encoder_decoder", False)),
         "tp": args.tp,
         "pp": args.pp,
+        "kernel_path": engine.kernel_path,
         "ranks": [{"rank": r, "device": args.device if r == 0 else "", "parameter_bytes": pb,
                    "kv_cache_bytes": kb} for r, (pb, kb) in enumerate(facts)],
     }

@@ -7,10 +7,12 @@ import time
 
 import torch
 
+from native import ops
 from worker.distributed import get_parallel_state
 from worker.engine.engine import Engine, EngineConfig
 from worker.engine.pipeline import agree_num_blocks, prune_for_stage
 from worker.engine.sequence import Sampling
+from worker.layers.linear import quantize_model
 from worker.loader import load_config, load_partition, load_weights
 from worker.models.registry import max_positions, model_class
 
@@ -25,6 +27,8 @@ def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
 def build_engine(config: EngineConfig) -> Engine:
     phases: dict[str, float] = {}
     t0 = time.monotonic()
+    kernels = ops.backend(config.device)  # resolved once: the extension if built and self-checked, else torch
+    log.info("kernel path: %s (%s)", kernels.path, kernels.detail)
     model_config = load_config(config.model_dir)
     cls = model_class(model_config)
     dtype = config.torch_dtype
@@ -37,6 +41,10 @@ def build_engine(config: EngineConfig) -> Engine:
     model.eval()
     prune_for_stage(model)  # pipeline stages drop the embedding / LM head they never run
     param_bytes = load_rank_weights(model, config.model_dir)
+    if config.quantize:
+        before, param_bytes, layers = quantize_model(model, config.quantize)
+        log.info("quantized %d linear layers to %s: %.2f MB -> %.2f MB of parameters (this rank)",
+                 layers, config.quantize, before / 1e6, param_bytes / 1e6)
     phases["load"] = time.monotonic() - t0
     max_len = config.max_model_len or max_positions(model_config)
     per_block = kv_bytes_per_block(model, config.block_size, dtype)
@@ -60,9 +68,20 @@ def build_engine(config: EngineConfig) -> Engine:
     t1 = time.monotonic()
     st = get_parallel_state()
     if not st.distributed or st.rank == 0:  # with a process group the other ranks join from their loop
-        warm_up(engine)
+        try:
+            warm_up(engine)
+        except Exception as exc:  # noqa: BLE001 - a native kernel failing at start means the torch path
+            if kernels.path != "native" or st.distributed:
+                raise
+            log.warning("warm-up failed on the native kernels, falling back to torch: %s", exc)
+            kernels = ops.Backend(kernels.device_type, None, f"native failed at warm-up: {exc}")
+            ops._force(kernels.device_type, kernels)
+            engine = Engine(model, model_config, config, num_blocks)
+            engine.param_bytes = param_bytes
+            warm_up(engine)
     phases["warmup"] = time.monotonic() - t1
     engine.stats.load_phases = phases
+    engine.kernel_path = kernels.path
     return engine
 
 

@@ -40,6 +40,7 @@ class EngineConfig:
     max_batch_size: int = 32
     max_batch_tokens: int = 2048
     max_model_len: int = 0  # 0 = the model config's max_position_embeddings
+    quantize: str | None = None  # None | "int8" | "int4": weight-only, tensor-parallel linear layers
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -4,17 +4,86 @@ Each parameter carries `weight_loader(param, loaded, shard_id)`, where `loaded` 
 checkpoint tensor or a lazy safetensors slice of it (anything supporting `get_shape()`/`.shape`
 and slicing); the loader reads only this rank's part and checks the full shape first.
 Weights are [out_features, in_features] as in torch.nn.Linear.
+
+Weight-only quantization (`quantize_model`, after the weights are loaded): the tensor-parallel
+layers (column, QKV, row) replace their weight with this rank's int8 (per output channel) or int4
+(per group of inputs) copy and multiply through native/ops (the extension, or its torch twin).
+Embeddings, the LM head and ReplicatedLinear stay in the load dtype.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from native import ops
 from worker.distributed import divide, tp_all_gather_last_dim, tp_all_reduce, tp_rank, tp_size
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_METHODS = ("int8", "int4")
+INT4_GROUP_SIZES = (128, 64, 32)  # the first that divides in_features is used
+
+
+class QuantizableLinear(nn.Module):
+    """`_matmul(x, bias)` = x @ W.T (+ bias) with W full precision, int8 or int4 (after quantize_)."""
+
+    quant: str | None = None  # None | "int8" | "int4"
+    group_size: int = 0  # int4 only
+
+    def quantize_(self, method: str) -> bool:
+        """Replace `weight` with its quantized form (in place); False if the shape does not allow it."""
+        if method not in QUANTIZE_METHODS:
+            raise ValueError(f"quantize={method!r}: expected one of {', '.join(QUANTIZE_METHODS)}")
+        w = self.weight.data
+        if method == "int8":
+            qw, scales = ops.quantize_int8(w)
+            self.register_buffer("qweight", qw.contiguous(), persistent=False)  # [out, in] int8
+            self.register_buffer("scales", scales.contiguous(), persistent=False)  # [out] fp32
+        else:
+            group = next((g for g in INT4_GROUP_SIZES if w.shape[1] % g == 0), 0)
+            if not group:
+                log.warning("%s [%d x %d]: no int4 group size divides %d inputs; left unquantized",
+                            type(self).__name__, w.shape[0], w.shape[1], w.shape[1])
+                return False
+            packed, scales, zeros = ops.quantize_int4(w, group)
+            self.register_buffer("qweight", packed.contiguous(), persistent=False)  # [out, in/2] uint8
+            self.register_buffer("scales", scales.contiguous(), persistent=False)  # [out, in/group]
+            self.register_buffer("zeros", None if zeros is None else zeros.contiguous(), persistent=False)
+            self.group_size = group
+        del self.weight
+        self.quant = method
+        return True
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant is None:
+            return F.linear(x, self.weight, bias)
+        if self.quant == "int8":
+            return ops.int8_linear(x, self.qweight, self.scales, bias)
+        return ops.int4_linear(x, self.qweight, self.scales, self.zeros, bias, self.group_size)
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t is not None and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def quantize_model(model: nn.Module, method: str) -> tuple[int, int, int]:
+    """Quantize every tensor-parallel linear layer of a loaded model in place.
+
+    Returns (bytes before, bytes after, layers quantized); bytes are all parameters and buffers."""
+    before = tensor_bytes(model)
+    done = sum(1 for m in list(model.modules()) if isinstance(m, QuantizableLinear) and m.quantize_(method))
+    return before, tensor_bytes(model), done
 
 
 def full_shape(loaded) -> tuple[int, ...]:
@@ -60,7 +129,7 @@ class ReplicatedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(QuantizableLinear):
     """Output features split over ranks: y[..., rank part] = x @ W[rank rows].T.
 
     `output_sizes` lists the logical matrices packed along the output dim (e.g. gate and up);
@@ -100,7 +169,7 @@ class ColumnParallelLinear(nn.Module):
         copy_into(param.data[offset:offset + n], materialize(loaded, slice(start, start + n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self._matmul(x, self.bias)
         return tp_all_gather_last_dim(y) if self.gather_output else y
 
 
@@ -141,7 +210,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         copy_into(param.data[offset:offset + n], materialize(loaded, slice(start, start + n)))
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(QuantizableLinear):
     """Input features split over ranks; partial products summed with an all-reduce; bias added once."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -162,5 +231,5 @@ class RowParallelLinear(nn.Module):
         copy_into(param, materialize(loaded, (slice(None), slice(start, start + self.in_per_rank))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tp_all_reduce(F.linear(x, self.weight))
+        y = tp_all_reduce(self._matmul(x, None))
         return y if self.bias is None else y + self.bias
