@@ -154,7 +154,7 @@ class GenerationService(gpb_grpc.GenerationServicer):
 
     def Generate(self, request: gpb.GenerateRequest, context):
         arrival = time.monotonic()
-        name = request.model
+        name = ""  # metrics label only served model names: a client's unknown name is not a series
         try:
             entry = self.router.get(request.model)
             name = entry.name
@@ -187,7 +187,7 @@ class GenerationService(gpb_grpc.GenerationServicer):
 
     def GenerateStream(self, request: gpb.GenerateStreamRequest, context):
         arrival = time.monotonic()
-        name = request.model
+        name = ""  # metrics label only served model names: a client's unknown name is not a series
         try:
             entry = self.router.get(request.model)
             name = entry.name

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
+
 # moto does not check signatures; any non-empty pair works. Region is fixed so URLs are predictable.
 TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -256,3 +258,29 @@ class FaultProxy(ThreadingHTTPServer):
 def dump_seen(proxy: FaultProxy) -> str:
     """The proxy's log as JSON lines, for assertion messages."""
     return "\n".join(json.dumps(s.__dict__) for s in proxy.seen())
+
+
+BUCKET = "models"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def aws_env(tmp_path_factory):
+    """Credentials for the local server only; no user AWS config can leak in."""
+    home = tmp_path_factory.mktemp("aws")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+            mp.delenv(name, raising=False)
+        for name, value in TEST_ENV.items():
+            mp.setenv(name, value)
+        mp.setenv("AWS_CONFIG_FILE", str(home / "config"))
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        yield
+
+
+@pytest.fixture(scope="module")
+def s3(aws_env, tmp_path_factory):
+    """A moto S3 server on loopback with the bucket BUCKET."""
+    with MotoServer(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        server.client().create_bucket(Bucket=BUCKET)
+        yield server

