@@ -13,7 +13,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import yaml
 
 from controller.metrics import LOAD_PHASES, Metrics
 from controller.stats import RequestRecord
+from shardserve.v1.worker_pb2 import EngineStats
 from tests.integration.prom import (
     dashboard_exprs,
     evaluate_dashboard,
@@ -38,20 +38,6 @@ MODEL = "demo"
 DATA_DEADLINE_S = 60.0
 
 
-@dataclass
-class FakeEngineStats:
-    running: int = 0
-    waiting: int = 0
-    batch_size: int = 0
-    batch_tokens: int = 0
-    kv_blocks_total: int = 0
-    kv_blocks_used: int = 0
-    preemptions_total: int = 0
-    steps_total: int = 0
-    prompt_tokens_total: int = 0
-    generated_tokens_total: int = 0
-
-
 class SyntheticTraffic:
     """Feeds Metrics as the controller would, every `period_s`, until stopped."""
 
@@ -59,7 +45,7 @@ class SyntheticTraffic:
         self.metrics, self.period_s = metrics, period_s
         self.stop = threading.Event()
         self.rng = random.Random(0)
-        self.totals = {r: FakeEngineStats(kv_blocks_total=512) for r in ("r0", "r1")}
+        self.totals = {r: EngineStats(kv_blocks_total=512) for r in ("r0", "r1")}
         self.ticks = 0
         self.thread = threading.Thread(target=self.run, name="synthetic-traffic", daemon=True)
 

@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.metrics import LATENCY_BUCKETS, LENGTH_BUCKETS, TPOT_BUCKETS, Metrics
 from controller.stats import RequestRecord
+from shardserve.v1.worker_pb2 import EngineStats
 
-
-@dataclass
-class Stats:
-    """Stands in for the EngineStats proto: same attribute names, plain values."""
-
-    running: int = 0
-    waiting: int = 0
-    batch_size: int = 0
-    batch_tokens: int = 0
-    kv_blocks_total: int = 0
-    kv_blocks_used: int = 0
-    preemptions_total: int = 0
-    steps_total: int = 0
-    prompt_tokens_total: int = 0
-    generated_tokens_total: int = 0
+# The controller feeds the worker's EngineStats proto as it arrives in a Status reply.
+Stats = EngineStats
 
 
 def value(m: Metrics, name: str, **labels) -> float | None:
