@@ -31,6 +31,9 @@ CPU_LDFLAGS = ["-fopenmp"]
 CUDA_CFLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
 
+SHARED_INCLUDE = Path(__file__).resolve().parent / "include"  # headers both backends include
+
+
 def cpu_sources() -> list[Path]:
     return sorted(CPU_SRC.glob("*.cpp"))
 
@@ -42,7 +45,7 @@ def cuda_sources() -> list[Path]:
 def source_hash(paths: list[Path], extra: str = "") -> str:
     """sha256 over every source and header in the folders of `paths`, plus the flags."""
     h = hashlib.sha256(extra.encode())
-    folders = sorted({p.parent for p in paths})
+    folders = sorted({p.parent for p in paths} | {SHARED_INCLUDE})
     for folder in folders:
         for f in sorted(folder.iterdir()):
             if f.suffix in {".cpp", ".h", ".cu", ".cuh"}:

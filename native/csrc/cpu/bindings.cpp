@@ -1,5 +1,6 @@
 // torch bindings of the CPU kernels: op namespace torch.ops.shardserve_cpu.
 // Checks shapes and dtypes, makes inputs contiguous, then calls the raw-pointer kernels.
+#include "../../include/op_schemas.h"
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -264,29 +265,12 @@ std::string isa_op() { return isa_name(detect_isa()); }
 
 TORCH_LIBRARY(shardserve_cpu, m) {
   using namespace shardserve::cpu;
-  m.def(
-      "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor context_lens, float scale, Tensor? alibi_slopes) -> Tensor",
-      &paged_attention_decode_op);
-  m.def("fused_add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)",
-        &fused_add_rms_norm_op);
-  m.def(
-      "fused_add_layer_norm(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps) -> "
-      "(Tensor, Tensor)",
-      &fused_add_layer_norm_op);
-  m.def(
-      "rotary_cache_write(Tensor q, Tensor k, Tensor v, Tensor positions, Tensor cos_sin_cache, "
-      "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, bool is_neox, int rot_dim) -> "
-      "(Tensor, Tensor)",
-      &rotary_cache_write_op);
-  m.def("int8_linear(Tensor x, Tensor qw, Tensor scales, Tensor? bias) -> Tensor", &int8_linear_op);
-  m.def(
-      "int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, "
-      "int group_size) -> Tensor",
-      &int4_linear_op);
-  m.def(
-      "sample_top_k_top_p(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, "
-      "Tensor uniforms) -> Tensor",
-      &sample_top_k_top_p_op);
-  m.def("isa() -> str", &isa_op);
+  m.def(shardserve::schema::kPagedAttentionDecode, &paged_attention_decode_op);
+  m.def(shardserve::schema::kFusedAddRmsNorm, &fused_add_rms_norm_op);
+  m.def(shardserve::schema::kFusedAddLayerNorm, &fused_add_layer_norm_op);
+  m.def(shardserve::schema::kRotaryCacheWrite, &rotary_cache_write_op);
+  m.def(shardserve::schema::kInt8Linear, &int8_linear_op);
+  m.def(shardserve::schema::kInt4Linear, &int4_linear_op);
+  m.def(shardserve::schema::kSampleTopKTopP, &sample_top_k_top_p_op);
+  m.def(shardserve::schema::kIsa, &isa_op);
 }
