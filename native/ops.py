@@ -94,6 +94,12 @@ def kernel_path(device: torch.device | str = "cpu") -> str:
     return backend(device).path
 
 
+def is_native(device: torch.device | str) -> bool:
+    """Whether tensors on `device` run the native kernels (callers keep their own fast torch code
+    for the other case: the references below are written for clarity, not speed)."""
+    return backend(device).ops is not None
+
+
 def _force(device_type: str, chosen: Backend) -> None:
     """Test hook: pin the backend of a device type."""
     with _lock:

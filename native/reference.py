@@ -205,7 +205,7 @@ def sample_with_uniforms(
     top_p: torch.Tensor,  # [B]; >= 1 means off
     uniforms: torch.Tensor,  # [B] float64 in [0, 1)
 ) -> torch.Tensor:  # [B] int64
-    """The sampling specification, row by row in float64.
+    """The sampling specification, in float64 (vectorised over rows; each row on its own).
 
     z = logits / temperature. Order tokens by z descending, ties by lower id. Keep the first
     top_k. p = softmax of z over the kept set. If top_p < 1, keep (in that order) each token whose
@@ -213,37 +213,29 @@ def sample_with_uniforms(
     return the first whose running mass exceeds uniform * (kept mass); else the last kept.
     """
     B, V = logits.shape
-    out = torch.empty(B, dtype=torch.int64)
-    for b in range(B):
-        row = logits[b].float().cpu()
-        t = float(temperature[b])
-        if not t > 0.0:
-            out[b] = int(torch.argmax(row))
-            continue
-        z = row.double() / float(torch.tensor(t, dtype=torch.float32))
-        zmax = z.max()
-        order = torch.sort(z, descending=True, stable=True).indices
-        k = int(top_k[b])
-        keep = torch.zeros(V, dtype=torch.bool)
-        if 0 < k < V:
-            keep[order[:k]] = True
-            order = order[:k]
-        else:
-            keep[:] = True
-        e = torch.exp(z - zmax)
-        p = e / e[keep].sum()
-        tp = float(torch.tensor(float(top_p[b]), dtype=torch.float32))
-        if tp < 1.0:
-            ps = p[order]
-            before = torch.cat([ps.new_zeros(1), torch.cumsum(ps, 0)[:-1]])  # mass before each
-            m = max(1, int((before < tp).sum()))
-            keep[:] = False
-            keep[order[:m]] = True
-        ids = torch.nonzero(keep).flatten()
-        cum = torch.cumsum(p[ids], 0)
-        target = float(uniforms[b]) * float(cum[-1])
-        hit = torch.nonzero(cum > target).flatten()
-        out[b] = int(ids[hit[0]]) if len(hit) else int(ids[-1])
+    x = logits.float().cpu()
+    t = temperature.float().cpu()
+    greedy = ~(t > 0.0)
+    z = x.double() / torch.where(greedy, 1.0, t).double()[:, None]
+    order = torch.sort(z, dim=1, descending=True, stable=True).indices  # [B, V]
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(V).expand(B, V))  # id -> place in order
+    k = top_k.cpu().long()
+    k_on = (k > 0) & (k < V)
+    keep = ~k_on[:, None] | (rank < k[:, None])  # [B, V] in id order
+    e = torch.exp(z - z.max(dim=1, keepdim=True).values)
+    p = e / torch.where(keep, e, 0.0).sum(dim=1, keepdim=True)
+    tp = top_p.float().cpu().double()
+    ps = torch.where(keep, p, 0.0).gather(1, order)  # kept mass in order; dropped ones come last as 0
+    before = torch.cat([ps.new_zeros(B, 1), torch.cumsum(ps, 1)[:, :-1]], dim=1)  # mass before each
+    m = (before < tp[:, None]).sum(1).clamp(min=1)
+    m = torch.where(k_on, torch.minimum(m, k), m)
+    keep = torch.where((tp < 1.0)[:, None], rank < m[:, None], keep)
+    cum = torch.cumsum(torch.where(keep, p, 0.0), 1)  # running kept mass in id order
+    target = uniforms.cpu().double() * cum[:, -1]
+    hit = cum > target[:, None]  # first True is a kept id: cum only rises at kept ids
+    last_kept = V - 1 - keep.flip(1).int().argmax(1)
+    out = torch.where(hit.any(1), hit.int().argmax(1), last_kept)
+    out = torch.where(greedy, x.argmax(1), out)
     return out.to(logits.device)
 
 

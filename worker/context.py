@@ -22,10 +22,18 @@ class StepContext:
     max_query_len: int
     max_context_len: int
     block_size: int
+    num_decode: int = -1         # sequences with query_len == 1 (-1: not counted, see decode_count)
     # Encoder-decoder models: per-sequence encoder outputs handed to cross-attention.
     cross_states: list | None = None
     # Models whose attention wants extra per-sequence data put it here (e.g. encoder lengths).
     extras: dict | None = None
+
+
+def decode_count(ctx: StepContext) -> int:
+    """Sequences of the step decoding one token (counted once per step, read by every layer)."""
+    if ctx.num_decode < 0:
+        ctx.num_decode = int((ctx.query_lens == 1).sum())
+    return ctx.num_decode
 
 
 _CTX: StepContext | None = None

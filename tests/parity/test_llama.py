@@ -20,7 +20,22 @@ def llama_dir(tmp_path_factory):
     return make_random_model(cfg, tmp_path_factory.mktemp("llama"))
 
 
-def test_greedy_tokens_and_logits_match_transformers(llama_dir):
+@pytest.fixture(params=["native", "torch"])
+def kernel_path(request):
+    """Both CPU kernel paths (native/ops.py): the extension when built, and plain torch."""
+    from native import ops
+
+    saved = dict(ops._backends)
+    if request.param == "torch":
+        ops._force("cpu", ops.Backend("cpu", None, "forced by test"))
+    elif ops.backend("cpu").ops is None:
+        pytest.skip("native CPU extension not built (`make native`)")
+    yield request.param
+    ops._backends.clear()
+    ops._backends.update(saved)
+
+
+def test_greedy_tokens_and_logits_match_transformers(llama_dir, kernel_path):
     ours, our_logits = run_ours(llama_dir, PROMPTS, NEW_TOKENS)
     ref, ref_logits = run_hf(llama_dir, PROMPTS, NEW_TOKENS)
     for i in range(len(PROMPTS)):
@@ -30,7 +45,7 @@ def test_greedy_tokens_and_logits_match_transformers(llama_dir):
         assert diff < LOGIT_ATOL, f"prompt {i}: max logit difference {diff}"
 
 
-def test_chunked_prefill_and_small_blocks_give_same_tokens(llama_dir):
+def test_chunked_prefill_and_small_blocks_give_same_tokens(llama_dir, kernel_path):
     """Prompts split over several steps (tiny token budget) and 4-token blocks change nothing."""
     base, _ = run_ours(llama_dir, PROMPTS, 8)
     chunked, _ = run_ours(llama_dir, PROMPTS, 8, max_batch_tokens=7, block_size=4)

@@ -32,6 +32,9 @@ def build_engine(config: EngineConfig) -> Engine:
     model_config = load_config(config.model_dir)
     cls = model_class(model_config)
     dtype = config.torch_dtype
+    slow = slow_half_precision(config.device, dtype)
+    if slow:
+        log.warning(slow)
     with torch.device(config.device):
         torch.set_default_dtype(dtype)
         try:
@@ -83,6 +86,31 @@ def build_engine(config: EngineConfig) -> Engine:
     engine.stats.load_phases = phases
     engine.kernel_path = kernels.path
     return engine
+
+
+# CPU flags that give bf16 / fp16 matrix products their own instructions (oneDNN uses them)
+HALF_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def slow_half_precision(device, dtype: torch.dtype, flags: set[str] | None = None) -> str | None:
+    """A warning when `dtype` on this CPU has no native instructions (it is then converted to fp32
+    inside every product: slower than fp32 itself, though half the memory); None when fine."""
+    if torch.device(device).type != "cpu" or dtype not in HALF_FLAGS:
+        return None
+    flags = cpu_flags() if flags is None else flags
+    if not flags or any(f in flags for f in HALF_FLAGS[dtype]):
+        return None  # unknown (no /proc/cpuinfo) or supported
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return (f"dtype {name} on a CPU without {' or '.join(HALF_FLAGS[dtype])}: products run through fp32 "
+            f"conversions and may be slower than --dtype fp32 (which needs twice the memory)")
 
 
 def load_rank_weights(model, model_dir) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from native import ops
 from worker.engine.sequence import Sequence
 
 
@@ -56,8 +57,11 @@ def needs_processing(seq: Sequence) -> bool:
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
     """logits: [B, V] fp32, one row per sequence -> (token per row, its log-prob).
 
-    Plain greedy rows (no processors) take a vectorised path: argmax and log_softmax are per-row
-    reductions, so a row's token does not depend on which rows share the call."""
+    Greedy rows take argmax (vectorised when no processor applies: argmax and log_softmax are
+    per-row reductions). Sampled rows go through one batched top-k/top-p call (native/ops: the
+    kernel where built, its float64 torch twin otherwise; the same tokens either way), each row
+    drawing one uniform from its own generator. Their log-prob (under the top-k/top-p filtered
+    distribution) is computed only for requests that return log-probs; 0.0 otherwise."""
     plain = [i for i, s in enumerate(seqs) if s.sampling.greedy and not needs_processing(s)]
     tokens: list[int] = [0] * len(seqs)
     logprobs: list[float] = [0.0] * len(seqs)
@@ -68,18 +72,24 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         for i, tok, lp in zip(plain, best.tolist(), lps.tolist()):
             tokens[i], logprobs[i] = tok, lp
     done = set(plain)
+    drawn: list[tuple[int, torch.Tensor]] = []  # (row, processed logits [V]) of sampled rows
     for i, (row, seq) in enumerate(zip(logits, seqs)):
         if i in done:
             continue
-        s = seq.sampling
-        row = apply_penalties(row.clone(), seq)
-        if s.greedy:
+        row = apply_penalties(row.clone(), seq) if needs_processing(seq) else row
+        if seq.sampling.greedy:
             tok = int(torch.argmax(row))
-            lp = torch.log_softmax(row, -1)[tok]
+            tokens[i], logprobs[i] = tok, float(torch.log_softmax(row, -1)[tok])
         else:
-            scaled = filter_top_k_top_p(row / s.temperature, s.top_k, s.top_p)
-            probs = torch.softmax(scaled, -1)
-            tok = int(torch.multinomial(probs, 1, generator=seq.generator))
-            lp = torch.log(probs[tok])
-        tokens[i], logprobs[i] = tok, float(lp)
+            drawn.append((i, row))
+    if drawn:
+        params = [seqs[i].sampling for i, _ in drawn]
+        chosen = ops.sample_top_k_top_p(torch.stack([r for _, r in drawn]), [s.temperature for s in params],
+                                        [s.top_k for s in params], [s.top_p for s in params],
+                                        [seqs[i].generator for i, _ in drawn]).tolist()
+        for (i, row), s, tok in zip(drawn, params, chosen):
+            tokens[i] = tok
+            if s.return_log_probs:
+                kept = filter_top_k_top_p(row / s.temperature, s.top_k, s.top_p)  # keeps a superset of
+                logprobs[i] = float(torch.log_softmax(kept, -1)[tok])  # the kernel's kept set: finite
     return tokens, logprobs

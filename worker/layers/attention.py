@@ -1,9 +1,14 @@
-"""Paged attention in plain torch: writes this step's K/V into cache blocks, then attends over
-each sequence's cached keys through its block table.
+"""Paged attention: writes this step's K/V into cache blocks (rotating q and k first when the
+layer owns a rotary embedding), then attends over each sequence's cached keys through its block table.
 
 Cache layout (per layer): k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
 Mixed steps are fine: a sequence with query_len > 1 (a prompt chunk) and one with query_len 1
 (a decode) share the same call; the mask makes each query see keys at positions <= its own.
+
+Kernels: with the native library for the device (native/ops.py), rotary + cache write is one fused
+kernel and decode rows (query_len 1) read the block tables directly in the paged-attention kernel;
+prompt chunks, sliding windows past their width and additive biases (T5) take the torch path,
+which gathers each sequence's keys and runs SDPA.
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.context import get_context
+from native import ops
+from worker.context import decode_count, get_context
+from worker.layers.rotary import RotaryEmbedding
 
 
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
-                 sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None):
+                 sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
+                 rotary: RotaryEmbedding | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -30,20 +38,35 @@ class PagedAttention(nn.Module):
             self.register_buffer("alibi_slopes", alibi_slopes.float(), persistent=False)
         else:
             self.alibi_slopes = None
+        self.rotary = rotary  # applied to q and k (given `positions`) as k is written to the cache
         # Set by the model runner when the KV cache is allocated.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, Hkv, D]; positions: [T] (needed with a rotary) -> [T, H, D]
         ctx = get_context()
+        q, k_flat, v_flat = self.write_cache(q, k, v, positions, ctx)
+        return attend(q, k_flat, v_flat, ctx, self.scale, self.sliding_window, self.alibi_slopes)
+
+    def write_cache(self, q, k, v, positions, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotate q and k (if this layer has a rotary), store k and v at ctx.slot_mapping.
+        Returns (q [T, H, D], k_flat, v_flat [num_blocks * block_size, Hkv, D] views of the cache)."""
         if self.k_cache is None:
             raise RuntimeError("KV cache not allocated")
         k_flat = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
         v_flat = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        if self.rotary is not None and ops.is_native(q.device):
+            table = self.rotary.cos_sin_table(ctx.max_context_len, q.device)
+            q, _ = ops.rotary_cache_write(q, k, v, positions, table, self.k_cache, self.v_cache,
+                                          ctx.slot_mapping, self.rotary.neox_style, self.rotary.rotary_dim)
+            return q, k_flat, v_flat
+        if self.rotary is not None:
+            q, k = self.rotary(positions, q, k)
         k_flat.index_copy_(0, ctx.slot_mapping, k.to(k_flat.dtype))
         v_flat.index_copy_(0, ctx.slot_mapping, v.to(v_flat.dtype))
-        return attend(q, k_flat, v_flat, ctx, self.scale, self.sliding_window, self.alibi_slopes)
+        return q, k_flat, v_flat
 
 
 def gather_slots(block_tables, context_lens, L: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,20 +83,42 @@ def attend(q, k_flat, v_flat, ctx, scale, sliding_window=None, alibi_slopes=None
 
     `bias`, if given, is added to scores: [B, H, max_query_len, max_context_len] in step layout.
     Decoding sequences (one query token) and prefill chunks are attended in separate groups, so a
-    long prompt chunk in the step does not pad every decode row to its length.
+    long prompt chunk in the step does not pad every decode row to its length. Decode rows go to
+    the native paged-attention kernel when there is one for the device and nothing it lacks is
+    asked for (an additive bias; a sliding window narrower than the longest context).
     """
-    decode = ctx.query_lens == 1
-    n_decode = int(decode.sum())
-    if n_decode in (0, decode.numel()):
-        rows = torch.arange(decode.numel(), device=q.device)
+    n_decode = decode_count(ctx)
+    native = (bias is None and ops.is_native(q.device)
+              and (sliding_window is None or ctx.max_context_len <= sliding_window))
+    if n_decode == ctx.query_lens.numel() and native:  # T == B: one token per sequence, in order
+        return _decode_native(q, k_flat, v_flat, ctx, ctx.block_tables, ctx.context_lens, scale, alibi_slopes)
+    if n_decode in (0, ctx.query_lens.numel()):
+        rows = torch.arange(ctx.query_lens.numel(), device=q.device)
         return _attend_rows(q, k_flat, v_flat, ctx, rows, scale, sliding_window, alibi_slopes, bias)
+    decode = ctx.query_lens == 1
     out = torch.empty_like(q)
-    for rows in (torch.nonzero(decode).flatten(), torch.nonzero(~decode).flatten()):
-        qi = torch.arange(int(ctx.query_lens[rows].max()), device=q.device)
-        valid = qi[None, :] < ctx.query_lens[rows][:, None]
-        tokens = (ctx.query_start[rows][:, None] + qi[None, :])[valid]  # this group's rows of q, in order
+    rows = torch.nonzero(decode).flatten()
+    tokens = ctx.query_start[rows]
+    if native:
+        out[tokens] = _decode_native(q[tokens], k_flat, v_flat, ctx, ctx.block_tables[rows],
+                                     ctx.context_lens[rows], scale, alibi_slopes)
+    else:
         out[tokens] = _attend_rows(q, k_flat, v_flat, ctx, rows, scale, sliding_window, alibi_slopes, bias)
+    rows = torch.nonzero(~decode).flatten()
+    qi = torch.arange(int(ctx.query_lens[rows].max()), device=q.device)
+    valid = qi[None, :] < ctx.query_lens[rows][:, None]
+    tokens = (ctx.query_start[rows][:, None] + qi[None, :])[valid]  # this group's rows of q, in order
+    out[tokens] = _attend_rows(q, k_flat, v_flat, ctx, rows, scale, sliding_window, alibi_slopes, bias)
     return out
+
+
+def _decode_native(q, k_flat, v_flat, ctx, block_tables, context_lens, scale, alibi_slopes):
+    """q: [B, H, D], one token per sequence -> [B, H, D], reading the cache through block tables."""
+    Hkv, D = k_flat.shape[1], k_flat.shape[2]
+    k_cache = k_flat.view(-1, ctx.block_size, Hkv, D)
+    v_cache = v_flat.view(-1, ctx.block_size, Hkv, D)
+    return ops.paged_attention_decode(q.to(k_cache.dtype), k_cache, v_cache, block_tables, context_lens,
+                                      scale, alibi_slopes)
 
 
 def _attend_rows(q, k_flat, v_flat, ctx, rows, scale, sliding_window, alibi_slopes, bias):

@@ -21,12 +21,7 @@ class BiasedPagedAttention(PagedAttention):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None):
         # q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]
         ctx = get_context()
-        if self.k_cache is None:
-            raise RuntimeError("KV cache not allocated")
-        k_flat = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        v_flat = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        k_flat.index_copy_(0, ctx.slot_mapping, k.to(k_flat.dtype))
-        v_flat.index_copy_(0, ctx.slot_mapping, v.to(v_flat.dtype))
+        q, k_flat, v_flat = self.write_cache(q, k, v, None, ctx)
         return attend(q, k_flat, v_flat, ctx, self.scale, self.sliding_window, self.alibi_slopes, bias=bias)
 
 

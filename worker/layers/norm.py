@@ -1,10 +1,16 @@
-"""Normalisation layers (replicated on every rank)."""
+"""Normalisation layers (replicated on every rank).
+
+Both take an optional `residual`: `norm(x)` -> normed x; `norm(x, residual=r)` -> (normed x + r,
+x + r), the residual add fused into the norm (one native kernel where the device has one).
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from native import ops
 from worker.layers.linear import replicated_loader
 
 
@@ -17,11 +23,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.weight.weight_loader = replicated_loader
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None and not ops.is_native(x.device):
+            dtype = x.dtype
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * h.to(dtype)
+        out, summed = ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        return out if residual is None else (out, summed)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -32,3 +41,9 @@ class LayerNorm(nn.LayerNorm):
         if self.bias is not None:
             self.bias.requires_grad_(False)
             self.bias.weight_loader = replicated_loader
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None and not ops.is_native(x.device):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        out, summed = ops.fused_add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+        return out if residual is None else (out, summed)

@@ -25,6 +25,9 @@ def rope_inv_freq(config, head_dim: int, rotary_dim: int | None = None) -> tuple
     return inv_freq.float(), float(scaling)
 
 
+_TABLES: dict[tuple, torch.Tensor] = {}  # see RotaryEmbedding.cos_sin_table
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -48,6 +51,22 @@ class RotaryEmbedding(nn.Module):
         self.scaling = attention_scaling
         self.neox_style = neox_style
         self.rotary_dim = inv_freq.numel() * 2
+        self._table_key: tuple | None = None
+
+    def cos_sin_table(self, length: int, device: torch.device) -> torch.Tensor:
+        """[n >= length, rotary_dim] fp32: cos(p * inv_freq) * scaling, then sin, for positions p < n
+        (the layout of ops.rotary_cache_write). One table per device and frequencies, shared by all
+        layers, grown by doubling."""
+        if self._table_key is None:  # not at construction: the model may be built on meta
+            self._table_key = (tuple(self.inv_freq.tolist()), self.scaling)
+        key = (*self._table_key, str(device))
+        table = _TABLES.get(key)
+        if table is None or table.shape[0] < length:
+            n = max(256, 1 << max(0, length - 1).bit_length())
+            freqs = torch.arange(n, dtype=torch.float)[:, None] * self.inv_freq.float().cpu()[None, :]
+            table = torch.cat((freqs.cos() * self.scaling, freqs.sin() * self.scaling), dim=-1).to(device)
+            _TABLES[key] = table
+        return table
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, rot/2]

@@ -34,15 +34,12 @@ class SelfAttention(nn.Module):
         setattr(self, qkv_name, qkv)
         setattr(self, out_name, RowParallelLinear(num_heads * self.head_dim, hidden, bias=out_bias))
         self.num_heads = qkv.local_heads
-        self.rotary = rotary
         slopes = alibi_slopes(num_heads)[local_heads(num_heads)] if alibi else None
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, scale=scale,
-                                   sliding_window=sliding_window, alibi_slopes=slopes)
+                                   sliding_window=sliding_window, alibi_slopes=slopes, rotary=rotary)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv = getattr(self, self.qkv_name)(x)  # [T, 3 * H_local * D]
         q, k, v = (t.reshape(-1, self.num_heads, self.head_dim) for t in qkv.chunk(3, dim=-1))
-        if self.rotary is not None:
-            q, k = self.rotary(positions, q, k)
-        o = self.attn(q, k, v)  # [T, H_local, D]
+        o = self.attn(q, k, v, positions)  # [T, H_local, D]; rotary (if any) applied as k is cached
         return getattr(self, self.out_name)(o.reshape(o.shape[0], -1))

@@ -42,8 +42,8 @@ class GPT2Block(nn.Module):
             set_loader(lin, wrap=transposed)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(positions, self.ln_1(x))
-        return x + self.mlp.c_proj(self.act(self.mlp.c_fc(self.ln_2(x))))
+        h, x = self.ln_2(self.attn(positions, self.ln_1(x)), residual=x)  # x += attention; h = ln_2(x)
+        return x + self.mlp.c_proj(self.act(self.mlp.c_fc(h)))
 
 
 class GPT2LMHeadModel(DecoderModel):

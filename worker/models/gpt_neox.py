@@ -43,8 +43,8 @@ class GPTNeoXLayer(nn.Module):
         attn = self.attention(positions, self.input_layernorm(x))
         if self.parallel_residual:
             return x + attn + self._mlp(self.post_attention_layernorm(x))
-        x = x + attn
-        return x + self._mlp(self.post_attention_layernorm(x))
+        h, x = self.post_attention_layernorm(attn, residual=x)  # x += attention; h = norm(x)
+        return x + self._mlp(h)
 
 
 class GPTNeoXForCausalLM(DecoderModel):

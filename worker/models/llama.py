@@ -27,7 +27,7 @@ class LlamaAttention(nn.Module):
         self.num_heads = self.qkv_proj.local_heads
         self.num_kv_heads = self.qkv_proj.local_kv_heads
         inv_freq, scaling = rope_inv_freq(config, self.head_dim)
-        self.rotary = RotaryEmbedding(inv_freq, scaling, neox_style=True)
+        rotary = RotaryEmbedding(inv_freq, scaling, neox_style=True)
         # Mistral: every layer slides; Qwen2: `layer_types` says which layers do (those from
         # max_window_layers on, and only with use_sliding_window; the config clears the window otherwise)
         window = getattr(config, "sliding_window", None)
@@ -36,7 +36,8 @@ class LlamaAttention(nn.Module):
         layer_types = getattr(config, "layer_types", None)
         if window is not None and layer_types is not None:
             window = window if layer_types[layer_idx] == "sliding_attention" else None
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, sliding_window=window)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, sliding_window=window,
+                                   rotary=rotary)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden]
@@ -46,8 +47,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        o = self.attn(q, k, v)  # [T, H, D]
+        o = self.attn(q, k, v, positions)  # [T, H, D]; rotary applied as k is cached
         return self.o_proj(o.reshape(o.shape[0], -1))
 
 
@@ -75,8 +75,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(positions, self.input_layernorm(x))
+        h, x = self.post_attention_layernorm(h, residual=x)  # x += attention; h = norm(x)
+        return x + self.mlp(h)
 
 
 class LlamaForCausalLM(DecoderModel):
