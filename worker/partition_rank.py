@@ -41,9 +41,12 @@ class StreamingSafetensorsWriter:
         self.path = path
         header, offset = {"__metadata__": {k: str(v) for k, v in metadata.items()}}, 0
         self.offsets = {}
-        for name in sorted(specs):
+        elem = {n: torch.empty((), dtype=d).element_size() for n, (_, d) in specs.items()}
+        # widest elements first: every tensor starts at a multiple of its element size (safetensors
+        # allows no padding, and a quantized file mixes int8/uint8 with fp32), so mapped views are aligned
+        for name in sorted(specs, key=lambda n: (-elem[n], n)):
             shape, dtype = specs[name]
-            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            size = torch.Size(shape).numel() * elem[name]
             header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             self.offsets[name] = (offset, size, tuple(shape), dtype)
             offset += size

@@ -45,6 +45,12 @@ def test_tp1_partition_serves_the_load_time_tokens(llama_dir, tmp_path, method):
     assert tokens == want_tokens and any(len(set(t)) > 2 for t in tokens)
     assert all(torch.equal(a, b) for a, b in zip(logits, want_logits))
     assert run_ours(tmp_path / "p", PROMPTS, NEW_TOKENS, quantize=method)[0] == want_tokens
+    raw = (tmp_path / "p" / "rank-0.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    start = 8 + int.from_bytes(raw[:8], "little")
+    for name, t in header.items():  # int8/uint8 next to fp32: every mapped tensor naturally aligned
+        if name != "__metadata__":
+            assert (start + t["data_offsets"][0]) % {"F32": 4, "I8": 1, "U8": 1}[t["dtype"]] == 0, name
     full = sum(f.stat().st_size for f in llama_dir.glob("*.safetensors"))
     assert (tmp_path / "p" / "rank-0.safetensors").stat().st_size < 0.6 * full
 
