@@ -226,7 +226,7 @@ class ModelManager:
             lay = rec.layout
             custom_split = bool(getattr(self.spec_for(res.path, lay), "stage_layers", ()))
             prep = prepare_resolved(res, self.cache_dir, tp=lay.tensor_parallel, pp=lay.pipeline_parallel,
-                                    dtype=lay.resolved_dtype, partition_ahead=not custom_split)
+                                    dtype=lay.resolved_dtype, partition_ahead=not custom_split, quantize=lay.quantize)
             path = rec.path = prep.path
             rec.partition_seconds = prep.phases.get("partition", 0.0)
             rec.phase = "reading the tokenizer"

@@ -4,9 +4,12 @@ prepare_model(src, cache_dir, tp=, pp=, dtype=) resolves the source (S3 download
 Face cache, serving.properties, /opt/ml/model; controller.sources), then picks what workers load:
 
   the source is a partition (manifest.json)  -> served as is ("prepartitioned"); its layout and dtype
-                                                must equal the requested ones, else ValueError naming both
-  world size tp*pp > 1                       -> a partition in CACHE/partitions/<hash>-tp-pp-dtype,
-                                                made on the first start ("created"), reused after ("reused")
+                                                must equal the requested ones, and a quantized one's
+                                                method the requested quantize (when one is requested),
+                                                else ValueError naming both
+  world size tp*pp > 1                       -> a partition in CACHE/partitions/<hash>-tp-pp-dtype[-quantize],
+                                                made on the first start ("created"), reused after ("reused");
+                                                with quantize, its rank files are stored quantized
   world size 1                               -> the plain model folder ("none"): one rank reads the
                                                 checkpoint directly, a partition would be a full copy
 """
@@ -40,7 +43,8 @@ class PreparedModel:
 
 def prepare_model(src: str | os.PathLike | None, cache_dir: Path, *, tp: int = 1, pp: int = 1,
                   dtype: str = "fp32", endpoint_url: str | None = None, progress=None,
-                  processes: int = 0, sagemaker_dir: Path = SAGEMAKER_MODEL_DIR) -> PreparedModel:
+                  processes: int = 0, sagemaker_dir: Path = SAGEMAKER_MODEL_DIR,
+                  quantize: str | None = None) -> PreparedModel:
     """Download/resolve `src` and partition it if needed; see the module docstring.
 
     No source and no model in /opt/ml/model: the embedded demo model (built once into the cache).
@@ -54,11 +58,11 @@ def prepare_model(src: str | os.PathLike | None, cache_dir: Path, *, tp: int = 1
     else:
         resolved = resolve_model_source(src or None, cache_dir, endpoint_url=endpoint_url, progress=progress,
                                         sagemaker_dir=sagemaker_dir)
-    return prepare_resolved(resolved, cache_dir, tp=tp, pp=pp, dtype=dtype, processes=processes)
+    return prepare_resolved(resolved, cache_dir, tp=tp, pp=pp, dtype=dtype, processes=processes, quantize=quantize)
 
 
 def prepare_resolved(resolved: ResolvedSource, cache_dir: Path, *, tp: int = 1, pp: int = 1, dtype: str = "fp32",
-                     processes: int = 0, partition_ahead: bool = True) -> PreparedModel:
+                     processes: int = 0, partition_ahead: bool = True, quantize: str | None = None) -> PreparedModel:
     """The partitioning half of prepare_model, for a source the caller already resolved
     (e.g. controller.serve.resolve_model, which also knows the SageMaker environment).
 
@@ -74,13 +78,14 @@ def prepare_resolved(resolved: ResolvedSource, cache_dir: Path, *, tp: int = 1, 
            f"{resolved.download_seconds:.2f}s" if resolved.kind == "s3" else f"from {resolved.origin}")
     name = "demo" if resolved.kind == "demo" else served_name(resolved)
     if is_partition(resolved.path):
-        manifest = check_layout(resolved.path, tp, pp, dtype)
+        manifest = check_layout(resolved.path, tp, pp, dtype, quantize)
         if resolved.kind == "local" and manifest["source"].get("path"):  # a cache folder is named by hash
             name = Path(manifest["source"]["path"]).name or name
         return _done(PreparedModel(
             path=resolved.path, name=name, phases=phases, downloaded_bytes=resolved.downloaded_bytes,
             partition="prepartitioned", source=resolved,
-            log_line=f"model {name}: {got}; already partitioned for tp={tp} pp={pp} {dtype}, served without "
+            log_line=f"model {name}: {got}; already partitioned for tp={tp} pp={pp} {dtype}"
+                     f"{' ' + manifest['quantize'] if manifest.get('quantize') else ''}, served without "
                      f"partitioning from {resolved.path}"))
     if tp * pp == 1 or not partition_ahead:
         why = "world size 1" if tp * pp == 1 else "a custom stage split"
@@ -90,13 +95,13 @@ def prepare_resolved(resolved: ResolvedSource, cache_dir: Path, *, tp: int = 1, 
             log_line=f"model {name}: {got}; {why}: every rank reads its slices of the checkpoint in "
                      f"{resolved.path}"))
     t0 = time.monotonic()
-    path, reused = ensure_partition(resolved.path, cache_dir, tp, pp, dtype, processes)
+    path, reused = ensure_partition(resolved.path, cache_dir, tp, pp, dtype, processes, quantize=quantize)
     phases["partition"] = time.monotonic() - t0
     what = "reused the cached partition" if reused else f"partitioned in {phases['partition']:.2f}s into"
     return _done(PreparedModel(
         path=path, name=name, phases=phases, downloaded_bytes=resolved.downloaded_bytes,
         partition="reused" if reused else "created", source=resolved,
-        log_line=f"model {name}: {got}; tp={tp} pp={pp} {dtype}: {what} {path}"))
+        log_line=f"model {name}: {got}; tp={tp} pp={pp} {dtype}{' ' + quantize if quantize else ''}: {what} {path}"))
 
 
 def _done(p: PreparedModel) -> PreparedModel:

@@ -2,8 +2,12 @@
 
 The controller never slices tensors itself: it runs `worker.partition_rank` once per rank (several
 processes at a time), each with the worker's own name mapping and sharding code, reading only its
-slices. Partitions are keyed by (source content hash, layout, dtype), so a second deploy of the same
-model and layout reuses the work.
+slices. Partitions are keyed by (source content hash, layout, dtype, quantize), so a second deploy of
+the same model and layout reuses the work.
+
+With `quantize` ("int8" | "int4") the rank files hold each tensor-parallel linear layer quantized on
+that rank's shard (worker/partition_rank.py) and the manifest says `"quantize": "int8"`; `null` (and
+every manifest written before quantized partitions existed) means full precision in `dtype`.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def source_hash(src: Path) -> str:
 
 
 def partition(src: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "fp32", processes: int = 0,
-              src_hash: str | None = None) -> dict:
+              src_hash: str | None = None, quantize: str | None = None) -> dict:
     """Write the partition of `src` into `out` (atomically: a temp folder renamed at the end)."""
     src, out = Path(src).resolve(), Path(out)
     world = tp * pp
@@ -79,13 +83,15 @@ def partition(src: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "fp32
                 out = []
                 for rank in group:
                     try:
-                        out.append(partition_rank(src, tmp / f"rank-{rank}.safetensors", tp, pp, rank, dtype))
+                        out.append(partition_rank(src, tmp / f"rank-{rank}.safetensors", tp, pp, rank, dtype,
+                                                    quantize))
                     finally:
                         reset_parallel_state()
                 return out
             # one worker process writes several ranks: one interpreter start per process, not per rank
             cmd = [sys.executable, "-m", "worker.partition_rank", str(src), str(tmp), "--tp", str(tp),
-                   "--pp", str(pp), "--dtype", dtype, *(x for r in group for x in ("--rank", str(r)))]
+                   "--pp", str(pp), "--dtype", dtype, *(("--quantize", quantize) if quantize else ()),
+                   *(x for r in group for x in ("--rank", str(r)))]
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if r.returncode:
                 raise RuntimeError(f"partitioning ranks {group} failed:\n{r.stderr[-4000:]}")
@@ -100,7 +106,7 @@ def partition(src: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "fp32
         config = json.loads((src / "config.json").read_text())
         manifest = {
             "format": FORMAT, "source": {"path": str(src), "hash": src_hash},
-            "layout": {"tp": tp, "pp": pp}, "dtype": dtype, "quantize": None,
+            "layout": {"tp": tp, "pp": pp}, "dtype": dtype, "quantize": quantize or None,
             "architecture": (config.get("architectures") or [config.get("model_type")])[0],
             "config": config, "ranks": ranks,
             "partition_seconds": round(time.monotonic() - started, 3),
@@ -111,25 +117,42 @@ def partition(src: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "fp32
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("partitioned %s for tp=%d pp=%d %s into %s in %.2fs (%s)", src, tp, pp, dtype, out,
+    log.info("partitioned %s for tp=%d pp=%d %s%s into %s in %.2fs (%s)", src, tp, pp, dtype,
+             f" {quantize}" if quantize else "", out,
              manifest["partition_seconds"], ", ".join(f"rank {r['rank']}: {r['bytes'] / 1e6:.1f} MB" for r in ranks))
     return manifest
 
 
-def check_layout(path: Path, tp: int, pp: int, dtype: str | None = None) -> dict:
+def check_layout(path: Path, tp: int, pp: int, dtype: str | None = None, quantize: str | None = None) -> dict:
+    """The manifest, if the partition at `path` can serve this layout, dtype and quantization.
+
+    A quantized partition asked for another method is refused; asked for none, it serves its own
+    (the workers say so). A full-precision partition asked for `quantize` is quantized at load."""
     m = read_manifest(path)
     if (m["layout"]["tp"], m["layout"]["pp"]) != (tp, pp):
         raise ValueError(f"{path}: partitioned for tp={m['layout']['tp']} pp={m['layout']['pp']}, "
                          f"but serving asks for tp={tp} pp={pp}")
     if dtype and m["dtype"] != dtype:
         raise ValueError(f"{path}: partitioned as {m['dtype']}, but serving asks for {dtype}")
+    stored = m.get("quantize")
+    if quantize and stored and quantize != stored:
+        raise ValueError(f"{path}: partitioned with quantize={stored}, but serving asks for quantize={quantize}; "
+                         f"serve it with --quantize {stored} (or none), or partition again with --quantize {quantize}")
+    if stored and not quantize:
+        log.info("%s: the partition is quantized (%s): served as %s", path, stored, stored)
     return m
 
 
+def partition_key(src_hash: str, tp: int, pp: int, dtype: str, quantize: str | None = None) -> str:
+    """The cache folder name; unquantized keys are those of before quantized partitions existed."""
+    return f"{src_hash[:16]}-tp{tp}-pp{pp}-{dtype}" + (f"-{quantize}" if quantize else "")
+
+
 def ensure_partition(src: Path, cache_dir: Path, tp: int, pp: int, dtype: str,
-                     processes: int = 0) -> tuple[Path, bool]:
+                     processes: int = 0, quantize: str | None = None) -> tuple[Path, bool]:
     """(partition folder, reused?) for `src` in the cache, partitioning on a miss."""
-    key = f"{source_hash(src)[:16]}-tp{tp}-pp{pp}-{dtype}"
+    key = partition_key(source_hash(src), tp, pp, dtype, quantize)
+    what = f"tp={tp} pp={pp} {dtype}" + (f" {quantize}" if quantize else "")
     out = Path(cache_dir) / "partitions" / key
     if is_partition(out):
         log.info("reusing cached partition %s", out)
@@ -141,8 +164,8 @@ def ensure_partition(src: Path, cache_dir: Path, tp: int, pp: int, dtype: str,
         if is_partition(out):
             log.info("reusing partition %s (made by another process meanwhile)", out)
             return out, True
-        log.info("no cached partition for %s (tp=%d pp=%d %s): partitioning into %s", src, tp, pp, dtype, out)
-        partition(src, out, tp, pp, dtype, processes)
+        log.info("no cached partition for %s (%s): partitioning into %s", src, what, out)
+        partition(src, out, tp, pp, dtype, processes, quantize=quantize)
     return out, False
 
 
@@ -154,17 +177,19 @@ def run(args) -> int:
 
         cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
         src = resolve_model_source(args.src, cache, endpoint_url=args.endpoint_url).path
-    m = partition(src, Path(args.out), args.tp, args.pp, args.dtype, args.processes)
+    m = partition(src, Path(args.out), args.tp, args.pp, args.dtype, args.processes, quantize=args.quantize)
     for r in m["ranks"]:
         print(f"rank {r['rank']} (tp {r['tp_rank']}, pp {r['pp_rank']}): {r['file']}, {r['bytes'] / 1e6:.1f} MB, "
-              f"layers {r['layers'][0]}-{r['layers'][1] - 1}")
+              f"layers {r['layers'][0]}-{r['layers'][1] - 1}"
+              + (f", {r['quantized_layers']} linear layers {args.quantize}" if args.quantize else ""))
     print(f"manifest: {Path(args.out) / MANIFEST} ({m['partition_seconds']:.2f}s)")
     if args.upload:
         from controller.upload import upload_partition
 
         up = upload_partition(Path(args.out), args.upload, endpoint_url=args.endpoint_url)
         print(f"uploaded: {up.url} ({up.files} files, {up.bytes / 1e6:.1f} MB, {up.seconds:.2f}s); "
-              f"serve it with --model {up.url} --tp {args.tp} --pp {args.pp} --dtype {args.dtype}")
+              f"serve it with --model {up.url} --tp {args.tp} --pp {args.pp} --dtype {args.dtype}"
+              + (f" --quantize {args.quantize}" if args.quantize else ""))
     return 0
 
 
@@ -175,6 +200,9 @@ def register(sub) -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="store the tensor-parallel linear layers quantized (int8 per output channel, int4 per "
+                        "group), on each rank's shard: served like serve --quantize on the checkpoint")
     p.add_argument("--processes", type=int, default=0,
                    help="ranks partitioned at once in worker processes (0 = min(world, cores); 1 = in this process)")
     p.add_argument("--upload", default=None, metavar="S3_URL",

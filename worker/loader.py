@@ -154,27 +154,54 @@ def load_weights(model: nn.Module, model_dir: Path, sink=None) -> int:
     return sum(p.numel() * p.element_size() for p in params.values())
 
 
-def load_partition(model: nn.Module, rank_file: Path) -> int:
+def load_partition(model: nn.Module, rank_file: Path, quantize: str | None = None) -> int:
     """Fill `model` from its own rank file of a partition (names and shapes exactly ours).
 
-    On CPU, with the file's dtype equal to the parameter's, the parameter becomes a view of the
+    `quantize`: the method the partition was made with (its manifest). A layer whose file holds
+    `<layer>.qweight` first gets its quantized structure (QuantizableLinear.prepare_quantized, int4
+    group size = in_features / scales columns), then its buffers are filled like parameters.
+
+    On CPU, with the file's dtype equal to the tensor's, the parameter becomes a view of the
     memory-mapped file (copy-on-write, pages read on first touch): no copy and no second resident
-    copy of the weights. Other devices or dtypes copy from the mapping."""
-    params = dict(model.named_parameters())
+    copy of the weights. Other devices or dtypes copy from the mapping. Returns the bytes held."""
+    from worker.layers.linear import QUANT_BUFFERS, QuantizableLinear
+
     with safe_open(str(rank_file), framework="pt") as f:
         names = set(f.keys())
-        missing = sorted(set(params) - names)
-        extra = sorted(names - set(params))
+        buffers: dict[str, tuple[nn.Module, str]] = {}  # file name -> (layer, buffer name)
+        for prefix, m in model.named_modules():
+            if not (isinstance(m, QuantizableLinear) and f"{prefix}.qweight" in names):
+                continue
+            if not quantize:
+                raise WeightLoadError(f"{rank_file}: {prefix} is stored quantized but the manifest says quantize=null")
+            in_features = int(m.weight.shape[1])
+            group = in_features // int(f.get_slice(f"{prefix}.scales").get_shape()[-1]) if quantize == "int4" else 0
+            m.prepare_quantized(quantize, group, zeros=f"{prefix}.zeros" in names)
+            buffers.update({f"{prefix}.{b}": (m, b) for b in QUANT_BUFFERS if getattr(m, b) is not None})
+        params = dict(model.named_parameters())
+        wanted = set(params) | set(buffers)
+        missing = sorted(wanted - names)
+        extra = sorted(names - wanted)
         if missing or extra:
             raise WeightLoadError(f"{rank_file}: does not fit this model/layout: missing {missing[:10]}, "
                                   f"unexpected {extra[:10]}")
         for name in names:
             t = f.get_tensor(name)
-            p = params[name]
+            if name in buffers:
+                m, b = buffers[name]
+                p = getattr(m, b)
+            else:
+                p = params[name]
             if tuple(t.shape) != tuple(p.shape):
                 raise WeightLoadError(f"{rank_file}: {name} has shape {list(t.shape)}, expected {list(p.shape)}")
+            if name in buffers and t.dtype != p.dtype:
+                raise WeightLoadError(f"{rank_file}: {name} is {t.dtype}, expected {p.dtype}")
             if p.device.type == "cpu" and t.dtype == p.dtype:
-                p.data = t  # a tied parameter is one object: every module using it sees the mapping
+                if name in buffers:
+                    setattr(m, b, t)  # a registered buffer: stays one
+                else:
+                    p.data = t  # a tied parameter is one object: every module using it sees the mapping
             else:
                 p.data.copy_(t)
-    return sum(p.numel() * p.element_size() for p in params.values())
+    held = list(params.values()) + [getattr(m, b) for m, b in buffers.values()]
+    return sum(p.numel() * p.element_size() for p in held)

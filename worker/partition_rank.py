@@ -5,6 +5,12 @@ model for rank R on the meta device (no memory), streams the checkpoint through 
 loaders that serve runtime loading (each reads only this rank's slices), and writes each
 parameter into a safetensors file as soon as it is complete: peak memory is a few parameters, never
 the model (303M-parameter Llama, 1.21 GB: +138 MB over the imports; bench/startup.py).
+
+`--quantize int8|int4`: each tensor-parallel linear layer's weight is quantized the moment its shards
+are complete, with the function load-time quantization uses, on this rank's own shard, and stored as
+`<layer>.qweight`, `<layer>.scales` (and `<layer>.zeros` for int4 when the method has zero points)
+instead of `<layer>.weight`; the int4 group size is in_features / scales.shape[1]. Served, the tokens
+are those of `serve --quantize` on the checkpoint at the same layout.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 from worker.distributed import ParallelState, set_parallel_state
 from worker.engine.engine import DTYPES
 from worker.engine.pipeline import prune_for_stage
+from worker.layers.linear import QUANTIZE_METHODS, QuantizableLinear, quantize_weight
 from worker.loader import load_config, load_weights
 from worker.models.registry import model_class
 
@@ -34,9 +41,12 @@ class StreamingSafetensorsWriter:
         self.path = path
         header, offset = {"__metadata__": {k: str(v) for k, v in metadata.items()}}, 0
         self.offsets = {}
-        for name in sorted(specs):
+        elem = {n: torch.empty((), dtype=d).element_size() for n, (_, d) in specs.items()}
+        # widest elements first: every tensor starts at a multiple of its element size (safetensors
+        # allows no padding, and a quantized file mixes int8/uint8 with fp32), so mapped views are aligned
+        for name in sorted(specs, key=lambda n: (-elem[n], n)):
             shape, dtype = specs[name]
-            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            size = torch.Size(shape).numel() * elem[name]
             header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             self.offsets[name] = (offset, size, tuple(shape), dtype)
             offset += size
@@ -64,7 +74,19 @@ class StreamingSafetensorsWriter:
             raise ValueError(f"partition file incomplete, never written: {sorted(missing)[:10]}")
 
 
-def partition_rank(src: Path, out_file: Path, tp: int, pp: int, rank: int, dtype: str) -> dict:
+def quantized_specs(model: torch.nn.Module, method: str) -> dict[str, tuple[str, dict]]:
+    """`<layer>.weight` -> (`<layer>`, {buffer name: meta tensor}) for every layer `method` applies to."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizableLinear) and isinstance(getattr(m, "weight", None), torch.Tensor):
+            got = quantize_weight(m.weight, method)  # meta in, meta out: shapes and dtypes only
+            if got is not None:
+                out[f"{name}.weight"] = (name, {k: t for k, t in got[0].items() if t is not None})
+    return out
+
+
+def partition_rank(src: Path, out_file: Path, tp: int, pp: int, rank: int, dtype: str,
+                   quantize: str | None = None) -> dict:
     """Returns this rank's manifest entry: file, bytes, layer range, tensor shapes."""
     tp_rank, pp_rank = rank % tp, rank // tp
     set_parallel_state(ParallelState(tp_rank=tp_rank, tp_size=tp, pp_rank=pp_rank, pp_size=pp))
@@ -76,11 +98,29 @@ def partition_rank(src: Path, out_file: Path, tp: int, pp: int, rank: int, dtype
     torch.set_default_dtype(torch.float32)
     prune_for_stage(model)  # as the serving rank does: no embedding / LM head off their stages
     params = dict(model.named_parameters())
-    specs = {n: (tuple(p.shape), p.dtype) for n, p in params.items()}
+    quant = quantized_specs(model, quantize) if quantize else {}
+    specs = {}
+    for n, p in params.items():
+        if n in quant:
+            layer, tensors = quant[n]
+            specs.update({f"{layer}.{k}": (tuple(t.shape), t.dtype) for k, t in tensors.items()})
+        else:
+            specs[n] = (tuple(p.shape), p.dtype)
     tmp = out_file.with_suffix(".partial")
-    writer = StreamingSafetensorsWriter(tmp, specs, {"tp": tp, "pp": pp, "rank": rank, "dtype": dtype})
+    meta = {"tp": tp, "pp": pp, "rank": rank, "dtype": dtype, "quantize": quantize or ""}
+    writer = StreamingSafetensorsWriter(tmp, specs, meta)
+
+    def sink(name: str, tensor: torch.Tensor) -> None:  # a complete parameter; dropped after this
+        if name not in quant:
+            writer.write(name, tensor)
+            return
+        layer, _ = quant[name]
+        for k, t in quantize_weight(tensor, quantize)[0].items():
+            if t is not None:
+                writer.write(f"{layer}.{k}", t)
+
     try:
-        load_weights(model, src, sink=writer.write)
+        load_weights(model, src, sink=sink)
     finally:
         writer.close()
     tmp.rename(out_file)
@@ -89,7 +129,8 @@ def partition_rank(src: Path, out_file: Path, tp: int, pp: int, rank: int, dtype
     layers = stage_range(int(getattr(config, "num_hidden_layers", getattr(config, "num_layers", 0)) or 0))
     return {"rank": rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "file": out_file.name,
             "bytes": sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in specs.values()),
-            "layers": list(layers), "tensors": {n: list(s) for n, (s, _) in sorted(specs.items())}}
+            "layers": list(layers), "tensors": {n: list(s) for n, (s, _) in sorted(specs.items())},
+            "quantized_layers": len(quant)}
 
 
 def main(argv=None) -> int:
@@ -100,6 +141,8 @@ def main(argv=None) -> int:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--rank", type=int, action="append", help="repeat to write several ranks in this process")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_METHODS,
+                   help="store the tensor-parallel linear layers quantized (as serve --quantize does at load)")
     a = p.parse_args(argv)
     ranks = a.rank or [0]
     if a.out.suffix == ".safetensors" and len(ranks) > 1:
@@ -109,7 +152,7 @@ def main(argv=None) -> int:
     for rank in ranks:  # one interpreter start for all of them; one JSON line (manifest entry) each
         out = a.out if a.out.suffix == ".safetensors" else a.out / f"rank-{rank}.safetensors"
         try:
-            print(json.dumps(partition_rank(a.src, out, a.tp, a.pp, rank, a.dtype)), flush=True)
+            print(json.dumps(partition_rank(a.src, out, a.tp, a.pp, rank, a.dtype, a.quantize)), flush=True)
         finally:
             reset_parallel_state()
     return 0

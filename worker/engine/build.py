@@ -43,11 +43,11 @@ def build_engine(config: EngineConfig) -> Engine:
             torch.set_default_dtype(torch.float32)
     model.eval()
     prune_for_stage(model)  # pipeline stages drop the embedding / LM head they never run
-    param_bytes = load_rank_weights(model, config.model_dir)
-    if config.quantize:
-        before, param_bytes, layers = quantize_model(model, config.quantize)
+    param_bytes, quantize = load_rank_weights(model, config.model_dir, config.quantize)
+    if quantize:  # not already stored quantized in a partition
+        before, param_bytes, layers = quantize_model(model, quantize)
         log.info("quantized %d linear layers to %s: %.2f MB -> %.2f MB of parameters (this rank)",
-                 layers, config.quantize, before / 1e6, param_bytes / 1e6)
+                 layers, quantize, before / 1e6, param_bytes / 1e6)
     phases["load"] = time.monotonic() - t0
     max_len = config.max_model_len or max_positions(model_config)
     per_block = kv_bytes_per_block(model, config.block_size, dtype)
@@ -113,11 +113,15 @@ def slow_half_precision(device, dtype: torch.dtype, flags: set[str] | None = Non
             f"conversions and may be slower than --dtype fp32 (which needs twice the memory)")
 
 
-def load_rank_weights(model, model_dir) -> int:
-    """From this rank's file of a partition (manifest.json present), else from the checkpoint."""
+def load_rank_weights(model, model_dir, quantize: str | None = None) -> tuple[int, str | None]:
+    """From this rank's file of a partition (manifest.json present), else from the checkpoint.
+
+    Returns (bytes loaded, the quantization still to apply at load): `quantize` unless the partition
+    already holds it. A partition quantized with another method than `quantize` is refused; asked for
+    none, a quantized partition serves its own (logged)."""
     manifest = model_dir / "manifest.json"
     if not manifest.is_file():
-        return load_weights(model, model_dir)
+        return load_weights(model, model_dir), quantize
     import json
 
     m = json.loads(manifest.read_text())
@@ -125,14 +129,23 @@ def load_rank_weights(model, model_dir) -> int:
     if (m["layout"]["tp"], m["layout"]["pp"]) != (st.tp_size, st.pp_size):
         raise ValueError(f"{model_dir}: partitioned for tp={m['layout']['tp']} pp={m['layout']['pp']}, "
                          f"this worker runs tp={st.tp_size} pp={st.pp_size}")
+    stored = m.get("quantize")  # None in every manifest from before quantized partitions
+    if stored and quantize and stored != quantize:
+        raise ValueError(f"{model_dir}: partitioned with quantize={stored}, but this worker was asked for "
+                         f"--quantize {quantize}; use --quantize {stored} (or none), or partition with "
+                         f"--quantize {quantize}")
+    if stored and not quantize:
+        log.info("the partition is quantized (%s): serving its %s weights (no --quantize given)", stored, stored)
     entry = next(r for r in m["ranks"] if r["rank"] == st.rank)
     layers = getattr(model, "layers", None)
     if layers is not None and st.pp_size > 1 and list(entry["layers"]) != list(st.layer_range(len(layers))):
         raise ValueError(f"{model_dir}: rank {st.rank} was partitioned with layers {entry['layers']}, this worker's "
                          f"stage owns {list(st.layer_range(len(layers)))} (stage layers {list(st.stage_layers)}); "
                          f"a --stage-layers split needs a partition made with the same split")
-    log.info("loading rank %d from partition file %s", st.rank, entry["file"])
-    return load_partition(model, model_dir / entry["file"])
+    log.info("loading rank %d from partition file %s%s", st.rank, entry["file"],
+             f" (stored {stored})" if stored else "")
+    loaded = load_partition(model, model_dir / entry["file"], stored)
+    return loaded, None if stored else quantize
 
 
 def warm_up(engine: Engine) -> None:

@@ -8,7 +8,9 @@ Weights are [out_features, in_features] as in torch.nn.Linear.
 Weight-only quantization (`quantize_model`, after the weights are loaded): the tensor-parallel
 layers (column, QKV, row) replace their weight with this rank's int8 (per output channel) or int4
 (per group of inputs) copy and multiply through native/ops (the extension, or its torch twin).
-Embeddings, the LM head and ReplicatedLinear stay in the load dtype.
+Embeddings, the LM head and ReplicatedLinear stay in the load dtype. A partition made with
+`--quantize` stores those tensors per rank (`quantize_weight`, the same function); the worker gives
+the layers their quantized structure (`prepare_quantized`) and loads them by name.
 """
 
 from __future__ import annotations
@@ -29,35 +31,67 @@ QUANTIZE_METHODS = ("int8", "int4")
 INT4_GROUP_SIZES = (128, 64, 32)  # the first that divides in_features is used
 
 
+QUANT_BUFFERS = ("qweight", "scales", "zeros")  # a quantized layer's tensors, in place of `weight`
+
+
+def quantize_weight(w: torch.Tensor, method: str, group: int = 0) -> tuple[dict[str, torch.Tensor | None], int] | None:
+    """This rank's weight [out, in] -> ({qweight, scales, zeros}, int4 group size or 0); None when
+    int4 has no group size for the shape. On the meta device it gives the shapes and dtypes only.
+
+    int8: qweight [out, in] int8, scales [out] fp32. int4: qweight [out, in/2] uint8 (packed),
+    scales and zeros [out, in/group] fp32 (zeros may be None: symmetric, 8); group = `group`, else the
+    first of INT4_GROUP_SIZES dividing `in` (so group = in / scales.shape[1], derivable from shapes)."""
+    if method not in QUANTIZE_METHODS:
+        raise ValueError(f"quantize={method!r}: expected one of {', '.join(QUANTIZE_METHODS)}")
+    if method == "int8":
+        qw, scales = ops.quantize_int8(w)
+        return {"qweight": qw.contiguous(), "scales": scales.contiguous(), "zeros": None}, 0
+    group = group or next((g for g in INT4_GROUP_SIZES if w.shape[1] % g == 0), 0)
+    if not group:
+        return None
+    packed, scales, zeros = ops.quantize_int4(w, group)
+    return {"qweight": packed.contiguous(), "scales": scales.contiguous(),
+            "zeros": None if zeros is None else zeros.contiguous()}, group
+
+
 class QuantizableLinear(nn.Module):
-    """`_matmul(x, bias)` = x @ W.T (+ bias) with W full precision, int8 or int4 (after quantize_)."""
+    """`_matmul(x, bias)` = x @ W.T (+ bias) with W full precision, int8 or int4 (after quantize_
+    or prepare_quantized). Quantized, the layer holds buffers qweight/scales/zeros instead of `weight`."""
 
     quant: str | None = None  # None | "int8" | "int4"
     group_size: int = 0  # int4 only
 
     def quantize_(self, method: str) -> bool:
         """Replace `weight` with its quantized form (in place); False if the shape does not allow it."""
-        if method not in QUANTIZE_METHODS:
-            raise ValueError(f"quantize={method!r}: expected one of {', '.join(QUANTIZE_METHODS)}")
-        w = self.weight.data
-        if method == "int8":
-            qw, scales = ops.quantize_int8(w)
-            self.register_buffer("qweight", qw.contiguous(), persistent=False)  # [out, in] int8
-            self.register_buffer("scales", scales.contiguous(), persistent=False)  # [out] fp32
-        else:
-            group = next((g for g in INT4_GROUP_SIZES if w.shape[1] % g == 0), 0)
-            if not group:
-                log.warning("%s [%d x %d]: no int4 group size divides %d inputs; left unquantized",
-                            type(self).__name__, w.shape[0], w.shape[1], w.shape[1])
-                return False
-            packed, scales, zeros = ops.quantize_int4(w, group)
-            self.register_buffer("qweight", packed.contiguous(), persistent=False)  # [out, in/2] uint8
-            self.register_buffer("scales", scales.contiguous(), persistent=False)  # [out, in/group]
-            self.register_buffer("zeros", None if zeros is None else zeros.contiguous(), persistent=False)
-            self.group_size = group
+        got = quantize_weight(self.weight.data, method)
+        if got is None:
+            w = self.weight
+            log.warning("%s [%d x %d]: no int4 group size divides %d inputs; left unquantized",
+                        type(self).__name__, w.shape[0], w.shape[1], w.shape[1])
+            return False
+        self._set_quantized(method, *got)
+        return True
+
+    def prepare_quantized(self, method: str, group: int = 0, zeros: bool = True) -> None:
+        """Give the layer the structure of `method` (empty buffers of the right shapes and dtypes, on
+        the weight's device) so a quantized partition's tensors can be loaded into it by name.
+        `group`: the int4 group size the partition used; `zeros=False`: the partition stored none."""
+        w = self.weight
+        got = quantize_weight(torch.empty(w.shape, dtype=w.dtype, device="meta"), method, group)
+        if got is None:
+            raise ValueError(f"{type(self).__name__} [{w.shape[0]} x {w.shape[1]}]: {method} does not fit this shape")
+        tensors, group = got
+        if not zeros:
+            tensors["zeros"] = None
+        self._set_quantized(method, {k: None if t is None else torch.empty(t.shape, dtype=t.dtype, device=w.device)
+                                     for k, t in tensors.items()}, group)
+
+    def _set_quantized(self, method: str, tensors: dict[str, torch.Tensor | None], group: int) -> None:
+        for name in QUANT_BUFFERS:  # not in state_dict: checkpoints and partitions are named explicitly
+            self.register_buffer(name, tensors[name], persistent=False)
+        self.group_size = group
         del self.weight
         self.quant = method
-        return True
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quant is None:
