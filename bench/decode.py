@@ -373,7 +373,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
     p.add_argument("--model", default="llama-300m", choices=["llama-300m", "demo"])
     p.add_argument("--model-dir", default="", help="any Llama-family HF folder instead of --model")
-    p.add_argument("--variants", default="fp32,bf16,int8,int4,ct2-float32,ct2-int8,hf",
+    p.add_argument("--variants", default="fp32,int8,ct2-int8,int4,ct2-float32,bf16,hf",
                    help="any of fp32,bf16,int8,int4 (ours), ct2-float32, ct2-int8, hf")
     p.add_argument("--wait-quiet", type=float, default=0.0,
                    help="before each variant, wait up to this many seconds for other CPU load to drop under 25%%")
@@ -392,6 +392,39 @@ def bandwidth(gib: float) -> dict:
     from bench.kernels import read_bandwidth
 
     return read_bandwidth(gib=gib, reps=5)
+
+
+def summarize(args, model_dir: Path, cfg: dict, rows: list[dict], prof: dict | None, bw_before: dict,
+              bw_after: dict | None, load_before, elapsed: float) -> dict:
+    """Rows re-floored at the better bandwidth probe, machine facts; the JSON document."""
+    from native import ops
+
+    best_bw = max(bw_before["floor_GBps"], (bw_after or bw_before)["floor_GBps"]) * 1e9
+    for r in rows:  # the floor from the better of the two probes (a lower floor, the stricter ratio)
+        r["floor_ms_per_step"] = 1e3 * r["bytes_read_per_step"] / best_bw
+        r["x_floor"] = r["ms_per_step"] / r["floor_ms_per_step"]
+    machine = {
+        "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "processor": _cpu_model(), "kernel_path": ops.kernel_path("cpu"), "kernel_detail": ops.backend("cpu").detail,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "bandwidth_before": bw_before, "bandwidth_after": bw_after, "floor_GBps_used": best_bw / 1e9,
+    }
+    try:
+        import ctranslate2
+
+        machine["ctranslate2"] = ctranslate2.__version__
+    except ImportError:
+        pass
+    return {"model": model_dir.name, "params": _params(cfg), "prompt_tokens": args.prompt, "tokens": args.tokens,
+            "batches": args.batches, "complete": bw_after is not None, "machine": machine, "elapsed_s": elapsed,
+            "results": rows, "profile": prof, "method": __doc__}
+
+
+def write(args, doc: dict) -> None:
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def main(argv=None) -> int:
@@ -436,43 +469,26 @@ def main(argv=None) -> int:
             rows += run_ct2(model_dir, ct2_dir, cfg, compute, args, bw)
         elif v == "hf" and 1 in args.batches:
             rows += run_hf(model_dir, cfg, args, bw, ckpt_bytes)
+        if v == "fp32" and prof:
+            print(fmt_profile(prof), flush=True)
+        # a partial document after every variant: a long run cut short still leaves its figures
+        write(args, summarize(args, model_dir, cfg, rows, prof, bw_before, None, load_before,
+                              time.monotonic() - t_start))
     if args.wait_quiet:
         wait_quiet(args.wait_quiet)
     bw_after = bandwidth(args.bandwidth_gib)
-    best_bw = max(bw_before["floor_GBps"], bw_after["floor_GBps"]) * 1e9
-    for r in rows:  # the floor from the better of the two probes (a lower floor, the stricter ratio)
-        r["floor_ms_per_step"] = 1e3 * r["bytes_read_per_step"] / best_bw
-        r["x_floor"] = r["ms_per_step"] / r["floor_ms_per_step"]
-    from native import ops
-
-    machine = {
-        "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-        "processor": _cpu_model(), "kernel_path": ops.kernel_path("cpu"), "kernel_detail": ops.backend("cpu").detail,
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "bandwidth_before": bw_before, "bandwidth_after": bw_after, "floor_GBps_used": best_bw / 1e9,
-    }
-    try:
-        import ctranslate2
-
-        machine["ctranslate2"] = ctranslate2.__version__
-    except ImportError:
-        pass
     elapsed = time.monotonic() - t_start
+    doc = summarize(args, model_dir, cfg, rows, prof, bw_before, bw_after, load_before, elapsed)
+    write(args, doc)
+    m = doc["machine"]
     print("\n" + HEADER)
     for r in rows:
         print(fmt_row(r))
-    print(f"[size: d = on disk, m = in memory after load/quantize; busy = other CPU load measured just before; floor at {best_bw / 1e9:.1f} GB/s; "
-          f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; "
-          f"kernels: {machine['kernel_path']}; {elapsed:.0f} s]")
+    print(f"[size: d = on disk, m = in memory after load/quantize; busy = other CPU load measured just before; "
+          f"floor at {m['floor_GBps_used']:.1f} GB/s; load average {load_before[0]:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after; kernels: {m['kernel_path']}; {elapsed:.0f} s]")
     if prof:
         print(fmt_profile(prof))
-    if args.out:
-        doc = {"model": model_dir.name, "params": _params(cfg), "prompt_tokens": args.prompt, "tokens": args.tokens,
-               "batches": args.batches, "machine": machine, "elapsed_s": elapsed, "results": rows, "profile": prof,
-               "method": __doc__}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 
 

@@ -25,8 +25,10 @@ def test_decode_bench_runs(tmp_path):
     got = {(r["variant"], r["batch"]) for r in doc["results"]}
     assert got == {("ours fp32", 1), ("ours fp32", 2), ("ours fp32 int8", 1), ("ours fp32 int8", 2),
                    ("transformers fp32", 1)}
-    for r in doc["results"]:
-        assert r["tokens_per_s"] > 0 and r["x_floor"] > 0 and r["size_bytes"] > 0
+    for r in doc["results"]:  # (transformers' decode time is a difference of two runs: any sign at 2 tokens)
+        assert r["size_bytes"] > 0 and r["floor_ms_per_step"] > 0
+        if r["variant"].startswith("ours"):
+            assert r["tokens_per_s"] > 0 and r["x_floor"] > 0
     int8 = next(r for r in doc["results"] if r["variant"] == "ours fp32 int8")
     fp32 = next(r for r in doc["results"] if r["variant"] == "ours fp32")
     assert int8["weight_bytes_per_step"] < fp32["weight_bytes_per_step"]
