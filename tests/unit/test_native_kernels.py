@@ -41,9 +41,10 @@ def rand(*shape, dtype=torch.float32, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,alibi", [(8, 8, False), (8, 2, False), (4, 1, True)])
-def test_paged_attention_decode(nat, dtype, heads, kv_heads, alibi):
+@pytest.mark.parametrize("D", [64, 40])  # fp32 with D % 16 == 0 has its own AVX-512 path
+def test_paged_attention_decode(nat, dtype, heads, kv_heads, alibi, D):
     g = torch.Generator().manual_seed(1)
-    B, D, bs, nb = 4, 64, 16, 48
+    B, bs, nb = 4, 16, 48
     q = rand(B, heads, D, dtype=dtype, gen=g)
     kc, vc = rand(nb, bs, kv_heads, D, dtype=dtype, gen=g), rand(nb, bs, kv_heads, D, dtype=dtype, gen=g)
     tables = torch.randperm(nb, generator=g)[: B * 12].reshape(B, 12).int()
@@ -98,7 +99,7 @@ def test_rotary_cache_write(nat, dtype, is_neox, rot_dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [1, 3, 4, 7, 33, 70])  # tiles of 4, tails; > 64: dequant + GEMM
+@pytest.mark.parametrize("tokens", [1, 3, 4, 7, 8, 13, 33, 70])  # tiles of 8 (AVX2 4), tails; > 64: dequant + GEMM
 @pytest.mark.parametrize("in_features", [320, 200])  # 200: not a multiple of the 16-wide vectors
 def test_int8_linear(nat, dtype, tokens, in_features):
     g = torch.Generator().manual_seed(4)
@@ -150,7 +151,7 @@ g = torch.Generator().manual_seed(0)
 w = torch.randn(37, 200, generator=g)
 qw, s = R.quantize_int8(w)
 p, s4, z4 = R.quantize_int4(torch.randn(37, 256, generator=g), 64)
-for T in (1, 5):
+for T in (1, 5, 8):
     x = torch.randn(T, 200, generator=g)
     assert (n.int8_linear(x, qw, s, None) - R.int8_linear(x, qw, s)).abs().max() < 1e-3
     x = torch.randn(T, 256, generator=g)

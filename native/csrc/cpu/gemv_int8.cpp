@@ -17,7 +17,7 @@ namespace {
 #endif
 // Weight rows per kernel call: consecutive rows, read as one sequential stream.
 constexpr int64_t kRows = SS_INT8_ROWS;
-constexpr int64_t kTokens = 4;  // tokens per pass over a row block (held in registers)
+constexpr int64_t kTokens = 8;  // tokens per pass over a row block (held in registers; AVX2: 4)
 
 // ---------------------------------------------------------------- int8, generic
 template <int NT>
@@ -81,7 +81,8 @@ SS_TARGET_AVX2 void int8_block_avx2(const float* x, const int8_t* w, float* acc,
 
 template <int R, int NT>
 SS_TARGET_AVX512 void int8_block_avx512(const float* x, const int8_t* w, float* acc, int64_t I) {
-  constexpr int U = 4;  // accumulator sets over consecutive 16-wide vectors
+  // accumulator sets over consecutive 16-wide vectors: U * R * NT of the 32 registers
+  constexpr int U = NT <= 4 ? 4 : 1;
   __m512 a[U][R][NT];
 #pragma GCC unroll 4
   for (int u = 0; u < U; ++u)
@@ -97,7 +98,7 @@ SS_TARGET_AVX512 void int8_block_avx512(const float* x, const int8_t* w, float* 
       for (int r = 0; r < R; ++r) {
         __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * I + i + 16 * u));
         __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int t = 0; t < NT; ++t)
           a[u][r][t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * I + i + 16 * u), a[u][r][t]);
       }
@@ -116,7 +117,9 @@ SS_TARGET_AVX512 void int8_block_avx512(const float* x, const int8_t* w, float* 
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int t = 0; t < NT; ++t) {
-      const __m512 v = _mm512_add_ps(_mm512_add_ps(a[0][r][t], a[1][r][t]), _mm512_add_ps(a[2][r][t], a[3][r][t]));
+      __m512 v = a[0][r][t];
+#pragma GCC unroll 4
+      for (int u = 1; u < U; ++u) v = _mm512_add_ps(v, a[u][r][t]);
       float s = _mm512_reduce_add_ps(v);
       for (int64_t j = i; j < I; ++j) s += x[t * I + j] * static_cast<float>(w[r * I + j]);
       acc[r * NT + t] = s;
@@ -130,18 +133,34 @@ SS_INLINE void int8_tile(const float* xt, const int8_t* w, float* acc, int64_t n
                          int64_t I) {
   if constexpr (ISA != Isa::Generic) {
     if (rows == kRows) {
-#define SS_I8_CASE(N)                                                      \
-  case N:                                                                  \
-    if constexpr (ISA == Isa::Avx512) int8_block_avx512<kRows, N>(xt, w, acc, I); \
-    else int8_block_avx2<kRows, N>(xt, w, acc, I);                                \
-    return;
-      switch (nt) {
-        SS_I8_CASE(1)
-        SS_I8_CASE(2)
-        SS_I8_CASE(3)
-        SS_I8_CASE(4)
-      }
+      if constexpr (ISA == Isa::Avx512) {
+        switch (nt) {
+#define SS_I8_CASE(N) case N: int8_block_avx512<kRows, N>(xt, w, acc, I); return;
+          SS_I8_CASE(1) SS_I8_CASE(2) SS_I8_CASE(3) SS_I8_CASE(4)
+          SS_I8_CASE(5) SS_I8_CASE(6) SS_I8_CASE(7) SS_I8_CASE(8)
 #undef SS_I8_CASE
+        }
+      } else {
+        // AVX2 has 16 registers: up to 4 tokens per pass, so 5-8 tokens take two passes
+        auto pass = [&](const float* xp, float* out, int64_t n) {
+          switch (n) {
+#define SS_I8_CASE(N) case N: int8_block_avx2<kRows, N>(xp, w, out, I); break;
+            SS_I8_CASE(1) SS_I8_CASE(2) SS_I8_CASE(3) SS_I8_CASE(4)
+#undef SS_I8_CASE
+          }
+        };
+        if (nt <= 4) {
+          pass(xt, acc, nt);
+          return;
+        }
+        float lo[kRows * 4], hi[kRows * 4];
+        pass(xt, lo, 4);
+        pass(xt + 4 * I, hi, nt - 4);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t t = 0; t < nt; ++t)
+            acc[r * nt + t] = t < 4 ? lo[r * 4 + t] : hi[r * (nt - 4) + t - 4];
+        return;
+      }
     }
   }
   float tmp[kRows];
