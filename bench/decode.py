@@ -100,7 +100,8 @@ def build(model_dir: Path, dtype: str, quantize: str | None, max_batch: int, max
     from worker.engine.engine import EngineConfig
 
     return build_engine(EngineConfig(model_dir=model_dir, dtype=dtype, max_batch_size=max_batch,
-                                     max_batch_tokens=2048, max_model_len=max_len, quantize=quantize))
+                                     max_batch_tokens=max(2048, max_batch * max_len), max_model_len=max_len,
+                                     quantize=quantize))
 
 
 def add_batch(engine, tag: str, prompts: list[list[int]], new_tokens: int) -> list:
