@@ -30,6 +30,22 @@ SS_INLINE void axpy_v(float p, const void* v, int64_t off, float* acc, int64_t D
   for (int64_t d = 0; d < D; ++d) acc[d] += p * load_f<DT>(v, off + d);
 }
 
+// Softmax of each score row [n, ctx], kept unnormalised: s = exp(s - row max) in place, and
+// inv[i] = 1 / row sum (0 for a row with no mass); the weighted V sum is scaled by inv at the end.
+SS_INLINE void softmax_rows(float* sc, int64_t n, int64_t ctx, float* inv) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* s = sc + i * ctx;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < ctx; ++t) m = s[t] > m ? s[t] : m;
+    float sum = 0.f;
+    for (int64_t t = 0; t < ctx; ++t) {
+      s[t] = std::exp(s[t] - m);
+      sum += s[t];
+    }
+    inv[i] = sum > 0.f ? 1.f / sum : 0.f;
+  }
+}
+
 template <DType DT>
 SS_INLINE void attend_group(const void* q, const void* kc, const void* vc, const int32_t* table,
                             int64_t ctx, const float* alibi, void* out, int64_t b, int64_t kh,
@@ -37,8 +53,8 @@ SS_INLINE void attend_group(const void* q, const void* kc, const void* vc, const
                             std::vector<float>& buf) {
   const int64_t G = H / Hkv;
   const int64_t h0 = kh * G;
-  // buf: qf[G*D] | acc[G*D] | scores[G*ctx]
-  buf.resize(static_cast<size_t>(2 * G * D + G * ctx));
+  // buf: qf[G*D] | acc[G*D] | scores[G*ctx] | inv[G]
+  buf.resize(static_cast<size_t>(2 * G * D + G * ctx + G));
   float* qf = buf.data();
   float* acc = qf + G * D;
   float* sc = acc + G * D;
@@ -57,25 +73,8 @@ SS_INLINE void attend_group(const void* q, const void* kc, const void* vc, const
       sc[g * ctx + t] = s;
     }
   }
-  // softmax per head, kept unnormalised until the end
-  float inv_sum[64];
-  std::vector<float> inv_big;
-  float* inv = inv_sum;
-  if (G > 64) {
-    inv_big.resize(static_cast<size_t>(G));
-    inv = inv_big.data();
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    float* s = sc + g * ctx;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < ctx; ++t) m = s[t] > m ? s[t] : m;
-    float sum = 0.f;
-    for (int64_t t = 0; t < ctx; ++t) {
-      s[t] = std::exp(s[t] - m);
-      sum += s[t];
-    }
-    inv[g] = sum > 0.f ? 1.f / sum : 0.f;
-  }
+  float* inv = sc + G * ctx;
+  softmax_rows(sc, G, ctx, inv);
   // pass 2: weighted sum of V
   for (int64_t t = 0; t < ctx; ++t) {
     const int64_t slot = static_cast<int64_t>(table[t / bs]) * bs + t % bs;
@@ -112,14 +111,14 @@ SS_INLINE void attention_all(const void* q, const void* kc, const void* vc, cons
 }
 
 // One sequence, kv heads [k0, k1): scores, softmax and the weighted V sum, fp32, D % 16 == 0.
-// buf: qf[n*D] | acc[n*D] | scores[n*ctx] with n = (k1 - k0) * G query heads.
+// buf: qf[n*D] | acc[n*D] | scores[n*ctx] | inv[n] with n = (k1 - k0) * G query heads.
 SS_TARGET_AVX512 void attend_f32_avx512(const float* q, const float* kc, const float* vc,
                                         const int32_t* table, int64_t ctx, const float* alibi,
                                         float* out, int64_t b, int64_t k0, int64_t k1, int64_t H,
                                         int64_t Hkv, int64_t D, int64_t bs, float scale,
                                         std::vector<float>& buf) {
   const int64_t G = H / Hkv, n = (k1 - k0) * G, h0 = k0 * G, row = Hkv * D;
-  buf.resize(static_cast<size_t>(2 * n * D + n * ctx));
+  buf.resize(static_cast<size_t>(2 * n * D + n * ctx + n));
   float* qf = buf.data();
   float* acc = qf + n * D;
   float* sc = acc + n * D;
@@ -145,25 +144,8 @@ SS_TARGET_AVX512 void attend_f32_avx512(const float* q, const float* kc, const f
       }
     }
   }
-  // softmax per head, kept unnormalised until the end
-  float inv_small[64];
-  std::vector<float> inv_big;
-  float* inv = inv_small;
-  if (n > 64) {
-    inv_big.resize(static_cast<size_t>(n));
-    inv = inv_big.data();
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    float* s = sc + i * ctx;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < ctx; ++t) m = s[t] > m ? s[t] : m;
-    float sum = 0.f;
-    for (int64_t t = 0; t < ctx; ++t) {
-      s[t] = std::exp(s[t] - m);
-      sum += s[t];
-    }
-    inv[i] = sum > 0.f ? 1.f / sum : 0.f;
-  }
+  float* inv = sc + n * ctx;
+  softmax_rows(sc, n, ctx, inv);
   // pass 2: weighted sum of V
   for (int64_t blk = 0, t = 0; blk < nblk; ++blk) {
     const float* vb = vc + static_cast<int64_t>(table[blk]) * bs * row + k0 * D;
