@@ -75,10 +75,18 @@ class HttpServer:
                     self.send_header("Content-Type", ctype)
                     self.send_header("Transfer-Encoding", "chunked")
                     self.end_headers()
-                    for chunk in payload:
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                        self.wfile.flush()
-                    self.wfile.write(b"0\r\n\r\n")
+                    try:
+                        for chunk in payload:
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                            self.wfile.flush()
+                        self.wfile.write(b"0\r\n\r\n")
+                    except (BrokenPipeError, ConnectionResetError):  # the client left mid-stream:
+                        log.info("http %s: client left mid-stream", path)  # not an error of ours
+                        self.close_connection = True
+                    finally:
+                        close = getattr(payload, "close", None)
+                        if close is not None:
+                            close()  # a generator's cleanup (admission, the request) runs now
 
             def _send(self, status, ctype, data):
                 self.send_response(status)

@@ -12,7 +12,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,8 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+
+from controller.placement import free_port  # noqa: F401 - tests import it from here
 
 SCRAPE_INTERVAL_S = 1
 # What Grafana would substitute for a 1 s scrape interval: $__rate_interval = max($__interval +
@@ -40,12 +41,6 @@ def unavailable_reason() -> str | None:
         "the `prometheus` binary is not on PATH: `make system-deps` installs Debian's package with "
         "apt-get when run as root (not root here, or apt-get failed)"
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get_json(url: str, timeout: float = 5.0) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from controller.placement import free_port  # noqa: F401 - tests import it from here
+
 # moto does not check signatures; any non-empty pair works. Region is fixed so URLs are predictable.
 TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -27,12 +28,6 @@ TEST_ENV = {
     "AWS_REGION": "us-east-1",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MotoServer:
