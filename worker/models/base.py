@@ -56,6 +56,13 @@ class DecoderModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    def tie_head(self, config, head: nn.Module, embedding: nn.Module, default: bool) -> None:
+        """Share the embedding's weight with the LM head when the config says so (`default`: the
+        family's transformers default for `tie_word_embeddings`). Sets `self.tied`."""
+        self.tied = bool(getattr(config, "tie_word_embeddings", default))
+        if self.tied:
+            head.tie(embedding)
+
     def attention_layers(self) -> list:
         from worker.layers.attention import PagedAttention
 

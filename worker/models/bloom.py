@@ -57,9 +57,7 @@ class BloomForCausalLM(DecoderModel):
         self.layers = self.transformer.h
         self.transformer.ln_f = LayerNorm(hidden, config.layer_norm_epsilon)
         self.lm_head = ParallelLMHead(config.vocab_size, hidden)
-        self.tied = bool(getattr(config, "tie_word_embeddings", True))
-        if self.tied:
-            self.lm_head.tie(self.transformer.word_embeddings)
+        self.tie_head(config, self.lm_head, self.transformer.word_embeddings, default=True)
 
     @staticmethod
     def max_positions(config) -> int:

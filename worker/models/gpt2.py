@@ -60,9 +60,7 @@ class GPT2LMHeadModel(DecoderModel):
         self.layers = self.transformer.h
         self.transformer.ln_f = LayerNorm(hidden, config.layer_norm_epsilon)
         self.lm_head = ParallelLMHead(config.vocab_size, hidden)
-        self.tied = bool(getattr(config, "tie_word_embeddings", True))
-        if self.tied:
-            self.lm_head.tie(self.transformer.wte)
+        self.tie_head(config, self.lm_head, self.transformer.wte, default=True)
 
     def map_checkpoint_name(self, name: str):
         # attn.bias / attn.masked_bias: causal-mask buffers of older checkpoints

@@ -60,9 +60,7 @@ class GPTNeoXForCausalLM(DecoderModel):
         self.layers = self.gpt_neox.layers
         self.gpt_neox.final_layer_norm = LayerNorm(hidden, config.layer_norm_eps)
         self.embed_out = ParallelLMHead(config.vocab_size, hidden)
-        self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tied:
-            self.embed_out.tie(self.gpt_neox.embed_in)
+        self.tie_head(config, self.embed_out, self.gpt_neox.embed_in, default=False)
 
     def map_checkpoint_name(self, name: str):
         if self.tied and name == "embed_out.weight":

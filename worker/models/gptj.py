@@ -50,10 +50,8 @@ class GPTJForCausalLM(DecoderModel):
         self.transformer.h = make_layers(config.n_layer, lambda i: GPTJBlock(config))
         self.layers = self.transformer.h
         self.transformer.ln_f = LayerNorm(hidden, config.layer_norm_epsilon)
-        self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.vocab_size, hidden, bias=True)  # tied or not, the head has a bias
-        if self.tied:
-            self.lm_head.tie(self.transformer.wte)
+        self.tie_head(config, self.lm_head, self.transformer.wte, default=False)
 
     def map_checkpoint_name(self, name: str):
         return map_with_prefix(self, name, "transformer.", ignored=(".attn.bias", ".attn.masked_bias"))

@@ -103,9 +103,7 @@ class LlamaForCausalLM(DecoderModel):
         self.layers = self.model.layers
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tied:
-            self.lm_head.tie(self.model.embed_tokens)
+        self.tie_head(config, self.lm_head, self.model.embed_tokens, default=False)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

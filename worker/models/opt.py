@@ -63,9 +63,7 @@ class OPTForCausalLM(DecoderModel):
         keep_final = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
         d.final_layer_norm = _norm(config) if keep_final else None
         self.lm_head = ParallelLMHead(config.vocab_size, proj)
-        self.tied = bool(getattr(config, "tie_word_embeddings", True))
-        if self.tied:
-            self.lm_head.tie(d.embed_tokens)
+        self.tie_head(config, self.lm_head, d.embed_tokens, default=True)
 
     def map_checkpoint_name(self, name: str):
         if name.startswith("decoder."):  # older checkpoints: no 'model.' prefix
