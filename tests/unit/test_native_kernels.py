@@ -111,7 +111,7 @@ def test_int8_linear(nat, dtype, tokens, in_features):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [1, 4, 6, 70])
+@pytest.mark.parametrize("tokens", [1, 4, 6, 8, 13, 70])
 @pytest.mark.parametrize("group_size,symmetric", [(128, False), (64, True), (32, False)])
 def test_int4_linear(nat, dtype, tokens, group_size, symmetric):
     g = torch.Generator().manual_seed(5)
