@@ -23,6 +23,8 @@ class StepContext:
     max_context_len: int
     block_size: int
     num_decode: int = -1         # sequences with query_len == 1 (-1: not counted, see decode_count)
+    # int32 copies of block_tables / context_lens for the native kernels, made once per step
+    tables_i32: tuple[torch.Tensor, torch.Tensor] | None = None
     # Encoder-decoder models: per-sequence encoder outputs handed to cross-attention.
     cross_states: list | None = None
     # Models whose attention wants extra per-sequence data put it here (e.g. encoder lengths).
@@ -34,6 +36,13 @@ def decode_count(ctx: StepContext) -> int:
     if ctx.num_decode < 0:
         ctx.num_decode = int((ctx.query_lens == 1).sum())
     return ctx.num_decode
+
+
+def int32_tables(ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block_tables, context_lens) as int32, converted once per step, read by every layer."""
+    if ctx.tables_i32 is None:
+        ctx.tables_i32 = (ctx.block_tables.int(), ctx.context_lens.int())
+    return ctx.tables_i32
 
 
 _CTX: StepContext | None = None

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from native import ops
-from worker.context import decode_count, get_context
+from worker.context import decode_count, get_context, int32_tables
 from worker.layers.rotary import RotaryEmbedding
 
 
@@ -91,7 +91,7 @@ def attend(q, k_flat, v_flat, ctx, scale, sliding_window=None, alibi_slopes=None
     native = (bias is None and ops.is_native(q.device)
               and (sliding_window is None or ctx.max_context_len <= sliding_window))
     if n_decode == ctx.query_lens.numel() and native:  # T == B: one token per sequence, in order
-        return _decode_native(q, k_flat, v_flat, ctx, ctx.block_tables, ctx.context_lens, scale, alibi_slopes)
+        return _decode_native(q, k_flat, v_flat, ctx, *int32_tables(ctx), scale, alibi_slopes)
     if n_decode in (0, ctx.query_lens.numel()):
         rows = torch.arange(ctx.query_lens.numel(), device=q.device)
         return _attend_rows(q, k_flat, v_flat, ctx, rows, scale, sliding_window, alibi_slopes, bias)
@@ -100,8 +100,8 @@ def attend(q, k_flat, v_flat, ctx, scale, sliding_window=None, alibi_slopes=None
     rows = torch.nonzero(decode).flatten()
     tokens = ctx.query_start[rows]
     if native:
-        out[tokens] = _decode_native(q[tokens], k_flat, v_flat, ctx, ctx.block_tables[rows],
-                                     ctx.context_lens[rows], scale, alibi_slopes)
+        tables, lens = int32_tables(ctx)
+        out[tokens] = _decode_native(q[tokens], k_flat, v_flat, ctx, tables[rows], lens[rows], scale, alibi_slopes)
     else:
         out[tokens] = _attend_rows(q, k_flat, v_flat, ctx, rows, scale, sliding_window, alibi_slopes, bias)
     rows = torch.nonzero(~decode).flatten()

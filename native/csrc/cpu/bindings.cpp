@@ -23,6 +23,9 @@ DType to_dtype(const at::Tensor& t) {
   }
 }
 
+// t in dtype st: t itself when it already is (no dispatcher call: these ops run per layer per step)
+at::Tensor as(const at::Tensor& t, at::ScalarType st) { return t.scalar_type() == st ? t : t.to(st); }
+
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "shardserve_cpu: ", name, " must be on CPU");
 }
@@ -40,18 +43,19 @@ at::Tensor paged_attention_decode_op(const at::Tensor& q_in, const at::Tensor& k
   auto q = q_in.contiguous();
   auto kc = k_cache_in.contiguous();
   auto vc = v_cache_in.contiguous();
-  auto tables = block_tables_in.to(at::kInt).contiguous();
-  auto lens = context_lens_in.to(at::kInt).contiguous();
+  auto tables = as(block_tables_in, at::kInt).contiguous();
+  auto lens = as(context_lens_in, at::kInt).contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t bs = kc.size(1), Hkv = kc.size(2);
   TORCH_CHECK(kc.size(3) == D && H % Hkv == 0, "head dims / GQA groups do not match");
   TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B && lens.numel() == B, "bad block tables");
   const int64_t max_blocks = tables.size(1);
-  TORCH_CHECK(lens.numel() == 0 || lens.max().item<int32_t>() <= max_blocks * bs,
+  const int32_t* lp = lens.data_ptr<int32_t>();
+  TORCH_CHECK(std::all_of(lp, lp + lens.numel(), [&](int32_t n) { return n <= max_blocks * bs; }),
               "context longer than the block table");
   at::Tensor alibi;
   if (alibi_in.has_value()) {
-    alibi = alibi_in->to(at::kFloat).contiguous();
+    alibi = as(*alibi_in, at::kFloat).contiguous();
     TORCH_CHECK(alibi.numel() == H, "alibi_slopes must have H entries");
   }
   auto out = at::empty_like(q);
@@ -68,11 +72,11 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_op(const at::Tensor& x_in,
   check_cpu(x_in, "x");
   const int64_t N = x_in.size(-1);
   auto x = x_in.contiguous();
-  auto w = w_in.to(x.scalar_type()).contiguous();
+  auto w = as(w_in, x.scalar_type()).contiguous();
   TORCH_CHECK(w.numel() == N, "weight must have N entries");
   at::Tensor res;
   if (res_in.has_value()) {
-    res = res_in->to(x.scalar_type()).contiguous();
+    res = as(*res_in, x.scalar_type()).contiguous();
     TORCH_CHECK(res.sizes() == x.sizes(), "residual shape differs from x");
   }
   auto out = at::empty_like(x);
@@ -91,15 +95,15 @@ std::tuple<at::Tensor, at::Tensor> fused_add_layer_norm_op(const at::Tensor& x_i
   check_cpu(x_in, "x");
   const int64_t N = x_in.size(-1);
   auto x = x_in.contiguous();
-  auto w = w_in.to(x.scalar_type()).contiguous();
+  auto w = as(w_in, x.scalar_type()).contiguous();
   TORCH_CHECK(w.numel() == N, "weight must have N entries");
   at::Tensor res, bias;
   if (res_in.has_value()) {
-    res = res_in->to(x.scalar_type()).contiguous();
+    res = as(*res_in, x.scalar_type()).contiguous();
     TORCH_CHECK(res.sizes() == x.sizes(), "residual shape differs from x");
   }
   if (b_in.has_value()) {
-    bias = b_in->to(x.scalar_type()).contiguous();
+    bias = as(*b_in, x.scalar_type()).contiguous();
     TORCH_CHECK(bias.numel() == N, "bias must have N entries");
   }
   auto out = at::empty_like(x);
@@ -119,8 +123,8 @@ std::tuple<at::Tensor, at::Tensor> rotary_cache_write_op(
   TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && v_in.sizes() == k_in.sizes(),
               "q [T,H,D], k and v [T,Hkv,D]");
   auto q = q_in.contiguous();
-  auto k = k_in.to(q.scalar_type()).contiguous();
-  auto v = v_in.to(q.scalar_type()).contiguous();
+  auto k = as(k_in, q.scalar_type()).contiguous();
+  auto v = as(v_in, q.scalar_type()).contiguous();
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1);
   TORCH_CHECK(k.size(0) == T && k.size(2) == D, "k shape does not match q");
   TORCH_CHECK(rot_dim > 0 && rot_dim % 2 == 0 && rot_dim <= D, "rot_dim must be even and <= D");
@@ -130,17 +134,18 @@ std::tuple<at::Tensor, at::Tensor> rotary_cache_write_op(
   TORCH_CHECK(k_cache.numel() == v_cache.numel() && k_cache.numel() % (Hkv * D) == 0,
               "cache shape does not match [.., Hkv, D]");
   auto cs = cos_sin_in;
-  if (cs.scalar_type() != at::kFloat && cs.scalar_type() != q.scalar_type()) cs = cs.to(at::kFloat);
+  if (cs.scalar_type() != at::kFloat && cs.scalar_type() != q.scalar_type()) cs = as(cs, at::kFloat);
   cs = cs.contiguous();
   TORCH_CHECK(cs.dim() == 2 && cs.size(1) == rot_dim, "cos_sin_cache must be [max_pos, rot_dim]");
-  auto pos = positions_in.to(at::kLong).contiguous();
-  auto slots = slots_in.to(at::kLong).contiguous();
+  auto pos = as(positions_in, at::kLong).contiguous();
+  auto slots = as(slots_in, at::kLong).contiguous();
   TORCH_CHECK(pos.numel() == T && slots.numel() == T, "positions / slot_mapping need T entries");
-  if (T > 0) {
-    TORCH_CHECK(pos.min().item<int64_t>() >= 0 && pos.max().item<int64_t>() < cs.size(0),
-                "position outside the cos/sin cache");
-    TORCH_CHECK(slots.max().item<int64_t>() < k_cache.numel() / (Hkv * D), "slot outside the cache");
-  }
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t n_pos = cs.size(0), n_slots = k_cache.numel() / (Hkv * D);
+  TORCH_CHECK(std::all_of(pp, pp + T, [&](int64_t p) { return p >= 0 && p < n_pos; }),
+              "position outside the cos/sin cache");
+  TORCH_CHECK(std::all_of(sp, sp + T, [&](int64_t x) { return x < n_slots; }), "slot outside the cache");
   auto q_out = at::empty_like(q);
   auto k_out = at::empty_like(k);
   rotary_cache_write(q.data_ptr(), k.data_ptr(), v.data_ptr(), pos.data_ptr<int64_t>(),
@@ -174,12 +179,12 @@ at::Tensor int8_linear_op(const at::Tensor& x_in, const at::Tensor& qw_in, const
   TORCH_CHECK(qw_in.scalar_type() == at::kChar && qw_in.dim() == 2, "qw must be int8 [out, in]");
   const int64_t O = qw_in.size(0), I = qw_in.size(1);
   TORCH_CHECK(x_in.size(-1) == I, "x last dim must equal in_features");
-  auto x = x_in.reshape({-1, I}).to(at::kFloat).contiguous();
+  auto x = as(x_in.reshape({-1, I}), at::kFloat).contiguous();
   auto qw = qw_in.contiguous();
-  auto s = s_in.to(at::kFloat).contiguous();
+  auto s = as(s_in, at::kFloat).contiguous();
   TORCH_CHECK(s.numel() == O, "scales must have out_features entries");
   at::Tensor bias;
-  if (b_in.has_value()) bias = b_in->to(at::kFloat).contiguous();
+  if (b_in.has_value()) bias = as(*b_in, at::kFloat).contiguous();
   const int64_t T = x.size(0);
   at::Tensor y;
   if (T > kSmallT) {
@@ -194,7 +199,7 @@ at::Tensor int8_linear_op(const at::Tensor& x_in, const at::Tensor& qw_in, const
   }
   auto shape = x_in.sizes().vec();
   shape.back() = O;
-  return y.to(x_in.scalar_type()).reshape(shape);
+  return as(y, x_in.scalar_type()).reshape(shape);
 }
 
 at::Tensor int4_linear_op(const at::Tensor& x_in, const at::Tensor& packed_in,
@@ -208,16 +213,16 @@ at::Tensor int4_linear_op(const at::Tensor& x_in, const at::Tensor& packed_in,
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && I % group_size == 0,
               "group_size must be a multiple of 32 dividing in_features");
   const int64_t G = I / group_size;
-  auto x = x_in.reshape({-1, I}).to(at::kFloat).contiguous();
+  auto x = as(x_in.reshape({-1, I}), at::kFloat).contiguous();
   auto packed = packed_in.contiguous();
-  auto s = s_in.to(at::kFloat).contiguous();
+  auto s = as(s_in, at::kFloat).contiguous();
   TORCH_CHECK(s.numel() == O * G, "scales must be [out, in/group_size]");
   at::Tensor z, bias;
   if (z_in.has_value()) {
-    z = z_in->to(at::kFloat).contiguous();
+    z = as(*z_in, at::kFloat).contiguous();
     TORCH_CHECK(z.numel() == O * G, "zeros must be [out, in/group_size]");
   }
-  if (b_in.has_value()) bias = b_in->to(at::kFloat).contiguous();
+  if (b_in.has_value()) bias = as(*b_in, at::kFloat).contiguous();
   const int64_t T = x.size(0);
   const float* zp = z.defined() ? z.data_ptr<float>() : nullptr;
   at::Tensor y;
@@ -234,7 +239,7 @@ at::Tensor int4_linear_op(const at::Tensor& x_in, const at::Tensor& packed_in,
   }
   auto shape = x_in.sizes().vec();
   shape.back() = O;
-  return y.to(x_in.scalar_type()).reshape(shape);
+  return as(y, x_in.scalar_type()).reshape(shape);
 }
 
 at::Tensor sample_top_k_top_p_op(const at::Tensor& logits_in, const at::Tensor& temperature_in,
@@ -242,12 +247,12 @@ at::Tensor sample_top_k_top_p_op(const at::Tensor& logits_in, const at::Tensor& 
                               const at::Tensor& uniforms_in) {
   check_cpu(logits_in, "logits");
   TORCH_CHECK(logits_in.dim() == 2, "logits must be [B, V]");
-  auto logits = logits_in.to(at::kFloat).contiguous();
+  auto logits = as(logits_in, at::kFloat).contiguous();
   const int64_t B = logits.size(0), V = logits.size(1);
-  auto temp = temperature_in.to(at::kFloat).contiguous();
-  auto top_k = top_k_in.to(at::kLong).contiguous();
-  auto top_p = top_p_in.to(at::kFloat).contiguous();
-  auto u = uniforms_in.to(at::kDouble).contiguous();
+  auto temp = as(temperature_in, at::kFloat).contiguous();
+  auto top_k = as(top_k_in, at::kLong).contiguous();
+  auto top_p = as(top_p_in, at::kFloat).contiguous();
+  auto u = as(uniforms_in, at::kDouble).contiguous();
   TORCH_CHECK(temp.numel() == B && top_k.numel() == B && top_p.numel() == B && u.numel() == B,
               "per-row parameters need B entries");
   auto out = at::empty({B}, logits.options().dtype(at::kLong));
