@@ -161,6 +161,13 @@ def test_beam_search_matches_transformers(engine, hf, beams, length_penalty):
         assert abs(sum(lps) - cum) < 1e-4
 
 
+def test_beam_search_steps_count_as_generated_tokens(engine):
+    """shardserve_engine_generated_tokens_total counts one token per beam request per step."""
+    before = engine.stats.generated_tokens_total
+    (toks, _, _, _), = ours(engine, [(PROMPTS[0], Sampling(max_new_tokens=NEW, num_beams=3))])
+    assert len(toks) <= engine.stats.generated_tokens_total - before <= NEW
+
+
 INVARIANCE_JOBS = [
     Sampling(max_new_tokens=NEW),
     Sampling(max_new_tokens=NEW, temperature=0.8, top_k=40, top_p=0.9, seed=123),

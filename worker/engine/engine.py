@@ -163,7 +163,9 @@ class Engine:
             seq.num_computed += n
             if seq.first_scheduled is None:
                 seq.first_scheduled = now
+        beam_groups = {id(s.beam) for s in sampled if s.beam is not None}
         sampled, logits = beam_step(sampled, logits, self.scheduler, self._finish, self.max_model_len)
+        self.stats.generated_tokens_total += len(beam_groups)  # one output token per beam request stepped
         tokens, logprobs = sample(logits, sampled) if sampled else ([], [])
         for seq, tok, lp in zip(sampled, tokens, logprobs):
             seq.token_ids.append(tok)
