@@ -296,6 +296,7 @@ class ModelManager:
             if entry.max_model_len == 0:  # the first ready replica tells the model's limits
                 entry.max_model_len, entry.vocab_size = r.status.max_model_len, r.status.vocab_size
                 entry.encoder_decoder = r.status.encoder_decoder  # T5: limits per side (params.resolve)
+                entry.kv_blocks, entry.block_size = r.status.stats.kv_blocks_total, r.status.block_size
             rec.error = ""
             self.router.failed.discard(rec.name)
             if rec.mode == "serving":

@@ -129,8 +129,27 @@ def _range(name: str, value, lo, hi, lo_open=False) -> None:
         raise invalid(f"parameter {name}: {value} is out of range {left}{lo}, {hi}]")
 
 
+def beam_blocks(beams: int, prompt_tokens: int, max_new: int, block_size: int) -> int:
+    """KV blocks a beam request can hold at once: its full prompt blocks shared by every beam, and
+    each beam's own blocks for the partial prompt block and up to `max_new` tokens."""
+    shared = prompt_tokens // block_size
+    return shared + beams * (-(-(prompt_tokens + max_new) // block_size) - shared)
+
+
+def _check_beams_fit(beams: int, prompt_tokens: int, max_new: int, kv_blocks: int, block_size: int) -> None:
+    """A beam request larger than the whole KV cache would preempt itself forever: refuse it."""
+    if not kv_blocks or not block_size:
+        return  # not known yet (no replica ready): the worker's scheduler still bounds it
+    need = beam_blocks(beams, prompt_tokens, max_new, block_size)
+    if need > kv_blocks:
+        raise invalid(f"parameter num_beams: {beams} beams of up to {max_new} new tokens after a "
+                      f"{prompt_tokens}-token prompt need {need} KV-cache blocks of {block_size} tokens; "
+                      f"this model's cache holds {kv_blocks}: lower num_beams or max_new_tokens")
+
+
 def resolve(p: gpb.GenerationParameters, *, prompt_tokens: int, max_model_len: int, vocab_size: int,
-            eos_token_ids: tuple[int, ...], encode_plain, encoder_decoder: bool = False) -> wpb.SamplingParams:
+            eos_token_ids: tuple[int, ...], encode_plain, encoder_decoder: bool = False,
+            kv_cache: tuple[int, int] = (0, 0)) -> wpb.SamplingParams:
     """Validate user parameters and fill every worker field. Raises RequestError.
 
     Encoder-decoder models (T5): the prompt feeds the encoder and the decoder starts from its own
@@ -186,6 +205,7 @@ def resolve(p: gpb.GenerationParameters, *, prompt_tokens: int, max_model_len: i
                       "use num_beams=1")
     if beams > 1:
         sampling = False  # beam search is deterministic (FT ignores top_k/top_p with beam_width > 1)
+        _check_beams_fit(beams, prompt_tokens, max_new, *kv_cache)
     for name in ("stop_token_sequences", "bad_word_token_sequences"):
         for seq in getattr(p, name):
             bad = [t for t in seq.token_ids if t >= vocab_size]

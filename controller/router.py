@@ -21,6 +21,8 @@ class ModelEntry:
     max_model_len: int
     vocab_size: int
     encoder_decoder: bool = False  # T5: max_model_len limits prompt and new tokens separately
+    kv_blocks: int = 0  # KV-cache blocks of one replica, block_size tokens each (0: not known yet)
+    block_size: int = 0
     # requests admitted beyond what the replicas' batches hold before RESOURCE_EXHAUSTED
     max_queued_requests: int = 256
     max_batch_size: int = 32

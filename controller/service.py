@@ -65,7 +65,8 @@ def prepare(entry: ModelEntry, prompt: str, params: gpb.GenerationParameters, ar
     ids = entry.codec.encode(prompt)
     sampling = resolve(params, prompt_tokens=len(ids), max_model_len=entry.max_model_len,
                        vocab_size=entry.vocab_size, eos_token_ids=entry.codec.eos_token_ids,
-                       encode_plain=entry.codec.encode_plain, encoder_decoder=entry.encoder_decoder)
+                       encode_plain=entry.codec.encode_plain, encoder_decoder=entry.encoder_decoder,
+                       kv_cache=(entry.kv_blocks, entry.block_size))
     return Prepared(entry, ids, sampling, list(params.stop), arrival)
 
 

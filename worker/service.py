@@ -99,6 +99,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             pipeline_parallel=self.info.get("pp", 1),
             encoder_decoder=self.info.get("encoder_decoder", False),
             kernel_path=self.info.get("kernel_path", "torch"),
+            block_size=self.engine.config.block_size,
             stats=pb.EngineStats(
                 running=st.running, waiting=st.waiting, batch_size=st.batch_size, batch_tokens=st.batch_tokens,
                 kv_blocks_total=st.kv_blocks_total, kv_blocks_used=st.kv_blocks_used,

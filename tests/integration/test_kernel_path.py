@@ -31,6 +31,7 @@ def _serve(model: Path, quantize: str) -> tuple[str, list[int]]:
         req = wpb.WorkerGenerateRequest(request_id="r", prompt_token_ids=[1, 2, 3],
                                         sampling=wpb.SamplingParams(max_new_tokens=4, min_new_tokens=4))
         tokens = [t for msg in replica.generate(req, timeout=60) for t in msg.token_ids]
+        assert (replica.status.block_size, replica.status.stats.kv_blocks_total) == (16, 16)  # beam limits
         return replica.status.kernel_path, tokens
     finally:
         replica.stop()

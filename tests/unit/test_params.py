@@ -56,3 +56,18 @@ def test_beams_refused_for_encoder_decoder_models():
     with pytest.raises(RequestError, match="encoder-decoder") as e:
         resolve(parameters_from_dict({"num_beams": 2}), encoder_decoder=True, **KW)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_beam_request_larger_than_the_kv_cache_is_refused_naming_num_beams():
+    from controller.params import beam_blocks
+
+    # 10-token prompt, 16-token blocks: no full prompt block to share; 4 beams x ceil(26/16) = 8 blocks
+    assert beam_blocks(4, 10, 16, 16) == 8
+    assert beam_blocks(4, 40, 16, 16) == 2 + 4 * (4 - 2)  # two shared prompt blocks
+    ok = resolve(parameters_from_dict({"num_beams": 4, "max_new_tokens": 16}), kv_cache=(8, 16), **KW)
+    assert ok.num_beams == 4
+    with pytest.raises(RequestError) as e:
+        resolve(parameters_from_dict({"num_beams": 4, "max_new_tokens": 16}), kv_cache=(7, 16), **KW)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "num_beams: 4 beams" in e.value.message and "holds 7" in e.value.message
+    resolve(parameters_from_dict({"num_beams": 16, "max_new_tokens": 80}), **KW)  # cache not known yet
