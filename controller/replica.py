@@ -95,6 +95,11 @@ class WorkerStartError(RuntimeError):
     pass
 
 
+# A rank's exit code when native kernels failed the warm-up of its process group
+# (worker/engine/build.py NATIVE_WARMUP_EXIT): the group is restarted on the torch path.
+NATIVE_WARMUP_EXIT = 4
+
+
 class Replica:
     def __init__(self, name: str, spec: ReplicaSpec, runtime_dir: Path, on_event=None):
         self.name = name
@@ -117,6 +122,7 @@ class Replica:
         self.stopping = False
         self._stop_event = threading.Event()
         self.on_event = on_event or (lambda *a: None)  # (event, replica) for metrics/logs
+        self.torch_only = False  # set when native kernels failed a warm-up: ranks start with SHARDSERVE_NATIVE=0
 
     @property
     def proc(self) -> subprocess.Popen | None:
@@ -155,6 +161,8 @@ class Replica:
         spec = self.spec
         self.placement = place(spec.tp, spec.pp, spec.device, spec.threads)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.torch_only:
+            env["SHARDSERVE_NATIVE"] = "0"
         self.procs = []
         for rank in self.placement.ranks:
             proc = subprocess.Popen(spec.worker_args(self.socket_path, rank, self.placement.master_port),
@@ -171,6 +179,13 @@ class Replica:
             dead = self._dead_rank()
             if dead is not None:
                 r, code = dead
+                # the leader's exit takes its peers down with it: look at every rank, not the first dead
+                if any(p.poll() == NATIVE_WARMUP_EXIT for p in self.procs) and not self.torch_only:
+                    log.warning("replica %s: native kernels failed at warm-up; restarting every rank on the "
+                                "torch path (SHARDSERVE_NATIVE=0)", self.name)
+                    self._kill_all()
+                    self.torch_only = True
+                    return self._launch()
                 raise WorkerStartError(f"rank {r} of {self.name} exited with code {code} while loading:\n"
                                        + "\n".join(self.stderr_tail))
             if self.stopping:

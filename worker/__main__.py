@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from shardserve.v1 import worker_pb2_grpc
     from worker.distributed import destroy_distributed, init_distributed
-    from worker.engine.build import build_engine
+    from worker.engine.build import NATIVE_WARMUP_EXIT, NativeWarmupError, build_engine
     from worker.engine.engine import EngineConfig
     from worker.engine.pipeline import exchange_rank_facts, follower_loop, leader_loop, stop_followers
     from worker.service import WorkerService
@@ -107,7 +107,13 @@ def main(argv=None) -> int:
         max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
         max_model_len=args.max_model_len, quantize=args.quantize or None,
     )
-    engine = build_engine(config)
+    try:
+        engine = build_engine(config)
+    except NativeWarmupError as e:
+        log.error("%s; exiting with code %d so that the controller restarts every rank on the torch path",
+                  e, NATIVE_WARMUP_EXIT)
+        logging.shutdown()
+        os._exit(NATIVE_WARMUP_EXIT)
     engine.runner.on_fatal = fatal_exit
     log.info("rank %d holds %.2f MB of parameters and %.2f MB of KV cache (%d threads)", args.rank,
              engine.param_bytes / 1e6, engine.kv_cache_bytes / 1e6, torch.get_num_threads())

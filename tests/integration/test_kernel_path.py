@@ -22,9 +22,9 @@ def model(tmp_path_factory) -> Path:
     return make_random_model(cfg, tmp_path_factory.mktemp("kp") / "llama")
 
 
-def _serve(model: Path, quantize: str) -> tuple[str, list[int]]:
+def _serve(model: Path, quantize: str, tp: int = 1) -> tuple[str, list[int]]:
     spec = ReplicaSpec(model_dir=model, quantize=quantize, max_model_len=64, num_kv_blocks=16, threads=1,
-                       max_restarts=0)
+                       max_restarts=0, tensor_parallel=tp)
     replica = Replica(f"kp-{quantize}", spec, Path(tempfile.mkdtemp(prefix="shardserve-test-")))
     replica.start()
     try:
@@ -49,4 +49,17 @@ def test_native_when_built(model):
 def test_torch_when_disabled(model, monkeypatch):
     monkeypatch.setenv("SHARDSERVE_NATIVE", "0")
     path, tokens = _serve(model, "int4")
+    assert path == "torch" and len(tokens) == 4
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_native_failure_at_warm_up_falls_back_to_torch(model, monkeypatch, tp):
+    """tp=1: the worker switches to torch in-process; tp=2: rank 0 exits with NATIVE_WARMUP_EXIT and
+    the controller restarts both ranks with SHARDSERVE_NATIVE=0 (the group cannot switch mid-collective)."""
+    from native import build
+
+    if not build.is_current("cpu"):
+        pytest.skip("native CPU extension not built (`make native`)")
+    monkeypatch.setenv("SHARDSERVE_TEST_FAIL_NATIVE_WARMUP", "1")
+    path, tokens = _serve(model, "", tp=tp)
     assert path == "torch" and len(tokens) == 4

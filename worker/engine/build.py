@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -17,6 +18,16 @@ from worker.loader import load_config, load_partition, load_weights
 from worker.models.registry import max_positions, model_class
 
 log = logging.getLogger(__name__)
+
+
+# Worker exit code: native kernels failed the warm-up of a process group. Ranks cannot switch kernel
+# paths mid-collective, so the worker exits with it and the controller (controller/replica.py, same
+# number) restarts every rank with SHARDSERVE_NATIVE=0.
+NATIVE_WARMUP_EXIT = 4
+
+
+class NativeWarmupError(RuntimeError):
+    pass
 
 
 def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
@@ -74,8 +85,10 @@ def build_engine(config: EngineConfig) -> Engine:
         try:
             warm_up(engine)
         except Exception as exc:  # noqa: BLE001 - a native kernel failing at start means the torch path
-            if kernels.path != "native" or st.distributed:
+            if kernels.path != "native":
                 raise
+            if st.distributed:
+                raise NativeWarmupError(f"native kernels failed at warm-up: {exc}") from exc
             log.warning("warm-up failed on the native kernels, falling back to torch: %s", exc)
             kernels = ops.Backend(kernels.device_type, None, f"native failed at warm-up: {exc}")
             ops._force(kernels.device_type, kernels)
@@ -150,6 +163,8 @@ def load_rank_weights(model, model_dir, quantize: str | None = None) -> tuple[in
 
 def warm_up(engine: Engine) -> None:
     """Run one short request through the whole step path so the first client is not the test."""
+    if os.environ.get("SHARDSERVE_TEST_FAIL_NATIVE_WARMUP") and ops.is_native(engine.config.device):
+        raise RuntimeError("injected native kernel failure (SHARDSERVE_TEST_FAIL_NATIVE_WARMUP)")
     done = []
     seq = engine.new_sequence("warmup", list(range(1, 9)), Sampling(max_new_tokens=2),
                               emit=lambda toks, lps, fin, err: done.append((fin, err)) if fin else None)
