@@ -340,6 +340,20 @@ def bytes_in(folder: Path) -> int:
     return total
 
 
+def _allocated_blocks(folder: Path) -> int:
+    """512-byte blocks allocated to the files under `folder` (files promoted meanwhile are skipped)."""
+    total = 0
+    try:
+        for f in folder.rglob("*"):
+            try:
+                total += f.stat().st_blocks if f.is_file() else 0
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return total
+
+
 def s5cmd_cp_line(bucket: str, key: str, staged: Path, per_object: int, part_mib: int) -> str:
     """One `s5cmd run` line; --raw: the key is a name, never a wildcard. The run file is shell-quoted."""
     src = shlex.quote(f"s3://{bucket}/{key}")
@@ -485,12 +499,15 @@ def download_s3(
     prefer_safetensors: bool = True,
     part_size_mib: int = 50,
     attempts: int = 3,
+    stall_timeout_s: float = 120.0,
 ) -> DownloadResult:
     """Fetch the objects under s3://bucket/prefix/ that match `include` into `dest`, verified.
 
     Files already in `dest` with the right size and ETag are kept; everything else is fetched into staging,
     checked (size, MD5 or multipart ETag) and only then renamed into place. Objects that fail are retried
     `attempts` times in all (the tools also retry throttling and 5xx themselves), then DownloadError.
+    s5cmd has no read timeout of its own: when it writes nothing for `stall_timeout_s` seconds it is
+    killed and the objects it had not finished count as failed (fetched again in the next round).
     """
     if tool not in ("auto", "s5cmd", "boto3"):
         raise ValueError(f"tool must be auto, s5cmd or boto3, not {tool!r}")
@@ -500,7 +517,7 @@ def download_s3(
     dest = Path(dest).absolute()
     dest.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(dest / LOCK_FILE):
-        job = _Job(src, dest, endpoint_url, concurrency, part_size_mib)
+        job = _Job(src, dest, endpoint_url, concurrency, part_size_mib, stall_timeout_s)
         return job.run(include, prefer_safetensors, tool, progress, attempts, t0)
 
 
@@ -511,6 +528,7 @@ class _Job:
     endpoint_url: str | None
     concurrency: int
     part_size_mib: int
+    stall_timeout_s: float = 120.0
     promoted_bytes: int = 0
     verify_seconds: float = 0.0
     state: dict = field(default_factory=dict)
@@ -724,6 +742,8 @@ class _Job:
             return self._fetch_boto3(objs, staging, finished)
         err_thread = threading.Thread(target=read_s5cmd_errors, args=(proc.stderr, errors), daemon=True)
         err_thread.start()
+        stalled: list[float] = []  # seconds without a byte written, when the watchdog killed s5cmd
+        threading.Thread(target=self._stall_watchdog, args=(proc, staging, stalled), daemon=True).start()
         reported: set[str] = set()
         # Hashing overlaps the transfers still running and uses every core (hashlib drops the GIL).
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="verify") as pool:
@@ -745,7 +765,26 @@ class _Job:
             if o.key not in reported:
                 needle = f"s3://{self.src.bucket}/{o.key} "
                 why = next((err for cmd, err in errors if needle in cmd + " "), None)
+                if stalled:
+                    why = f"stalled: nothing written for {stalled[0]:.0f} s (stall timeout), s5cmd killed"
                 finished(o, f"s5cmd: {why}" if why else f"s5cmd exited {proc.returncode} without fetching it")
+
+    def _stall_watchdog(self, proc: subprocess.Popen, staging: Path, stalled: list[float]) -> None:
+        """Kill `proc` when the bytes allocated under `staging` stop changing for stall_timeout_s
+        (allocated blocks, not sizes: a preallocated sparse file grows in blocks as it is written)."""
+        last, since = -1, time.monotonic()
+        while proc.poll() is None:
+            now = time.monotonic()
+            written = _allocated_blocks(staging)
+            if written != last:
+                last, since = written, now
+            elif now - since > self.stall_timeout_s:
+                stalled.append(now - since)
+                logger.warning("s5cmd wrote nothing for %.0f s (stall timeout %g s): killing it; the objects it "
+                               "had not finished are fetched again", now - since, self.stall_timeout_s)
+                proc.kill()
+                return
+            time.sleep(min(1.0, self.stall_timeout_s / 4))
 
     def _fetch_boto3(self, objs: list[RemoteObject], staging: Path, finished) -> None:
         from boto3.s3.transfer import TransferConfig
@@ -802,6 +841,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="fetch every object under the prefix")
     p.add_argument("--tool", choices=("auto", "s5cmd", "boto3"), default="auto")
     p.add_argument("--part-size-mib", type=int, default=50, help="ranged-GET part size (default 50)")
+    p.add_argument("--stall-timeout", type=float, default=120.0,
+                   help="kill and retry s5cmd after this many seconds without a byte written (default 120)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress log lines")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run_command)
@@ -840,6 +881,7 @@ def run_command(args: argparse.Namespace) -> int:
             tool=args.tool,
             prefer_safetensors=not args.all and not args.include,
             part_size_mib=args.part_size_mib,
+            stall_timeout_s=args.stall_timeout,
         )
     except (DownloadError, ValueError) as e:
         print(f"shardserve download: {e}", file=sys.stderr)

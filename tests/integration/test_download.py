@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -251,3 +252,24 @@ def test_cli_reports_errors_plainly(s3, tmp_path):
     )
     assert out.returncode == 1 and "no objects under s3://models/absent/" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_stalled_s5cmd_is_killed_and_the_object_fetched_again(tiny_model, proxy, tmp_path):
+    """s5cmd has no read timeout: a transfer that stops writing is killed after stall_timeout_s and
+    the next round fetches what it had not finished."""
+    proxy.faults.stall_suffix = SHARD2  # the first GET of this key sends half its body, then hangs
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(download_s3(
+        f"s3://{BUCKET}/tiny/", tmp_path / "dest", endpoint_url=proxy.url, progress=False,
+        stall_timeout_s=2.0, attempts=3)))
+    worker.start()
+    try:
+        assert proxy.faults.stalled.wait(60), dump_seen(proxy)
+        proxy.faults.stall_suffix = None  # the retry gets the whole body
+        worker.join(120)
+    finally:
+        proxy.faults.release.set()
+    assert result, "download_s3 did not return"
+    assert result[0].files_fetched == len(NEEDED)
+    assert proxy.object_gets().count(f"tiny/{SHARD2}") >= 2, dump_seen(proxy)
+    assert_same_files(tmp_path / "dest", tiny_model)
