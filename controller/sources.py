@@ -205,23 +205,10 @@ def _same_folder(target: str, folder: Path) -> bool:
 
 
 def read_properties(path: str | os.PathLike) -> dict[str, str]:
-    """Java .properties: `key=value` or `key: value`, `#`/`!` comments, `\\` line continuation."""
-    out: dict[str, str] = {}
-    pending = ""
-    for raw in Path(path).read_text(encoding="utf-8").splitlines():
-        line = pending + raw.strip() if pending else raw.strip()
-        pending = ""
-        if not line or line[0] in "#!":
-            continue
-        if line.endswith("\\") and not line.endswith("\\\\"):
-            pending = line[:-1]
-            continue
-        m = re.match(r"([^=:\s]+)\s*[=:\s]\s*(.*)", line)
-        if m:
-            out[m.group(1)] = m.group(2).strip()
-        else:
-            out[line] = ""
-    return out
+    """key -> value of a serving.properties, read by controller.properties (the one parser)."""
+    from controller.properties import read_properties_file
+
+    return {key: value for key, value, _ in read_properties_file(Path(path))}
 
 
 def properties_target(path: str | os.PathLike) -> str | None:
