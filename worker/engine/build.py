@@ -67,7 +67,8 @@ def build_engine(config: EngineConfig) -> Engine:
         num_blocks = config.num_kv_blocks
     else:
         useful = blocks_for_one * config.max_batch_size
-        num_blocks = max(1, min(config.kv_cache_bytes // per_block, useful))
+        budget = config.kv_cache_bytes - cross_state_bytes(model, model_config, config)
+        num_blocks = max(1, min(budget // per_block, useful))
     num_blocks = agree_num_blocks(num_blocks)  # every rank indexes the same block ids
     if num_blocks < blocks_for_one:
         raise ValueError(
@@ -124,6 +125,25 @@ def slow_half_precision(device, dtype: torch.dtype, flags: set[str] | None = Non
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     return (f"dtype {name} on a CPU without {' or '.join(HALF_FLAGS[dtype])}: products run through fp32 "
             f"conversions and may be slower than --dtype fp32 (which needs twice the memory)")
+
+
+def cross_state_bytes(model, model_config, config: EngineConfig) -> int:
+    """Encoder-decoder models keep each request's cross-attention K/V (every decoder layer, up to the
+    encoder's length) beside the paged cache: reserved out of kv_cache_bytes for a full batch."""
+    if not getattr(model_config, "is_encoder_decoder", False):
+        return 0
+    from worker.models.t5 import max_encoder_len
+
+    per_token = kv_bytes_per_block(model, 1, config.torch_dtype)  # cross K/V has the self-attention's shape
+    need = per_token * max_encoder_len(model_config) * config.max_batch_size
+    if need >= config.kv_cache_bytes:
+        raise ValueError(
+            f"cross-attention state of max_batch_size={config.max_batch_size} requests of up to "
+            f"{max_encoder_len(model_config)} encoder tokens needs {need / 2**20:.0f} MiB, the whole KV cache "
+            f"budget of {config.kv_cache_bytes / 2**20:.0f} MiB; raise --kv-cache-mb or lower --max-batch-size")
+    log.info("KV budget: %.1f MiB reserved for cross-attention state (%d requests x %d encoder tokens)",
+             need / 2**20, config.max_batch_size, max_encoder_len(model_config))
+    return need
 
 
 def load_rank_weights(model, model_dir, quantize: str | None = None) -> tuple[int, str | None]:
