@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -66,9 +67,9 @@ def build_engine(config: EngineConfig) -> Engine:
     if config.num_kv_blocks:
         num_blocks = config.num_kv_blocks
     else:
+        config = reserve_cross_state(model, model_config, config)
         useful = blocks_for_one * config.max_batch_size
-        budget = config.kv_cache_bytes - cross_state_bytes(model, model_config, config)
-        num_blocks = max(1, min(budget // per_block, useful))
+        num_blocks = max(1, min(config.kv_cache_bytes // per_block, useful))
     num_blocks = agree_num_blocks(num_blocks)  # every rank indexes the same block ids
     if num_blocks < blocks_for_one:
         raise ValueError(
@@ -127,23 +128,31 @@ def slow_half_precision(device, dtype: torch.dtype, flags: set[str] | None = Non
             f"conversions and may be slower than --dtype fp32 (which needs twice the memory)")
 
 
-def cross_state_bytes(model, model_config, config: EngineConfig) -> int:
+def reserve_cross_state(model, model_config, config: EngineConfig) -> EngineConfig:
     """Encoder-decoder models keep each request's cross-attention K/V (every decoder layer, up to the
-    encoder's length) beside the paged cache: reserved out of kv_cache_bytes for a full batch."""
-    if not getattr(model_config, "is_encoder_decoder", False):
-        return 0
+    encoder's length) beside the paged cache. Reserve it out of kv_cache_bytes for a full batch, at most
+    half the budget: fewer requests then run at once (max_batch_size lowered, logged). Returns the
+    config with kv_cache_bytes (and maybe max_batch_size) reduced; unchanged for decoder-only models."""
+    if not getattr(model_config, "is_encoder_decoder", False) or config.num_kv_blocks:
+        return config
     from worker.models.t5 import max_encoder_len
 
-    per_token = kv_bytes_per_block(model, 1, config.torch_dtype)  # cross K/V has the self-attention's shape
-    need = per_token * max_encoder_len(model_config) * config.max_batch_size
-    if need >= config.kv_cache_bytes:
-        raise ValueError(
-            f"cross-attention state of max_batch_size={config.max_batch_size} requests of up to "
-            f"{max_encoder_len(model_config)} encoder tokens needs {need / 2**20:.0f} MiB, the whole KV cache "
-            f"budget of {config.kv_cache_bytes / 2**20:.0f} MiB; raise --kv-cache-mb or lower --max-batch-size")
+    enc = max_encoder_len(model_config)
+    per_request = kv_bytes_per_block(model, 1, config.torch_dtype) * enc  # cross K/V: self-attention's shape
+    fit = (config.kv_cache_bytes // 2) // per_request
+    if fit < 1:
+        raise ValueError(f"cross-attention state of one request of up to {enc} encoder tokens needs "
+                         f"{per_request / 2**20:.1f} MiB, over half the KV cache budget of "
+                         f"{config.kv_cache_bytes / 2**20:.0f} MiB; raise --kv-cache-mb")
+    batch = min(config.max_batch_size, fit)
+    if batch < config.max_batch_size:
+        log.warning("cross-attention state: %d requests x %d encoder tokens would take over half the KV cache "
+                    "budget; running at most %d requests at once (raise --kv-cache-mb for more)",
+                    config.max_batch_size, enc, batch)
     log.info("KV budget: %.1f MiB reserved for cross-attention state (%d requests x %d encoder tokens)",
-             need / 2**20, config.max_batch_size, max_encoder_len(model_config))
-    return need
+             batch * per_request / 2**20, batch, enc)
+    return dataclasses.replace(config, kv_cache_bytes=config.kv_cache_bytes - batch * per_request,
+                               max_batch_size=batch)
 
 
 def load_rank_weights(model, model_dir, quantize: str | None = None) -> tuple[int, str | None]:
