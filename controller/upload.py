@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.download import Access, parse_s3_url, unsafe_reason
+from controller.download import unsafe_reason
 from controller.partition import MANIFEST, read_manifest
+from controller.s3 import Access, parse_s3_url
 
 log = logging.getLogger(__name__)
 
