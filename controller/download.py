@@ -179,20 +179,6 @@ def bytes_in(folder: Path) -> int:
     return total
 
 
-def _allocated_blocks(folder: Path) -> int:
-    """512-byte blocks allocated to the files under `folder` (files promoted meanwhile are skipped)."""
-    total = 0
-    try:
-        for f in folder.rglob("*"):
-            try:
-                total += f.stat().st_blocks if f.is_file() else 0
-            except OSError:
-                pass
-    except OSError:
-        pass
-    return total
-
-
 def s5cmd_cp_line(bucket: str, key: str, staged: Path, per_object: int, part_mib: int) -> str:
     """One `s5cmd run` line; --raw: the key is a name, never a wildcard. The run file is shell-quoted."""
     src = shlex.quote(f"s3://{bucket}/{key}")
@@ -609,12 +595,12 @@ class _Job:
                 finished(o, f"s5cmd: {why}" if why else f"s5cmd exited {proc.returncode} without fetching it")
 
     def _stall_watchdog(self, proc: subprocess.Popen, staging: Path, stalled: list[float]) -> None:
-        """Kill `proc` when the bytes allocated under `staging` stop changing for stall_timeout_s
-        (allocated blocks, not sizes: a preallocated sparse file grows in blocks as it is written)."""
+        """Kill `proc` when the bytes written under `staging` (bytes_in: a preallocated sparse file
+        counts what is there) stop changing for stall_timeout_s."""
         last, since = -1, time.monotonic()
         while proc.poll() is None:
             now = time.monotonic()
-            written = _allocated_blocks(staging)
+            written = bytes_in(staging)
             if written != last:
                 last, since = written, now
             elif now - since > self.stall_timeout_s:
