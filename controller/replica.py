@@ -29,6 +29,7 @@ import grpc
 from controller.placement import Placement, RankPlacement, check_layout, place
 from shardserve.v1 import worker_pb2 as wpb
 from shardserve.v1 import worker_pb2_grpc as wpb_grpc
+from worker import NATIVE_WARMUP_EXIT  # a rank exiting with it: restart the group on the torch path
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,6 @@ class ReplicaSpec:
 
 class WorkerStartError(RuntimeError):
     pass
-
-
-# A rank's exit code when native kernels failed the warm-up of its process group
-# (worker/engine/build.py NATIVE_WARMUP_EXIT): the group is restarted on the torch path.
-NATIVE_WARMUP_EXIT = 4
 
 
 class Replica:

@@ -88,8 +88,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from shardserve.v1 import worker_pb2_grpc
+    from worker import NATIVE_WARMUP_EXIT
     from worker.distributed import destroy_distributed, init_distributed
-    from worker.engine.build import NATIVE_WARMUP_EXIT, NativeWarmupError, build_engine
+    from worker.engine.build import NativeWarmupError, build_engine
     from worker.engine.engine import EngineConfig
     from worker.engine.pipeline import exchange_rank_facts, follower_loop, leader_loop, stop_followers
     from worker.service import WorkerService

@@ -21,14 +21,9 @@ from worker.models.registry import max_positions, model_class
 log = logging.getLogger(__name__)
 
 
-# Worker exit code: native kernels failed the warm-up of a process group. Ranks cannot switch kernel
-# paths mid-collective, so the worker exits with it and the controller (controller/replica.py, same
-# number) restarts every rank with SHARDSERVE_NATIVE=0.
-NATIVE_WARMUP_EXIT = 4
-
-
 class NativeWarmupError(RuntimeError):
-    pass
+    """Native kernels failed the warm-up of a process group: the worker exits with
+    worker.NATIVE_WARMUP_EXIT."""
 
 
 def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
