@@ -63,7 +63,7 @@ class PagedAttention(nn.Module):
                                           ctx.slot_mapping, self.rotary.neox_style, self.rotary.rotary_dim)
             return q, k_flat, v_flat
         if self.rotary is not None:
-            q, k = self.rotary(positions, q, k)
+            q, k = self.rotary(positions, q, k, ctx.max_context_len)
         k_flat.index_copy_(0, ctx.slot_mapping, k.to(k_flat.dtype))
         v_flat.index_copy_(0, ctx.slot_mapping, v.to(v_flat.dtype))
         return q, k_flat, v_flat

@@ -68,17 +68,21 @@ class RotaryEmbedding(nn.Module):
             _TABLES[key] = table
         return table
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, rot/2]
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, rotary_dim] in `dtype` for positions [T] < length, from the shared table, laid
+        out for rotate_half (neox) or rotate_every_two."""
+        half = self.rotary_dim // 2
+        cs = self.cos_sin_table(length, positions.device)[positions]  # [T, rot]: cos half, sin half
+        cos, sin = cs[:, :half], cs[:, half:]
         if self.neox_style:
-            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
         else:
-            emb = torch.repeat_interleave(freqs, 2, dim=-1)
-        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+            cos, sin = torch.repeat_interleave(cos, 2, dim=-1), torch.repeat_interleave(sin, 2, dim=-1)
+        return cos.to(dtype), sin.to(dtype)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # positions: [T]; q: [T, H, D]; k: [T, Hkv, D]
-        cos, sin = self.cos_sin(positions, q.dtype)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, length: int):
+        # positions: [T], each < length; q: [T, H, D]; k: [T, Hkv, D]
+        cos, sin = self.cos_sin(positions, q.dtype, length)
         cos, sin = cos[:, None, :], sin[:, None, :]
         rot = rotate_half if self.neox_style else rotate_every_two
         r = self.rotary_dim
