@@ -44,11 +44,12 @@ class PagedAttention(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, Hkv, D]; positions: [T] (needed with a rotary) -> [T, H, D]
+        # bias: added to the scores, [B, H, max_query_len, max_context_len] (T5's relative positions)
         ctx = get_context()
         q, k_flat, v_flat = self.write_cache(q, k, v, positions, ctx)
-        return attend(q, k_flat, v_flat, ctx, self.scale, self.sliding_window, self.alibi_slopes)
+        return attend(q, k_flat, v_flat, ctx, self.scale, self.sliding_window, self.alibi_slopes, bias)
 
     def write_cache(self, q, k, v, positions, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotate q and k (if this layer has a rotary), store k and v at ctx.slot_mapping.

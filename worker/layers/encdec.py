@@ -1,5 +1,5 @@
-"""Attention pieces of encoder-decoder models (T5): self-attention over the paged cache with an
-additive score bias, cross-attention over per-sequence encoder keys/values kept with the request,
+"""Attention pieces of encoder-decoder models (T5), beside the decoder's self-attention over the paged
+cache (PagedAttention called with `bias=`, T5's relative positions): cross-attention over per-sequence encoder keys/values kept with the request,
 and plain bidirectional attention for the encoder (no cache: the encoder runs once per request).
 
 Cross state (from the step context): `ctx.cross_states[b][layer]` = (k, v), each
@@ -12,17 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from worker.context import get_context
-from worker.layers.attention import PagedAttention, attend
-
-
-class BiasedPagedAttention(PagedAttention):
-    """PagedAttention whose scores get `bias` [B, H, Q, L] added (T5's relative positions)."""
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None):
-        # q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]
-        ctx = get_context()
-        q, k_flat, v_flat = self.write_cache(q, k, v, None, ctx)
-        return attend(q, k_flat, v_flat, ctx, self.scale, self.sliding_window, self.alibi_slopes, bias=bias)
 
 
 def step_positions(ctx) -> tuple[torch.Tensor, torch.Tensor]:

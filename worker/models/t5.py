@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from worker.context import get_context
+from worker.layers.attention import PagedAttention
 from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from worker.layers.encdec import BiasedPagedAttention, cross_attend, full_attend, step_positions
+from worker.layers.encdec import cross_attend, full_attend, step_positions
 from worker.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from worker.layers.norm import RMSNorm
 from worker.layers.position import RelativePositionBias
@@ -47,7 +48,7 @@ class T5SelfAttentionCore(nn.Module):
         self.qkv = QKVParallelLinear(config.d_model, config.d_kv, config.num_heads, config.num_heads, bias=False)
         self.o = RowParallelLinear(config.num_heads * config.d_kv, config.d_model, bias=False)
         self.num_heads = self.qkv.local_heads
-        self.attn = BiasedPagedAttention(self.num_heads, self.num_heads, self.head_dim, scale=1.0) if paged else None
+        self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, scale=1.0) if paged else None
 
     def project(self, x: torch.Tensor):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -56,7 +57,7 @@ class T5SelfAttentionCore(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         # x: [T, d_model]; decoder: bias [B, H, Q, L] over the paged cache; encoder: [H, S, S]
         q, k, v = self.project(x)
-        o = self.attn(q, k, v, bias) if self.attn is not None else full_attend(q, k, v, bias, 1.0)
+        o = self.attn(q, k, v, bias=bias) if self.attn is not None else full_attend(q, k, v, bias, 1.0)
         return self.o(o.reshape(o.shape[0], -1))
 
 
