@@ -9,12 +9,15 @@ from pathlib import Path
 from bench.workload import Result, Workload, make_result
 
 
-def convert(model_dir: Path, cache: Path) -> Path:
+def convert(model_dir: Path, cache: Path, quantization: str | None = None) -> Path:
+    """The CTranslate2 model of `model_dir` in the cache; `quantization` (e.g. "int8") stores the
+    weights quantized (its size on disk), else they keep the checkpoint's dtype."""
     import ctranslate2
 
-    out = Path(cache) / f"ct2-{model_dir.name}"
+    out = Path(cache) / (f"ct2-{model_dir.name}" if quantization is None else f"ct2-{model_dir.name}-{quantization}")
     if not (out / "model.bin").is_file():
-        ctranslate2.converters.TransformersConverter(str(model_dir)).convert(str(out), force=True)
+        ctranslate2.converters.TransformersConverter(str(model_dir)).convert(str(out), quantization=quantization,
+                                                                               force=True)
     return out
 
 

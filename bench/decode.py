@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from bench import models
+from bench import ct2, models
 
 PROMPT_SEED_ID = 3  # prompt ids start past the demo tokenizer's special tokens (0..2)
 
@@ -265,17 +265,6 @@ def fmt_profile(p: dict) -> str:
 
 # ---- CTranslate2 and transformers --------------------------------------------------------------------
 
-def ct2_convert(model_dir: Path, cache: Path, quantization: str | None) -> Path:
-    import ctranslate2
-
-    out = Path(cache) / f"ct2-{model_dir.name}" if quantization is None else \
-        Path(cache) / f"ct2-{model_dir.name}-{quantization}"
-    if not (out / "model.bin").is_file():
-        ctranslate2.converters.TransformersConverter(str(model_dir)).convert(str(out), quantization=quantization,
-                                                                               force=True)
-    return out
-
-
 def ct2_timed(gen, toks: list[list[str]], n: int) -> float:
     """Seconds for one generate_batch of exactly `n` new tokens per prompt (greedy, no end token)."""
     t0 = time.perf_counter()
@@ -466,7 +455,7 @@ def main(argv=None) -> int:
             prof = prof or p
         elif v.startswith("ct2-"):
             compute = v[4:]
-            ct2_dir = ct2_convert(model_dir, cache, None if compute == "float32" else compute)
+            ct2_dir = ct2.convert(model_dir, cache, None if compute == "float32" else compute)
             rows += run_ct2(model_dir, ct2_dir, cfg, compute, args, bw)
         elif v == "hf" and 1 in args.batches:
             rows += run_hf(model_dir, cfg, args, bw, ckpt_bytes)
