@@ -21,18 +21,15 @@ def llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(params=["native", "torch"])
-def kernel_path(request):
+def kernel_path(request, restore_backends):
     """Both CPU kernel paths (native/ops.py): the extension when built, and plain torch."""
     from native import ops
 
-    saved = dict(ops._backends)
     if request.param == "torch":
         ops._force("cpu", ops.Backend("cpu", None, "forced by test"))
     elif ops.backend("cpu").ops is None:
         pytest.skip("native CPU extension not built (`make native`)")
-    yield request.param
-    ops._backends.clear()
-    ops._backends.update(saved)
+    return request.param
 
 
 def test_greedy_tokens_and_logits_match_transformers(llama_dir, kernel_path):

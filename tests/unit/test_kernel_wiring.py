@@ -31,12 +31,9 @@ def native_backend():
 
 
 @pytest.fixture
-def on_path(native_backend):
+def on_path(native_backend, restore_backends):
     """Call on_path(backend) to pin the CPU kernel path; restored afterwards."""
-    saved = dict(ops._backends)
-    yield lambda chosen: ops._force("cpu", chosen)
-    ops._backends.clear()
-    ops._backends.update(saved)
+    return lambda chosen: ops._force("cpu", chosen)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:

@@ -50,14 +50,6 @@ class FakeOps:
         return "fake"
 
 
-@pytest.fixture
-def restore_backends():
-    saved = dict(ops._backends)
-    yield
-    ops._backends.clear()
-    ops._backends.update(saved)
-
-
 def test_self_check_accepts_correct_and_rejects_each_broken_kernel():
     selfcheck.self_check(FakeOps(), torch.device("cpu"))
     for name in [
