@@ -24,23 +24,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from worker.manifest import FORMAT, MANIFEST, check_layout, is_partition, read_manifest  # noqa: F401 - also imported from here
+
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-FORMAT = "shardserve-partition-v1"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 SAMPLE = 1 << 20  # bytes read at each sampled offset of a large file
-
-
-def is_partition(path: Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
-
-
-def read_manifest(path: Path) -> dict:
-    manifest = json.loads((Path(path) / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}/{MANIFEST}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
-    return manifest
 
 
 def source_hash(src: Path) -> str:
@@ -121,26 +110,6 @@ def partition(src: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "fp32
              f" {quantize}" if quantize else "", out,
              manifest["partition_seconds"], ", ".join(f"rank {r['rank']}: {r['bytes'] / 1e6:.1f} MB" for r in ranks))
     return manifest
-
-
-def check_layout(path: Path, tp: int, pp: int, dtype: str | None = None, quantize: str | None = None) -> dict:
-    """The manifest, if the partition at `path` can serve this layout, dtype and quantization.
-
-    A quantized partition asked for another method is refused; asked for none, it serves its own
-    (the workers say so). A full-precision partition asked for `quantize` is quantized at load."""
-    m = read_manifest(path)
-    if (m["layout"]["tp"], m["layout"]["pp"]) != (tp, pp):
-        raise ValueError(f"{path}: partitioned for tp={m['layout']['tp']} pp={m['layout']['pp']}, "
-                         f"but serving asks for tp={tp} pp={pp}")
-    if dtype and m["dtype"] != dtype:
-        raise ValueError(f"{path}: partitioned as {m['dtype']}, but serving asks for {dtype}")
-    stored = m.get("quantize")
-    if quantize and stored and quantize != stored:
-        raise ValueError(f"{path}: partitioned with quantize={stored}, but serving asks for quantize={quantize}; "
-                         f"serve it with --quantize {stored} (or none), or partition again with --quantize {quantize}")
-    if stored and not quantize:
-        log.info("%s: the partition is quantized (%s): served as %s", path, stored, stored)
-    return m
 
 
 def partition_key(src_hash: str, tp: int, pp: int, dtype: str, quantize: str | None = None) -> str:

@@ -16,6 +16,7 @@ from worker.engine.pipeline import agree_num_blocks, prune_for_stage
 from worker.engine.sequence import Sampling
 from worker.layers.linear import quantize_model
 from worker.loader import load_config, load_partition, load_weights
+from worker.manifest import check_layout, is_partition
 from worker.models.registry import max_positions, model_class
 
 log = logging.getLogger(__name__)
@@ -156,23 +157,11 @@ def load_rank_weights(model, model_dir, quantize: str | None = None) -> tuple[in
     Returns (bytes loaded, the quantization still to apply at load): `quantize` unless the partition
     already holds it. A partition quantized with another method than `quantize` is refused; asked for
     none, a quantized partition serves its own (logged)."""
-    manifest = model_dir / "manifest.json"
-    if not manifest.is_file():
+    if not is_partition(model_dir):
         return load_weights(model, model_dir), quantize
-    import json
-
-    m = json.loads(manifest.read_text())
     st = get_parallel_state()
-    if (m["layout"]["tp"], m["layout"]["pp"]) != (st.tp_size, st.pp_size):
-        raise ValueError(f"{model_dir}: partitioned for tp={m['layout']['tp']} pp={m['layout']['pp']}, "
-                         f"this worker runs tp={st.tp_size} pp={st.pp_size}")
+    m = check_layout(model_dir, st.tp_size, st.pp_size, quantize=quantize)
     stored = m.get("quantize")  # None in every manifest from before quantized partitions
-    if stored and quantize and stored != quantize:
-        raise ValueError(f"{model_dir}: partitioned with quantize={stored}, but this worker was asked for "
-                         f"--quantize {quantize}; use --quantize {stored} (or none), or partition with "
-                         f"--quantize {quantize}")
-    if stored and not quantize:
-        log.info("the partition is quantized (%s): serving its %s weights (no --quantize given)", stored, stored)
     entry = next(r for r in m["ranks"] if r["rank"] == st.rank)
     layers = getattr(model, "layers", None)
     if layers is not None and st.pp_size > 1 and list(entry["layers"]) != list(st.layer_range(len(layers))):
