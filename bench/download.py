@@ -3,7 +3,7 @@
     python -m bench.download [--size-mb 1024] [--shards 4] [--repeat 2] [--out bench-results/download.json]
 
 Builds a ~size-mb safetensors checkpoint (random tensors, uploaded multipart like `aws s3 cp` does), then
-downloads it with each configuration into a fresh folder via controller.download.download_s3 — the same
+downloads it with each configuration into a fresh folder via controller.acquire.download.download_s3 — the same
 path serving uses: listing, transfer, verification (multipart ETag), rename into place. Prints a table and
 writes JSON. Loopback numbers measure the tools plus the local server, not a network; moto (Python) is
 usually the bottleneck, so the ratio matters more than the absolute MB/s.
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from controller.download import DEFAULT_PATTERNS, download_s3, find_s5cmd
+from controller.acquire.download import DEFAULT_PATTERNS, download_s3, find_s5cmd
 from tests.integration.s3_fixtures import TEST_ENV, MotoServer
 
 BUCKET, PREFIX = "bench", "checkpoint/"

@@ -11,7 +11,7 @@ LLAMA_300M = "bench-llama-300m-v1"
 
 
 def demo(cache: Path) -> Path:
-    from controller.demo_model import demo_model_path
+    from controller.acquire.demo_model import demo_model_path
 
     return demo_model_path(cache)
 

@@ -6,7 +6,7 @@ held-out perplexity at fp32, bf16, int8 and int4, and top-1 agreement with fp32.
 The int8/int4 rows swap every attention/MLP nn.Linear for worker.layers.linear.QuantizableLinear
 (the code `--quantize` runs in the worker, through native/ops: the extension when built, else
 torch); embeddings and the LM head stay fp32, as in the worker. bf16 casts the whole model.
-Data: controller/demo_model.py's corpus and tokenizer; lines shuffled with a fixed seed, 10% held
+Data: controller/acquire/demo_model.py's corpus and tokenizer; lines shuffled with a fixed seed, 10% held
 out. Perplexity = exp(mean next-token NLL) over non-overlapping windows of the held-out stream;
 agreement = share of held-out positions whose argmax equals fp32's (teacher forced).
 """
@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.demo_model import build_tokenizer, corpus_lines  # noqa: E402
+from controller.acquire.demo_model import build_tokenizer, corpus_lines  # noqa: E402
 from native import ops  # noqa: E402
 from worker.layers.linear import QuantizableLinear, tensor_bytes  # noqa: E402
 

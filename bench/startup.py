@@ -7,7 +7,7 @@ The model (random weights from a LlamaConfig, the demo tokenizer) is written onc
 Every row is a fresh process: `shardserve serve` as a subprocess, timed from spawn until /health/ready
 answers 200 (the worker has loaded and run its warm-up request), then one greedy token over gRPC;
 `from_pretrained` in a subprocess, timed from spawn to its first generated token. Runtime partition =
-controller.model_source.prepare_model (what serve runs before starting workers) + serve on its result.
+controller.acquire.prepare.prepare_model (what serve runs before starting workers) + serve on its result.
 All files are in the page cache (read once before timing): this measures CPU and memory work, not disk.
 Peak memory is the child's ru_maxrss (os.wait4), beside the same interpreter with the same imports only.
 """
@@ -42,7 +42,7 @@ def build_model(out: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from controller.demo_model import build_tokenizer
+    from controller.acquire.demo_model import build_tokenizer
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -222,8 +222,8 @@ def main(argv=None) -> int:
           file=sys.stderr)
     for f in model.iterdir():  # page cache warm for every row alike
         f.read_bytes()
-    from controller.model_source import prepare_model
-    from controller.partition import partition
+    from controller.acquire.partition import partition
+    from controller.acquire.prepare import prepare_model
 
     aot = {1: work / "aot-tp1", 2: work / "aot-tp2"}
     if a.load_only:

@@ -49,7 +49,7 @@ def make_result(system, model, scenario, wall_s, generated, ttfts, latencies, no
 
 def prompts(model_dir: Path, work: Workload) -> list[tuple[str, list[int]]]:
     """(text, token ids as the server's Codec encodes it) per stream; ids ~ work.prompt_tokens long."""
-    from controller.demo_model import corpus_lines
+    from controller.acquire.demo_model import corpus_lines
     from controller.tokenizer import Codec
 
     codec = Codec(model_dir)

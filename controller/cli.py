@@ -9,13 +9,13 @@ import sys
 
 # Each module defines register(subparsers) -> adds its subcommand with set_defaults(func=...).
 COMMAND_MODULES = [
-    "controller.serve",
-    "controller.client",
-    "controller.demo_model",
-    "controller.admin_cli",
-    "controller.partition",
-    "controller.bench",
-    "controller.download",
+    "controller.server",
+    "controller.clients.generate",
+    "controller.acquire.demo_model",
+    "controller.clients.admin",
+    "controller.acquire.partition",
+    "controller.clients.bench",
+    "controller.acquire.download",
 ]
 
 

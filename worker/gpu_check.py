@@ -4,7 +4,7 @@ world size 1), greedy tokens against transformers on the same GPU, decode speed.
     python3 worker/gpu_check.py                # on the GPU machine (finishes in < 3 minutes)
     python3 worker/gpu_check.py --device cpu   # the same harness on CPU (gloo), a dry run
 
-Steps: build a tiny random Llama with its tokenizer (controller.demo_model) in a temp dir; start
+Steps: build a tiny random Llama with its tokenizer (controller.acquire.demo_model) in a temp dir; start
 `shardserve serve --model DIR --device cuda --tp 1` as a subprocess on free ports; wait for
 readiness; greedy-generate a few prompts over gRPC and compare the token ids with transformers'
 greedy generate on the same device (both fp32); time one long stream (decode tokens/s after the first token)
@@ -87,7 +87,7 @@ def step(name: str) -> None:
 
 
 def build_model(out: Path) -> Path:
-    from controller.demo_model import build_demo_model
+    from controller.acquire.demo_model import build_demo_model
 
     return build_demo_model(out)
 

@@ -1,4 +1,4 @@
-"""A partition's manifest.json (written by controller/partition.py): reading it and checking that it
+"""A partition's manifest.json (written by controller/acquire/partition.py): reading it and checking that it
 can serve a layout. Torch-free: the controller checks before launching, each worker again before
 loading its rank file."""
 

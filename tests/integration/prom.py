@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from controller.placement import free_port  # noqa: F401 - tests import it from here
+from controller.fleet.placement import free_port
 
 SCRAPE_INTERVAL_S = 1
 # What Grafana would substitute for a 1 s scrape interval: $__rate_interval = max($__interval +

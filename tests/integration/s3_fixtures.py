@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.placement import free_port  # noqa: F401 - tests import it from here
+from controller.fleet.placement import free_port
 
 # moto does not check signatures; any non-empty pair works. Region is fixed so URLs are predictable.
 TEST_ENV = {

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from controller.placement import free_port  # noqa: F401 - tests import it from here
+from controller.fleet.placement import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

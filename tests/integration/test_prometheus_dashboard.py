@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controller.metrics import LOAD_PHASES, Metrics
-from controller.stats import RequestRecord
+from controller.metrics.prometheus import LOAD_PHASES, Metrics
+from controller.metrics.stats import RequestRecord
 from shardserve.v1.worker_pb2 import EngineStats
 from tests.integration.prom import (
     dashboard_exprs,

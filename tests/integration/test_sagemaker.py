@@ -16,12 +16,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from controller.demo_model import demo_model_path
+from controller.acquire.demo_model import demo_model_path
+from controller.fleet.placement import free_port
 from shardserve.v1 import admin_pb2 as apb
 from shardserve.v1 import admin_pb2_grpc as apb_grpc
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
-from tests.integration.server import ROOT, ServerProcess, free_port
+from tests.integration.server import ROOT, ServerProcess
 
 SERVE_SCRIPT = ROOT / "deploy" / "sagemaker" / "serve"
 JSON = {"Content-Type": "application/json"}

@@ -198,7 +198,7 @@ TP_FAMILIES = ["gpt2", "opt-postln-proj", "bloom", "gpt_neox", "gptj", "qwen2"]
 def test_tensor_parallel_2_gives_the_same_tokens_for_every_family(family_dirs, tmp_path):
     import torch.multiprocessing as mp
 
-    from tests.integration.server import free_port
+    from controller.fleet.placement import free_port
     from tests.parity.test_t5 import _config as t5_config
     from tests.parity.test_t5 import _untie
 

@@ -3,7 +3,7 @@
 Each case runs several requests with different parameters in ONE continuous batch of our engine
 (per-request parameters inside a shared batch) and each request alone through transformers.
 
-Semantics that differ from FasterTransformer and how we map them (see controller/params.py):
+Semantics that differ from FasterTransformer and how we map them (see controller/api/params.py):
 - beam search follows transformers' `_beam_search` with early_stopping=False (finished score
   = sum of log-probs / generated_len ** length_penalty); FT's len_penalty default is 0.0 where
   HF's length_penalty is 1.0, so the FT request `beam_width=4, len_penalty=1.0` is compared

@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from controller.partition import check_layout, partition, read_manifest
+from controller.acquire.partition import partition
 from tests.oracle import make_random_model, run_ours
+from worker.manifest import check_layout, read_manifest
 
 PROMPTS = [[1, 5, 9, 77, 3], [200, 11, 42], [7] * 6]
 NEW_TOKENS = 8
@@ -117,7 +118,7 @@ def test_full_precision_partition_quantizes_at_load(llama_dir, tmp_path):
 
 
 def test_runtime_partition_is_stored_quantized_and_keyed(llama_dir, tmp_path):
-    from controller.model_source import prepare_model
+    from controller.acquire.prepare import prepare_model
 
     q = prepare_model(str(llama_dir), tmp_path, tp=1, pp=2, quantize="int8", progress=False, processes=1)
     assert q.partition == "created" and q.path.name.endswith("-tp1-pp2-fp32-int8")
@@ -129,7 +130,7 @@ def test_runtime_partition_is_stored_quantized_and_keyed(llama_dir, tmp_path):
 
 
 def _serve(model_dir: Path, tp: int, quantize: str | None) -> list[list[int]]:
-    from controller.replica import Replica, ReplicaSpec
+    from controller.fleet.replica import Replica, ReplicaSpec
     from shardserve.v1 import worker_pb2 as wpb
 
     spec = ReplicaSpec(model_dir=model_dir, tensor_parallel=tp, quantize=quantize, max_model_len=64,

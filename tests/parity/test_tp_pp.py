@@ -1,7 +1,7 @@
 """Tensor and pipeline parallelism over real worker processes (CPU, gloo): same greedy tokens and
 log-probs as one process, and each rank holds about 1/N of the parameters.
 
-Each layout launches a real replica (controller.replica.Replica: layout check, placement, one
+Each layout launches a real replica (controller.fleet.replica.Replica: layout check, placement, one
 process per rank, torch.distributed rendezvous) and talks to its leader over worker.proto, as the
 controller does. Families plug in through _configs(): a family runs once its architecture is in the
 worker's registry.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.replica import Replica, ReplicaSpec
+from controller.fleet.replica import Replica, ReplicaSpec
 from shardserve.v1 import worker_pb2 as wpb
 from tests.oracle import make_random_model
 from worker.models.registry import supported_architectures
@@ -173,7 +173,7 @@ def test_layout_gives_the_tokens_of_one_process(reference, family, tp, pp, stage
 
 def test_partitioned_tp2_pp2_serves_the_same_tokens(reference, tmp_path):
     """Rank files written ahead of time (same pruning per stage) load and serve like the checkpoint."""
-    from controller.partition import partition
+    from controller.acquire.partition import partition
 
     path, ref_tokens, _, _ = reference("llama")
     partition(path, tmp_path / "p", tp=2, pp=2, processes=1)

@@ -1,4 +1,4 @@
-"""controller.metrics: plain records in, correct Prometheus series out."""
+"""controller.metrics.prometheus: plain records in, correct Prometheus series out."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.metrics import LATENCY_BUCKETS, LENGTH_BUCKETS, TPOT_BUCKETS, Metrics
-from controller.stats import RequestRecord
+from controller.metrics.prometheus import LATENCY_BUCKETS, LENGTH_BUCKETS, TPOT_BUCKETS, Metrics
+from controller.metrics.stats import RequestRecord
 from shardserve.v1.worker_pb2 import EngineStats
 
 # The controller feeds the worker's EngineStats proto as it arrives in a Status reply.

@@ -1,9 +1,9 @@
-"""Parameter names, types, ranges and FasterTransformer defaults (controller/params.py)."""
+"""Parameter names, types, ranges and FasterTransformer defaults (controller/api/params.py)."""
 
 import grpc
 import pytest
 
-from controller.params import RequestError, parameters_from_dict, resolve
+from controller.api.params import RequestError, parameters_from_dict, resolve
 
 KW = dict(prompt_tokens=10, max_model_len=100, vocab_size=50, eos_token_ids=(2,), encode_plain=lambda s: [3, 4])
 
@@ -59,7 +59,7 @@ def test_beams_refused_for_encoder_decoder_models():
 
 
 def test_a_beam_request_larger_than_the_kv_cache_is_refused_naming_num_beams():
-    from controller.params import beam_blocks
+    from controller.api.params import beam_blocks
 
     # 10-token prompt, 16-token blocks: no full prompt block to share; 4 beams x ceil(26/16) = 8 blocks
     assert beam_blocks(4, 10, 16, 16) == 8

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from controller.placement import LayoutError, check_config, check_layout, free_port, place
-from controller.replica import Replica, ReplicaSpec
+from controller.fleet.placement import LayoutError, check_config, check_layout, free_port, place
+from controller.fleet.replica import Replica, ReplicaSpec
 from worker.distributed import ParallelState, parallel_state, stage_layer_counts
 from worker.engine.pipeline import STEP, decode_plan, encode_plan, prune_for_stage
 from worker.engine.runner import StepPlan

@@ -1,4 +1,4 @@
-"""controller.properties: serving.properties + environment + flags -> one validated spec."""
+"""controller.config.properties: serving.properties + environment + flags -> one validated spec."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.properties import (
+from controller.config.properties import (
     PropertiesError,
     ServingProperties,
     cli_overrides,
@@ -43,7 +43,7 @@ def test_reference_fastertransformer_file_is_accepted(tmp_path, caplog):
         "option.s3url=s3://my-bucket/flan-t5-xxl/\n"
         "option.tensor_parallel_degree=4\n",
     )
-    with caplog.at_level(logging.INFO, logger="controller.properties"):
+    with caplog.at_level(logging.INFO, logger="controller.config.properties"):
         p = load_properties(path, {})
     assert p.engine == "FasterTransformer"
     assert p.s3url == "s3://my-bucket/flan-t5-xxl/" and p.model_source == p.s3url

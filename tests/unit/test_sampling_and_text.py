@@ -4,7 +4,7 @@ import grpc
 import pytest
 import torch
 
-from controller.params import RequestError, parameters_from_dict, resolve
+from controller.api.params import RequestError, parameters_from_dict, resolve
 from controller.tokenizer import IncrementalDetokenizer, StopStrings
 from worker.engine.sampler import filter_top_k_top_p, sample
 from worker.engine.sequence import Sampling, Sequence

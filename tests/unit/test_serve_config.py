@@ -7,20 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from controller import serve
+from controller import server
 from controller.cli import build_parser, main
-from controller.properties import PropertiesError
-from controller.replica import ReplicaSpec
+from controller.config import settings as cfg
+from controller.config.properties import PropertiesError
+from controller.fleet.replica import ReplicaSpec
 
 
 @pytest.fixture
 def env(tmp_path):
     """An environment with no LMI variables and a SageMaker model folder that does not exist."""
-    return {"PATH": "/usr/bin", serve.SAGEMAKER_MODEL_DIR_ENV: str(tmp_path / "no-such-opt-ml-model")}
+    return {"PATH": "/usr/bin", cfg.SAGEMAKER_MODEL_DIR_ENV: str(tmp_path / "no-such-opt-ml-model")}
 
 
 def settings(argv, env):
-    return serve.settings_from_args(build_parser().parse_args(["serve", *argv]), env)
+    return cfg.settings_from_args(build_parser().parse_args(["serve", *argv]), env)
 
 
 def write(path: Path, text: str) -> Path:
@@ -32,8 +33,8 @@ def test_defaults_serve_the_demo_model_with_our_batch_limits(env):
     s = settings([], env)
     assert s.source is None and s.name == "demo" and s.replicas == 1
     assert s.layout.tensor_parallel == 1 and s.layout.resolved_dtype == "fp32" and s.layout.device == "cpu"
-    assert s.spec.max_batch_size == serve.DEFAULT_MAX_BATCH_SIZE
-    assert s.server.max_queued_requests == serve.DEFAULT_MAX_QUEUED_REQUESTS
+    assert s.spec.max_batch_size == cfg.DEFAULT_MAX_BATCH_SIZE
+    assert s.server.max_queued_requests == cfg.DEFAULT_MAX_QUEUED_REQUESTS
     assert s.server.admin_token is None and s.server.tls_cert is None
 
 
@@ -69,7 +70,7 @@ def test_unknown_key_refuses_to_start_and_names_the_key(tmp_path, env, capsys, m
         settings(["--properties", str(props)], env)
     with pytest.raises(PropertiesError, match="OPTION_NOPE"):
         settings([], {**env, "OPTION_NOPE": "1"})
-    monkeypatch.setenv(serve.SAGEMAKER_MODEL_DIR_ENV, env[serve.SAGEMAKER_MODEL_DIR_ENV])
+    monkeypatch.setenv(cfg.SAGEMAKER_MODEL_DIR_ENV, env[cfg.SAGEMAKER_MODEL_DIR_ENV])
     assert main(["serve", "--properties", str(props), "--port", "1", "--http-port", "1"]) == 2
     err = capsys.readouterr().err
     assert "configuration error" in err and "option.tensor_paralel_degree" in err and "did you mean" in err
@@ -80,7 +81,7 @@ def test_layouts_the_workers_cannot_run_are_refused_at_startup(env):
     if "tensor_parallel" in fields:
         assert settings([], {**env, "TENSOR_PARALLEL_DEGREE": "2"}).layout.tensor_parallel == 2
     else:
-        with pytest.raises(serve.ConfigError, match="tensor_parallel=2"):
+        with pytest.raises(cfg.ConfigError, match="tensor_parallel=2"):
             settings([], {**env, "TENSOR_PARALLEL_DEGREE": "2"})
 
 
@@ -93,9 +94,9 @@ def test_admin_token_flag_over_environment_and_never_in_repr(env):
 
 def test_tls_needs_both_files_and_they_must_exist(tmp_path, env):
     cert = write(tmp_path / "c.pem", "x")
-    with pytest.raises(serve.ConfigError, match="go together"):
+    with pytest.raises(cfg.ConfigError, match="go together"):
         settings(["--tls-cert", str(cert)], env)
-    with pytest.raises(serve.ConfigError, match="--tls-key"):
+    with pytest.raises(cfg.ConfigError, match="--tls-key"):
         settings(["--tls-cert", str(cert), "--tls-key", str(tmp_path / "missing.pem")], env)
     s = settings(["--tls-cert", str(cert), "--tls-key", str(cert)], env)
     assert s.server.tls_cert == cert
@@ -106,15 +107,15 @@ def test_sagemaker_model_folder_is_the_default_model_and_its_properties_are_read
     sm.mkdir()
     write(sm / "config.json", "{}")
     write(sm / "serving.properties", "engine=Python\noption.max_rolling_batch_size=3\n")
-    env = {**env, serve.SAGEMAKER_MODEL_DIR_ENV: str(sm)}
+    env = {**env, cfg.SAGEMAKER_MODEL_DIR_ENV: str(sm)}
     s = settings([], env)
     assert s.source is None and s.name == "model" and s.spec.max_batch_size == 3
-    res = serve.resolve_model(None, tmp_path / "cache", env)
+    res = server.resolve_model(None, tmp_path / "cache", env)
     assert res.path == sm.absolute() and res.kind == "sagemaker"
 
 
 def test_resolve_model_refuses_what_is_not_a_model_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
-        serve.resolve_model(str(tmp_path / "nope"), tmp_path)
+        server.resolve_model(str(tmp_path / "nope"), tmp_path)
     with pytest.raises(ValueError, match="config.json is missing"):
-        serve.resolve_model(str(tmp_path), tmp_path)
+        server.resolve_model(str(tmp_path), tmp_path)

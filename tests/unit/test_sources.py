@@ -12,23 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from controller.download import (
+from controller.acquire.download import (
     DEFAULT_PATTERNS,
-    Access,
     DownloadError,
-    RemoteObject,
     contained,
-    multipart_etag,
-    parse_s3_url,
     select,
     unsafe_reason,
 )
-from controller.sources import (
+from controller.acquire.resolver import (
     read_properties,
     resolve_model_source,
     s3_cache_path,
     s3_url_from_properties,
 )
+from controller.acquire.s3 import Access, RemoteObject, multipart_etag, parse_s3_url
 
 
 def model_folder(path: Path) -> Path:

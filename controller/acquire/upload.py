@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.download import unsafe_reason
-from controller.partition import MANIFEST, read_manifest
-from controller.s3 import Access, parse_s3_url
+from controller.acquire.download import unsafe_reason
+from controller.acquire.s3 import Access, parse_s3_url
+from worker.manifest import MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import time
 
 import grpc
 
-from controller.params import RequestError, parameters_from_dict
-from controller.service import STATUS_NAMES, Running, prepare
-from controller.stats import RequestRecord
+from controller.api.params import RequestError, parameters_from_dict
+from controller.api.service import STATUS_NAMES, Running, prepare
+from controller.metrics.stats import RequestRecord
 from shardserve.v1 import generate_pb2 as gpb
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """From "where the model is" to the folder the workers load, with partitioning decided once here.
 
 prepare_model(src, cache_dir, tp=, pp=, dtype=) resolves the source (S3 download, local folder, Hugging
-Face cache, serving.properties, /opt/ml/model; controller.sources), then picks what workers load:
+Face cache, serving.properties, /opt/ml/model; controller.acquire.resolver), then picks what workers load:
 
   the source is a partition (manifest.json)  -> served as is ("prepartitioned"); its layout and dtype
                                                 must equal the requested ones, and a quantized one's
@@ -22,8 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controller.partition import check_layout, ensure_partition, is_partition
-from controller.sources import SAGEMAKER_MODEL_DIR, ResolvedSource, resolve_model_source
+from controller.acquire.partition import ensure_partition
+from controller.acquire.resolver import SAGEMAKER_MODEL_DIR, ResolvedSource, resolve_model_source
+from worker.manifest import check_layout, is_partition
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def prepare_model(src: str | os.PathLike | None, cache_dir: Path, *, tp: int = 1
     """
     cache_dir = Path(cache_dir)
     if not src and not (Path(sagemaker_dir) / "config.json").is_file():
-        from controller.demo_model import demo_model_path
+        from controller.acquire.demo_model import demo_model_path
 
         resolved = ResolvedSource(path=demo_model_path(cache_dir), kind="demo", origin="the embedded demo model")
     else:
@@ -64,7 +65,7 @@ def prepare_model(src: str | os.PathLike | None, cache_dir: Path, *, tp: int = 1
 def prepare_resolved(resolved: ResolvedSource, cache_dir: Path, *, tp: int = 1, pp: int = 1, dtype: str = "fp32",
                      processes: int = 0, partition_ahead: bool = True, quantize: str | None = None) -> PreparedModel:
     """The partitioning half of prepare_model, for a source the caller already resolved
-    (e.g. controller.serve.resolve_model, which also knows the SageMaker environment).
+    (e.g. controller.server.resolve_model, which also knows the SageMaker environment).
 
     partition_ahead=False (a custom pipeline stage split, which cached partitions do not key on):
     ranks slice the checkpoint themselves at load."""

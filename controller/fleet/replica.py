@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 
-from controller.placement import Placement, RankPlacement, check_layout, place
+from controller.fleet.placement import Placement, RankPlacement, check_layout, place
 from shardserve.v1 import worker_pb2 as wpb
 from shardserve.v1 import worker_pb2_grpc as wpb_grpc
 from worker import NATIVE_WARMUP_EXIT  # a rank exiting with it: restart the group on the torch path

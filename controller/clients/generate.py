@@ -7,7 +7,7 @@ import sys
 
 import grpc
 
-from controller.params import RequestError, parameters_from_dict
+from controller.api.params import RequestError, parameters_from_dict
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
 

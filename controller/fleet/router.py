@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from controller.params import RequestError
-from controller.replica import Replica
+from controller.api.params import RequestError
+from controller.fleet.replica import Replica
 from controller.tokenizer import Codec
 
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from controller.params import RequestError, resolve
-from controller.replica import Replica
-from controller.router import ModelEntry, Router
-from controller.stats import RequestRecord
+from controller.api.params import RequestError, resolve
+from controller.fleet.replica import Replica
+from controller.fleet.router import ModelEntry, Router
+from controller.metrics.stats import RequestRecord
 from controller.tokenizer import IncrementalDetokenizer, StopStrings
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc

@@ -1,6 +1,6 @@
 """Plain per-request and per-replica facts, recorded by the controller.
 
-These are data, not metrics: `controller/metrics.py` alone turns them into Prometheus series.
+These are data, not metrics: `controller/metrics/prometheus.py` alone turns them into Prometheus series.
 Times are `time.monotonic()` seconds.
 """
 

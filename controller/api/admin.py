@@ -14,22 +14,17 @@ import time
 
 import grpc
 
-from controller.lifecycle import Layout, ModelManager, ModelRecord
-from controller.params import RequestError
+from controller.api.auth import TOKEN_ENV
+from controller.api.params import RequestError
+from controller.fleet.lifecycle import Layout, ModelManager, ModelRecord
 from shardserve.v1 import admin_pb2 as apb
 from shardserve.v1 import admin_pb2_grpc as apb_grpc
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "SHARDSERVE_ADMIN_TOKEN"
 DTYPES = {"": None, "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "bf16": "bf16",
           "bfloat16": "bf16"}
 QUANTIZE = {"": None, "none": None, "int8": "int8", "int4": "int4"}
-
-
-def bearer(token: str) -> tuple[tuple[str, str]]:
-    """The call metadata a client sends."""
-    return (("authorization", f"Bearer {token}"),)
 
 
 def _admin_call(method):

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from worker.manifest import FORMAT, MANIFEST, check_layout, is_partition, read_manifest  # noqa: F401 - also imported from here
+from worker.manifest import FORMAT, MANIFEST, is_partition
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def ensure_partition(src: Path, cache_dir: Path, tp: int, pp: int, dtype: str,
     if is_partition(out):
         log.info("reusing cached partition %s", out)
         return out, True
-    from controller.download import exclusive_lock
+    from controller.acquire.download import exclusive_lock
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out.parent / f".{key}.lock"):  # one partitioner per key; the others wait, then reuse
@@ -141,8 +141,8 @@ def ensure_partition(src: Path, cache_dir: Path, tp: int, pp: int, dtype: str,
 def run(args) -> int:
     src = Path(args.src)
     if "://" in args.src or not src.is_dir():  # s3://, serving.properties, a Hugging Face id: fetch first
-        from controller.serve import default_cache_dir
-        from controller.sources import resolve_model_source
+        from controller.acquire.resolver import resolve_model_source
+        from controller.config.settings import default_cache_dir
 
         cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
         src = resolve_model_source(args.src, cache, endpoint_url=args.endpoint_url).path
@@ -153,7 +153,7 @@ def run(args) -> int:
               + (f", {r['quantized_layers']} linear layers {args.quantize}" if args.quantize else ""))
     print(f"manifest: {Path(args.out) / MANIFEST} ({m['partition_seconds']:.2f}s)")
     if args.upload:
-        from controller.upload import upload_partition
+        from controller.acquire.upload import upload_partition
 
         up = upload_partition(Path(args.out), args.upload, endpoint_url=args.endpoint_url)
         print(f"uploaded: {up.url} ({up.files} files, {up.bytes / 1e6:.1f} MB, {up.seconds:.2f}s); "

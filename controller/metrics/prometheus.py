@@ -1,6 +1,6 @@
 """Prometheus series for shardserve: the one module that turns plain stats into metrics.
 
-Inputs are data recorded elsewhere: `controller.stats.RequestRecord` (one finished request), the
+Inputs are data recorded elsewhere: `controller.metrics.stats.RequestRecord` (one finished request), the
 worker leader's `EngineStats` (any object with the proto's attribute names), worker up/down and
 restart events, and model-load phase timings. `Metrics` owns its own `CollectorRegistry`, so
 several servers (or tests) in one process never share series.
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from controller.stats import RequestRecord
+from controller.metrics.stats import RequestRecord
 
 log = logging.getLogger(__name__)
 

@@ -34,13 +34,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from controller.s3 import (  # noqa: F401 - S3Url, parse_s3_url, multipart_etag: imported from here too
+from controller.acquire.s3 import (
     Access,
     MiB,
     RemoteObject,
     S3Url,
     Verifier,
-    multipart_etag,
     parse_s3_url,
 )
 
@@ -687,7 +686,7 @@ def run_command(args: argparse.Namespace) -> int:
         logging.WARNING
     )  # "Found credentials in ..." per client
     if not scheme:
-        from controller.sources import s3_url_from_properties
+        from controller.acquire.resolver import s3_url_from_properties
 
         try:
             url = s3_url_from_properties(url)
@@ -725,10 +724,10 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m controller.download SRC DEST ...`: the same as `shardserve download`."""
+    """`python -m controller.acquire.download SRC DEST ...`: the same as `shardserve download`."""
     sub = argparse.ArgumentParser(prog="python -m controller").add_subparsers()
     parser = register(sub)
-    parser.prog = "python -m controller.download"
+    parser.prog = "python -m controller.acquire.download"
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     args = parser.parse_args(argv)
     logging.basicConfig(

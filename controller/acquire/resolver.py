@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.download import DEFAULT_PATTERNS, download_s3, parse_s3_url, unsafe_reason
+from controller.acquire.download import DEFAULT_PATTERNS, download_s3, unsafe_reason
+from controller.acquire.s3 import parse_s3_url
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def resolve_model_source(
 
     Raises ValueError for an unknown scheme or a folder that is not a model (message names the accepted
     forms), FileNotFoundError (with the path) for a local path or cached hub id that isn't there, and
-    controller.download.DownloadError when S3 fails. `progress`: None/True = bar on a terminal, log lines
+    controller.acquire.download.DownloadError when S3 fails. `progress`: None/True = bar on a terminal, log lines
     otherwise; False = silent; a callable gets (done_bytes, total_bytes).
     """
     opts = _Options(
@@ -205,8 +206,8 @@ def _same_folder(target: str, folder: Path) -> bool:
 
 
 def read_properties(path: str | os.PathLike) -> dict[str, str]:
-    """key -> value of a serving.properties, read by controller.properties (the one parser)."""
-    from controller.properties import read_properties_file
+    """key -> value of a serving.properties, read by controller.config.properties (the one parser)."""
+    from controller.config.properties import read_properties_file
 
     return {key: value for key, value, _ in read_properties_file(Path(path))}
 

@@ -22,7 +22,7 @@ import sys
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from controller.admin import TOKEN_ENV, bearer
+from controller.api.auth import TOKEN_ENV, bearer
 from shardserve.v1 import admin_pb2 as apb
 from shardserve.v1 import admin_pb2_grpc as apb_grpc
 

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import grpc
 
-from controller.metrics import LOAD_PHASES
-from controller.model_source import prepare_resolved
-from controller.params import RequestError
-from controller.replica import Replica, ReplicaSpec
-from controller.router import ModelEntry, Router
+from controller.acquire.prepare import prepare_resolved
+from controller.api.params import RequestError
+from controller.fleet.replica import Replica, ReplicaSpec
+from controller.fleet.router import ModelEntry, Router
+from controller.metrics.prometheus import LOAD_PHASES
 from controller.tokenizer import Codec
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class ModelManager:
         self.metrics = metrics
         self.runtime_dir = runtime_dir
         # (source or None, progress(done, total)) -> sources.ResolvedSource; raises FileNotFoundError /
-        # ValueError for a bad source, controller.download.DownloadError when S3 fails
+        # ValueError for a bad source, controller.acquire.download.DownloadError when S3 fails
         self.resolve = resolve
         self.spec_for = spec_for  # (folder, layout) -> ReplicaSpec; raises ValueError for a layout it can't run
         self.max_queued_requests = max_queued_requests

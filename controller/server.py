@@ -1,0 +1,224 @@
+"""`shardserve serve`: the controller process.
+
+settings (flags > environment > serving.properties > defaults; see controller/config/properties.py) -> serve
+gRPC (Generation, Admin, health, reflection) and HTTP (health, metrics, /v1/stats, SageMaker /ping and
+/invocations), both over TLS with --tls-cert/--tls-key -> load the model in the background (readiness
+is 503 until a replica is ready; a model that cannot load ends the process with an error) -> on SIGTERM
+stop admitting, let in-flight requests finish within the grace period, stop the workers, exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import ssl
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controller.acquire.demo_model import demo_model_path
+from controller.acquire.resolver import ResolvedSource, resolve_model_source
+from controller.api.admin import AdminService
+from controller.api.http import HttpServer
+from controller.api.sagemaker import SageMakerRoutes
+from controller.api.service import GenerationService
+from controller.config.properties import PropertiesError
+from controller.config.settings import (
+    ConfigError,
+    ServerConfig,
+    ServeSettings,
+    add_serve_flags,
+    default_cache_dir,
+    replica_spec,
+    sagemaker_model_dir,
+    settings_from_args,
+)
+from controller.fleet.lifecycle import Layout, ModelManager, ModelRecord, ServingRouter
+from controller.fleet.replica import ReplicaSpec
+from controller.metrics.prometheus import Metrics
+from shardserve.v1 import admin_pb2, admin_pb2_grpc, generate_pb2, generate_pb2_grpc
+
+log = logging.getLogger("shardserve.controller")
+
+
+def resolve_model(src: str | None, cache_dir: Path, env: Mapping[str, str] = os.environ,
+                  progress=False) -> ResolvedSource:
+    """A local model folder for `src` (see controller/acquire/resolver.py: local folder, s3:// prefix downloaded into
+    the cache, Hugging Face cache folder, serving.properties). No source: /opt/ml/model when it holds a
+    model (config.json), else the embedded demo model. `progress`: a callable gets (done, total) bytes."""
+    sm = sagemaker_model_dir(env)
+    if not src and not (sm / "config.json").is_file():
+        return ResolvedSource(path=demo_model_path(cache_dir), kind="demo", origin="the embedded demo model")
+    return resolve_model_source(src or None, cache_dir, progress=progress, sagemaker_dir=sm)
+
+
+class Controller:
+    def __init__(self, config: ServerConfig, cache_dir: Path, spec: ReplicaSpec | None = None):
+        self.config = config
+        self.cache_dir = cache_dir
+        self.base_spec = spec or ReplicaSpec(model_dir=Path())
+        self.router = ServingRouter()
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="shardserve-"))
+        self.metrics = Metrics()
+        self.health = health.HealthServicer()
+        self.models = ModelManager(self.router, self.metrics, self.runtime_dir,
+                                   resolve=lambda src, progress: resolve_model(src, cache_dir, progress=progress),
+                                   spec_for=lambda path, layout: replica_spec(self.base_spec, path, layout),
+                                   cache_dir=cache_dir,
+                                   max_queued_requests=config.max_queued_requests,
+                                   grace_s=config.shutdown_grace_s, on_accepting=self._set_serving)
+        self.server: grpc.Server | None = None
+        self.http: HttpServer | None = None
+        self.stopped = threading.Event()
+
+    def load_model(self, name: str, source: str | None, layout: Layout, replicas: int = 1) -> ModelRecord:
+        """Load and wait until every replica is ready; raises RuntimeError when the model failed."""
+        rec = self.models.load(name, source or "", layout, replicas)
+        self.models.wait_settled(rec, None, lambda: not self.stopped.is_set())
+        if rec.state == "failed":
+            raise RuntimeError(f"model {name!r} failed to load: {rec.error}")
+        return rec
+
+    def _set_serving(self, ok: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for svc in ("", generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name):
+            self.health.set(svc, status)
+
+    def poll_stats(self, interval_s: float = 1.0) -> None:
+        """Engine stats of every replica into the metrics, every interval (a daemon thread)."""
+        while not self.stopped.wait(interval_s):
+            for entry in list(self.router.models.values()):
+                for r in entry.replicas:
+                    st = r.refresh_status()
+                    if st is not None and st.HasField("stats"):
+                        self.metrics.set_engine_stats(entry.name, r.name, st.stats)
+
+    def _tls(self) -> tuple[grpc.ServerCredentials | None, ssl.SSLContext | None]:
+        c = self.config
+        if not c.tls_cert:
+            return None, None
+        cert, key = c.tls_cert.read_bytes(), c.tls_key.read_bytes()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(c.tls_cert), str(c.tls_key))
+        return grpc.ssl_server_credentials([(key, cert)]), ctx
+
+    def start_servers(self) -> None:
+        c = self.config
+        creds, ssl_ctx = self._tls()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=c.grpc_threads),
+                                  maximum_concurrent_rpcs=c.grpc_threads * 4)
+        generate_pb2_grpc.add_GenerationServicer_to_server(GenerationService(self.router, self.record), self.server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.models, c.admin_token, c.device), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+                 admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
+        addr = f"{c.host}:{c.port}"
+        port = self.server.add_secure_port(addr, creds) if creds else self.server.add_insecure_port(addr)
+        if not port:
+            raise OSError(f"cannot listen on {addr}")
+        self._set_serving(False)
+        self.server.start()
+        self.http = HttpServer(c.host, c.http_port, ready=self.router.all_ready, metrics=self.metrics,
+                               ssl_context=ssl_ctx)
+        self.http.add("GET", "/v1/stats", self._stats_route)
+        SageMakerRoutes(self.router, self.router.all_ready, self.record).install(self.http)
+        self.http.start()
+        threading.Thread(target=self.poll_stats, daemon=True, name="stats-poll").start()
+        scheme = "TLS" if creds else "plaintext"
+        log.info("serving gRPC on %s:%d and HTTP%s on %s:%d (%s); admin API %s", c.host, port,
+                 "S" if creds else "", c.host, self.http.port, scheme,
+                 "enabled (token)" if c.admin_token else "disabled (no --admin-token)")
+
+    def _stats_route(self, body, headers):
+        """Engine stats of every replica, fresh from the workers (JSON)."""
+        from google.protobuf.json_format import MessageToDict
+
+        out = {}
+        for entry in list(self.router.models.values()):
+            reps = {}
+            for r in entry.replicas:
+                st = r.refresh_status()
+                reps[r.name] = {"state": r.state, "restarts": r.restarts, "outstanding": r.outstanding,
+                                "stats": MessageToDict(st.stats, always_print_fields_with_no_presence=True)
+                                if st else None}
+            out[entry.name] = {"in_flight": entry.in_flight, "replicas": reps}
+        return 200, "application/json", json.dumps(out).encode()
+
+    def record(self, rec) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_request(rec)
+
+    def shutdown(self) -> None:
+        """Stop admitting, drain in-flight requests (up to the grace period), stop everything."""
+        self.router.closed_reason = "server is shutting down"
+        self.router.accepting = False
+        self.health.enter_graceful_shutdown()
+        deadline = time.monotonic() + self.config.shutdown_grace_s
+        while time.monotonic() < deadline and any(e.in_flight for e in list(self.router.models.values())):
+            time.sleep(0.1)
+        self.stopped.set()
+        if self.server:
+            self.server.stop(grace=1.0).wait()
+        self.models.stop_all()
+        if self.http:
+            self.http.stop()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+
+def run(args) -> int:
+    try:
+        settings = settings_from_args(args, os.environ)
+    except (ConfigError, PropertiesError) as e:
+        print(f"shardserve serve: configuration error: {e}", file=sys.stderr)
+        return 2
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    ctl = Controller(settings.server, cache_dir, settings.spec)
+    term = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: term.set())
+    signal.signal(signal.SIGINT, lambda *a: term.set())
+    try:
+        ctl.start_servers()
+        loader = threading.Thread(target=_load_initial, args=(ctl, settings, term), daemon=True, name="initial-load")
+        loader.start()
+        term.wait()
+        if getattr(ctl, "load_error", None):
+            return 1
+        log.info("shutting down: draining in-flight requests (grace %.0fs)", settings.server.shutdown_grace_s)
+    finally:
+        ctl.shutdown()
+    return 0
+
+
+def _load_initial(ctl: Controller, settings: ServeSettings, term: threading.Event) -> None:
+    """The startup model; failing to load it ends the process (exit 1), as a container runtime expects."""
+    try:
+        rec = ctl.load_model(settings.name, settings.source, settings.layout, settings.replicas)
+    except Exception as e:
+        log.error("%s", e)
+        ctl.load_error = str(e)
+        term.set()
+        return
+    if rec.path is not None and rec.path.joinpath("DEMO_MODEL").is_file():
+        log.info("serving the embedded demo model: random weights, its text is not meaningful")
+    if ctl.router.accepting:
+        ctl._set_serving(True)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="run the controller (and its workers)")
+    add_serve_flags(p)
+    p.set_defaults(func=run)
