@@ -179,7 +179,21 @@ class Controller:
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
+def keep_compute_out() -> None:
+    """The controller process never loads torch (nor, through it, model code or native kernels):
+    from here on `import torch` fails in this process, so a stray import shows at once instead of
+    costing every start seconds and hundreds of MB. transformers then takes its torch-free path for
+    tokenizers and configs (the only parts the controller uses). Workers are other processes."""
+    if "torch" in sys.modules and sys.modules["torch"] is not None:
+        log.warning("torch was imported before the controller started; its tokenizers may use it")
+        return
+    sys.modules["torch"] = None
+    logging.getLogger("transformers").addFilter(
+        lambda rec: "PyTorch was not found" not in rec.getMessage())  # expected here, not news
+
+
 def run(args) -> int:
+    keep_compute_out()
     try:
         settings = settings_from_args(args, os.environ)
     except (ConfigError, PropertiesError) as e:

@@ -1,5 +1,9 @@
 """The embedded default model: a small random Llama with a byte-level BPE tokenizer trained on
 text that ships with the OS. Built deterministically and offline; its text is not meaningful.
+
+The weights are made with torch and transformers' LlamaForCausalLM, so `demo_model_path` (what the
+controller calls) builds them in a child process (`python -m controller.acquire.demo_model DIR`):
+the controller process itself never imports torch.
 """
 
 from __future__ import annotations
@@ -7,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -57,7 +62,8 @@ def build_tokenizer(out: Path):
 
 
 def build_demo_model(out: Path, seed: int = 0) -> Path:
-    """Write a Hugging Face folder (config.json, model.safetensors, tokenizer files) to `out`."""
+    """Write a Hugging Face folder (config.json, model.safetensors, tokenizer files) to `out`, in this
+    process (it imports torch: the controller calls `demo_model_path`, which runs it in a child)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -90,7 +96,10 @@ def demo_model_path(cache_dir: Path) -> Path:
     log.info("building the demo model into %s (once)", target)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
     try:
-        build_demo_model(tmp)
+        r = subprocess.run([sys.executable, "-m", "controller.acquire.demo_model", str(tmp)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"building the demo model failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
         try:
             tmp.rename(target)
         except OSError:  # built concurrently by another process: keep theirs
@@ -106,3 +115,13 @@ def register(sub) -> None:
     p.add_argument("dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=lambda a: print(build_demo_model(a.dir, a.seed)) or 0)
+
+
+if __name__ == "__main__":  # the child process of demo_model_path
+    import argparse
+
+    cli = argparse.ArgumentParser(prog="python -m controller.acquire.demo_model")
+    cli.add_argument("dir", type=Path)
+    cli.add_argument("--seed", type=int, default=0)
+    a = cli.parse_args()
+    print(build_demo_model(a.dir, a.seed))

@@ -1,8 +1,8 @@
 """Ahead-of-time partitioning: one safetensors file per rank plus manifest.json.
 
-The controller never slices tensors itself: it runs `worker.partition_rank` once per rank (several
-processes at a time), each with the worker's own name mapping and sharding code, reading only its
-slices. Partitions are keyed by (source content hash, layout, dtype, quantize), so a second deploy of
+The controller never slices tensors itself (nor imports torch or model code): it runs
+`python -m worker.partition_rank` worker-plane processes, several at a time, each writing one or more
+ranks in turn with the worker's own name mapping and sharding code, reading only its slices. Partitions are keyed by (source content hash, layout, dtype, quantize), so a second deploy of
 the same model and layout reuses the work.
 
 With `quantize` ("int8" | "int4") the rank files hold each tensor-parallel linear layer quantized on
@@ -61,22 +61,12 @@ def partition(src: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "fp32
     tmp = Path(tempfile.mkdtemp(prefix=".partition-", dir=out.parent))
     try:
         procs = processes or max(1, min(world, os.cpu_count() or 1))
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         groups = [list(range(world))[i::procs] for i in range(min(procs, world))]  # ranks per process
 
-        def run_group(group: list[int]) -> list[dict]:
-            if procs == 1:  # in this process, one rank after another (no interpreter start-up at all)
-                from worker.distributed import reset_parallel_state
-                from worker.partition_rank import partition_rank
+        # several processes: one thread each; one process: the threads it would have by default
+        env = {**os.environ, "OMP_NUM_THREADS": "1"} if len(groups) > 1 else None
 
-                out = []
-                for rank in group:
-                    try:
-                        out.append(partition_rank(src, tmp / f"rank-{rank}.safetensors", tp, pp, rank, dtype,
-                                                    quantize))
-                    finally:
-                        reset_parallel_state()
-                return out
+        def run_group(group: list[int]) -> list[dict]:
             # one worker process writes several ranks: one interpreter start per process, not per rank
             cmd = [sys.executable, "-m", "worker.partition_rank", str(src), str(tmp), "--tp", str(tp),
                    "--pp", str(pp), "--dtype", dtype, *(("--quantize", quantize) if quantize else ()),
@@ -173,7 +163,7 @@ def register(sub) -> None:
                    help="store the tensor-parallel linear layers quantized (int8 per output channel, int4 per "
                         "group), on each rank's shard: served like serve --quantize on the checkpoint")
     p.add_argument("--processes", type=int, default=0,
-                   help="ranks partitioned at once in worker processes (0 = min(world, cores); 1 = in this process)")
+                   help="ranks partitioned at once in worker processes (0 = min(world, cores); 1 = one process, rank after rank)")
     p.add_argument("--upload", default=None, metavar="S3_URL",
                    help="then put the partition at s3://bucket/prefix/ (serving from there skips partitioning)")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS / AWS_ENDPOINT_URL)")

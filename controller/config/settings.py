@@ -14,6 +14,7 @@ from pathlib import Path
 from controller.api.auth import TOKEN_ENV
 from controller.config.properties import ServingProperties, cli_overrides, load_properties
 from controller.fleet.lifecycle import Layout
+from controller.fleet.placement import visible_gpus
 from controller.fleet.replica import ReplicaSpec
 
 log = logging.getLogger("shardserve.controller")
@@ -91,7 +92,7 @@ def settings_from_args(args, env: Mapping[str, str]) -> ServeSettings:
     device = args.device
     tp = props.tensor_parallel_degree
     if tp == "max":
-        tp = props.resolved_tensor_parallel_degree(_cuda_devices() if device.startswith("cuda") else 1)
+        tp = props.resolved_tensor_parallel_degree(visible_gpus() if device.startswith("cuda") else 1)
     layout = Layout(tensor_parallel=int(tp), pipeline_parallel=props.pipeline_parallel_degree,
                     dtype=props.dtype, quantize=props.quantize, device=device)
     max_batch = props.max_rolling_batch_size if src.get("max_rolling_batch_size") != "default" \
@@ -136,13 +137,6 @@ def default_name(source: str | None, env: Mapping[str, str] = os.environ) -> str
     if source:
         return Path(source).expanduser().resolve().name or "model"
     return "model" if (sagemaker_model_dir(env) / "config.json").is_file() else "demo"
-
-
-def _cuda_devices() -> int:
-    import torch  # only for tensor_parallel_degree=max on cuda
-
-    return torch.cuda.device_count()
-
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:

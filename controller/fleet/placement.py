@@ -1,9 +1,10 @@
 """Placement of one replica's ranks: layout check, devices, CPU cores, rendezvous port.
 
 `check_layout` runs before any process starts, so a model that cannot be split says why (with the
-numbers) instead of failing inside a worker. It reads the model's config and then builds the model
-on the `meta` device with each tensor-parallel rank's state, so the worker's own sharding code
-(the parallel layers) is the judge: the controller never needs to know how a family is sharded.
+numbers) instead of failing inside a worker. It reads the model's config.json alone (no torch, no
+model code): attention and key/value heads, intermediate size and vocabulary against the
+tensor-parallel degree, layers against the pipeline stages. Anything finer the worker's own parallel
+layers still refuse when the rank loads, and that error reaches the caller with the rank's stderr.
 
 Rank r = pp_rank * tp + tp_rank. GPU: rank r gets device r (of those visible). CPU: the cores this
 process may use are divided into disjoint, equal sets, one per rank, and each rank runs that many
@@ -12,8 +13,11 @@ torch threads, so ranks never oversubscribe the cores (more ranks than cores: 1 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,29 +101,42 @@ def check_config(config, tp: int, pp: int, stage_layers: tuple[int, ...] = ()) -
         raise LayoutError(f"cannot split the model over tp={tp} x pp={pp}: " + "; ".join(problems))
 
 
-def dry_build(config, tp: int) -> None:
-    """Construct the model on the meta device as every tensor-parallel rank would (no memory,
-    no weights): any split the layers refuse raises here, before a process starts."""
-    import torch
+class ModelConfig:
+    """config.json's values as attributes (what check_config reads from a transformers config)."""
 
-    from worker.distributed import ParallelState, parallel_state
-    from worker.models.registry import model_class
+    def __init__(self, values: dict):
+        self.__dict__.update(values)
 
-    cls = model_class(config)
-    for r in range(tp):
-        with parallel_state(ParallelState(tp_rank=r, tp_size=tp)), torch.device("meta"):
-            try:
-                cls(config)
-            except ValueError as e:
-                raise LayoutError(f"cannot split the model over tensor_parallel_degree={tp}: {e}") from None
+
+def read_config(model_dir: Path) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json (not a Hugging Face model folder)")
+    values = json.loads(path.read_text())
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return ModelConfig(values)
 
 
 def check_layout(model_dir: Path, tp: int, pp: int, stage_layers: tuple[int, ...] = ()) -> None:
-    from worker.loader import load_config
+    check_config(read_config(model_dir), tp, pp, stage_layers)
 
-    config = load_config(Path(model_dir))
-    check_config(config, tp, pp, stage_layers)
-    dry_build(config, tp)
+
+def visible_gpus(env=os.environ) -> int:
+    """CUDA devices this process may use, without CUDA or torch: CUDA_VISIBLE_DEVICES when set, else
+    the GPUs `nvidia-smi -L` lists (0 without the tool)."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [d.strip() for d in visible.split(",") if d.strip()]
+        return len(ids[:ids.index("-1")] if "-1" in ids else ids)  # CUDA stops at the first invalid id
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
 def usable_cpus() -> list[int]:
@@ -139,9 +156,7 @@ def place(tp: int, pp: int, device: str = "cpu", threads: int = 0, cpus: list[in
     ranks = []
     if device.startswith("cuda"):
         if gpu_count is None:
-            import torch
-
-            gpu_count = torch.cuda.device_count()
+            gpu_count = visible_gpus()
         fixed = device.partition(":")[2]
         if world == 1 and fixed:
             devices = [device]

@@ -18,12 +18,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServerProcess:
-    def __init__(self, *args: str, cache_dir: Path, timeout: float = 120.0, env: dict | None = None):
+    def __init__(self, *args: str, cache_dir: Path, timeout: float = 120.0, env: dict | None = None,
+                 launcher: tuple[str, ...] = ("-m", "controller.cli")):
         self.port, self.http_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = Path(cache_dir) / f"server-{self.port}.log"
         self.log = open(self.log_path, "w")
-        cmd = [sys.executable, "-m", "controller.cli", "serve", "--port", str(self.port),
+        cmd = [sys.executable, *launcher, "serve", "--port", str(self.port),
                "--http-port", str(self.http_port), "--cache-dir", str(cache_dir), *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
