@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from controller.acquire.download import DEFAULT_PATTERNS, download_s3, find_s5cmd
+from controller.acquire.download import DEFAULT_PATTERNS, download_s3
+from controller.acquire.s5cmd import find_s5cmd
 from tests.integration.s3_fixtures import TEST_ENV, MotoServer
 
 BUCKET, PREFIX = "bench", "checkpoint/"

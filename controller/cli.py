@@ -15,7 +15,7 @@ COMMAND_MODULES = [
     "controller.clients.admin",
     "controller.acquire.partition",
     "controller.clients.bench",
-    "controller.acquire.download",
+    "controller.acquire.download_command",
 ]
 
 

@@ -27,7 +27,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from controller.acquire.demo_model import demo_model_path
 from controller.acquire.resolver import ResolvedSource, resolve_model_source
 from controller.api.admin import AdminService
 from controller.api.http import HttpServer
@@ -57,10 +56,8 @@ def resolve_model(src: str | None, cache_dir: Path, env: Mapping[str, str] = os.
     """A local model folder for `src` (see controller/acquire/resolver.py: local folder, s3:// prefix downloaded into
     the cache, Hugging Face cache folder, serving.properties). No source: /opt/ml/model when it holds a
     model (config.json), else the embedded demo model. `progress`: a callable gets (done, total) bytes."""
-    sm = sagemaker_model_dir(env)
-    if not src and not (sm / "config.json").is_file():
-        return ResolvedSource(path=demo_model_path(cache_dir), kind="demo", origin="the embedded demo model")
-    return resolve_model_source(src or None, cache_dir, progress=progress, sagemaker_dir=sm)
+    return resolve_model_source(src or None, cache_dir, progress=progress, sagemaker_dir=sagemaker_model_dir(env),
+                                demo=True)
 
 
 class Controller:

@@ -7,13 +7,12 @@ A destination folder, during and after a download:
   DEST/.shardserve-download.lock    flock held by the one process downloading into DEST
 
 s5cmd is never given a wildcard: on its own it writes a key such as `prefix/../../x.json` outside its
-destination. Keys are listed with boto3, unsafe ones refused, and s5cmd gets one `cp --raw` line per object.
+destination. Keys are listed with boto3, unsafe ones refused (acquire/paths.py), and s5cmd gets one
+`cp --raw` line per object (acquire/s5cmd.py). `shardserve download` is acquire/download_command.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import fnmatch
 import functools
 import json
@@ -21,27 +20,27 @@ import logging
 import math
 import os
 import random
-import re
-import shlex
 import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from controller.acquire.s3 import (
-    Access,
-    MiB,
-    RemoteObject,
-    S3Url,
-    Verifier,
-    parse_s3_url,
+from controller.acquire import s5cmd
+from controller.acquire.paths import (
+    LOCK_FILE,
+    STAGING_DIR,
+    STATE_FILE,
+    DownloadError,
+    bytes_in,
+    contained,
+    exclusive_lock,
+    unsafe_reason,
 )
+from controller.acquire.progress import Progress, Ticker
+from controller.acquire.s3 import Access, MiB, RemoteObject, S3Url, Verifier, parse_s3_url
 
 logger = logging.getLogger(__name__)
 
@@ -56,48 +55,6 @@ DEFAULT_PATTERNS: tuple[str, ...] = (
     "tokenizer*",
     "*.tiktoken",
 )
-STAGING_DIR = ".shardserve-partial"
-STATE_FILE = ".shardserve-download.json"
-LOCK_FILE = ".shardserve-download.lock"
-
-# progress: True = bar on a terminal, log lines otherwise; False = silent; a callable gets (done, total) bytes.
-Progress = bool | Callable[[int, int], None] | None
-
-
-class DownloadError(RuntimeError):
-    """A download that could not complete; the message names the objects and why."""
-
-
-_RESERVED = {STAGING_DIR, STATE_FILE, LOCK_FILE}
-
-
-def unsafe_reason(rel: str) -> str | None:
-    """Why `rel` (a key minus the prefix) may not become a path under the destination; None if it may."""
-    if not rel:
-        return "empty name"
-    if rel.startswith("/"):
-        return "absolute path"
-    if "\\" in rel:
-        return "backslash in name"
-    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
-        return "control character in name"
-    parts = rel.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        return "'..', '.' or empty path component"
-    if parts[0] in _RESERVED:
-        return "name reserved for download bookkeeping"
-    return None
-
-
-def contained(root: Path, rel: str) -> Path:
-    """root/rel, after checking that it (symlinks followed) stays inside root."""
-    why = unsafe_reason(rel)
-    path = root.joinpath(*rel.split("/"))
-    real_root = root.resolve()
-    real = path.resolve()
-    if why or (real != real_root and real_root not in real.parents):
-        raise DownloadError(f"refusing {rel!r}: it would land outside {root} ({why or 'symlink'})")
-    return path
 
 
 def matches(rel: str, patterns: Sequence[str]) -> bool:
@@ -108,23 +65,6 @@ def matches(rel: str, patterns: Sequence[str]) -> bool:
 def is_torch_weight(rel: str) -> bool:
     """Hugging Face's pickled weights, redundant when the same folder has safetensors."""
     return matches(rel, ("pytorch_model*.bin", "pytorch_model*.bin.index.json"))
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path):
-    """One downloader per destination folder, across processes."""
-    import fcntl
-
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for another download into %s to finish", path.parent)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def list_objects(client, src: S3Url) -> tuple[list[RemoteObject], list[str]]:
@@ -165,43 +105,6 @@ def save_state(path: Path, url: str, objects: dict[str, dict]) -> None:
     os.replace(tmp, path)
 
 
-def bytes_in(folder: Path) -> int:
-    """Bytes actually written under `folder` (sparse files from ranged writes count what is there)."""
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            try:
-                st = os.stat(os.path.join(root, name))
-            except OSError:
-                continue
-            total += min(st.st_size, st.st_blocks * 512)
-    return total
-
-
-def s5cmd_cp_line(bucket: str, key: str, staged: Path, per_object: int, part_mib: int) -> str:
-    """One `s5cmd run` line; --raw: the key is a name, never a wildcard. The run file is shell-quoted."""
-    src = shlex.quote(f"s3://{bucket}/{key}")
-    return f"cp --raw --concurrency {per_object} --part-size {part_mib} {src} {shlex.quote(str(staged))}"
-
-
-def parse_s5cmd_line(line: str) -> dict | None:
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) else None
-
-
-def read_s5cmd_errors(stream, errors: list[tuple[str, str]]) -> None:
-    """Collects (command, error) from s5cmd's --json stderr; other lines are logged."""
-    for line in stream:
-        event = parse_s5cmd_line(line)
-        if event and "error" in event:
-            errors.append((str(event.get("command", "")), str(event["error"])))
-        elif line.strip():
-            logger.debug("s5cmd: %s", line.rstrip())
-
-
 @dataclass(frozen=True)
 class DownloadResult:
     url: str
@@ -227,25 +130,6 @@ class DownloadResult:
         return d
 
 
-def find_s5cmd() -> str | None:
-    """The Go binary shipped inside the `s5cmd` wheel (not its Python wrapper script), else one on PATH."""
-    override = os.environ.get("SHARDSERVE_S5CMD")
-    if override is not None:  # "" disables s5cmd (forces the boto3 fallback)
-        return override or None
-    try:
-        from importlib.metadata import PackageNotFoundError, distribution
-
-        files = distribution("s5cmd").files or []
-        for f in files:
-            if str(f).replace("\\", "/").startswith("s5cmd/bin/s5cmd"):
-                path = Path(str(f.locate())).resolve()
-                if path.is_file() and os.access(path, os.X_OK):
-                    return str(path)
-    except PackageNotFoundError:
-        pass
-    return shutil.which("s5cmd")
-
-
 def select(
     objects: Iterable[RemoteObject], include: Sequence[str], prefer_safetensors: bool = True
 ) -> list[RemoteObject]:
@@ -254,61 +138,6 @@ def select(
     if prefer_safetensors and any(o.rel.endswith(".safetensors") for o in picked):
         picked = [o for o in picked if not is_torch_weight(o.rel)]
     return picked
-
-
-class _Ticker:
-    """Shows bytes done / total and the rate: a bar on a terminal, a log line every 10 s otherwise."""
-
-    def __init__(
-        self, label: str, total: int, base: int, files: int, probe: Callable[[], int], progress: Progress
-    ):
-        self.label, self.total, self.base, self.files, self.probe = label, total, base, files, probe
-        self.callback = progress if callable(progress) else None
-        self.bar = progress is True and sys.stderr.isatty()
-        self.on = progress is not False and progress is not None or self.callback is not None
-        self.done_files = 0
-        self._best = base
-        self._stop = threading.Event()
-        self._t0 = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="download-progress", daemon=True)
-
-    def __enter__(self) -> _Ticker:
-        if self.on:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-            self._emit(final=True)
-
-    def _run(self) -> None:
-        interval = 0.25 if self.bar or self.callback else 10.0
-        while not self._stop.wait(interval):
-            self._emit()
-
-    def _emit(self, final: bool = False) -> None:
-        self._best = min(self.total, max(self._best, self.probe()))  # never goes backwards
-        if self.callback:
-            self.callback(self._best, self.total)
-            return
-        elapsed = max(time.monotonic() - self._t0, 1e-9)
-        rate = (self._best - self.base) / MiB / elapsed  # this run's bytes only
-        text = (
-            f"{self._best / MiB:.1f}/{self.total / MiB:.1f} MiB, {rate:.1f} MiB/s, "
-            f"{self.done_files}/{self.files} files"
-        )
-        if self.bar:
-            width = 24
-            filled = int(width * self._best / self.total) if self.total else width
-            bar = "#" * filled + "-" * (width - filled)
-            sys.stderr.write(f"\r{self.label} [{bar}] {text}  ")
-            if final:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-        elif not final:
-            logger.info("downloading %s: %s", self.label, text)
 
 
 def download_s3(
@@ -393,7 +222,7 @@ class _Job:
             )  # fmt: skip
             done_before = total - sum(o.size for o in todo)
             probe = lambda: done_before + self.promoted_bytes + bytes_in(staging)  # noqa: E731
-            ticker = _Ticker(str(self.src), total, done_before, len(wanted), probe, progress)
+            ticker = Ticker(str(self.src), total, done_before, len(wanted), probe, progress)
             ticker.done_files = skipped
             with ticker:
                 failures = self._fetch_rounds(todo, used, staging, attempts, ticker)
@@ -490,7 +319,7 @@ class _Job:
     def _pick_tool(self, tool: str) -> str:
         if tool == "boto3":
             return "boto3"
-        self.s5cmd = find_s5cmd()
+        self.s5cmd = s5cmd.find_s5cmd()
         if self.s5cmd is None:
             if tool == "s5cmd":
                 raise DownloadError("s5cmd was asked for but not found (pip install s5cmd)")
@@ -509,9 +338,11 @@ class _Job:
                 time.sleep(wait)
             failures = {}
             finished = functools.partial(self._finished, staging, failures, threading.Lock(), ticker)
-            if tool == "s5cmd":
-                self._fetch_s5cmd(pending, staging, finished)
-            else:
+            workers, per_object = self._plan(pending)
+            if tool != "s5cmd" or not s5cmd.fetch(self.s5cmd, self.access, self.src.bucket, pending, staging,
+                                                  finished, workers=workers, per_object=per_object,
+                                                  part_size_mib=self.part_size_mib,
+                                                  stall_timeout_s=self.stall_timeout_s):
                 self._fetch_boto3(pending, staging, finished)
             pending = [o for o in pending if o.key in failures]
             if not pending:
@@ -541,74 +372,6 @@ class _Job:
         large = [o for o in objs if o.size >= 2 * self.part_size_mib * MiB]
         per_object = math.ceil(self.concurrency / min(len(large), self.concurrency)) if large else 1
         return workers, max(1, per_object)
-
-    def _fetch_s5cmd(self, objs: list[RemoteObject], staging: Path, finished) -> None:
-        workers, per_object = self._plan(objs)
-        by_dest: dict[str, RemoteObject] = {}
-        by_src = {f"s3://{self.src.bucket}/{o.key}": o for o in objs}
-        lines = []
-        for o in objs:
-            staged = contained(staging, o.rel)
-            staged.parent.mkdir(parents=True, exist_ok=True)
-            by_dest[str(staged)] = o
-            lines.append(s5cmd_cp_line(self.src.bucket, o.key, staged, per_object, self.part_size_mib))
-        with tempfile.NamedTemporaryFile("w", suffix=".s5cmd", delete=False) as f:
-            f.write("\n".join(lines) + "\n")
-        argv = [self.s5cmd, "--json", "--numworkers", str(workers), *self.access.s5cmd_flags(), "run", f.name]
-        errors: list[tuple[str, str]] = []
-        try:
-            proc = subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.access.s5cmd_env()
-            )
-        except OSError as e:
-            os.unlink(f.name)
-            logger.warning("s5cmd could not run (%s); using boto3", e)
-            return self._fetch_boto3(objs, staging, finished)
-        err_thread = threading.Thread(target=read_s5cmd_errors, args=(proc.stderr, errors), daemon=True)
-        err_thread.start()
-        stalled: list[float] = []  # seconds without a byte written, when the watchdog killed s5cmd
-        threading.Thread(target=self._stall_watchdog, args=(proc, staging, stalled), daemon=True).start()
-        reported: set[str] = set()
-        # Hashing overlaps the transfers still running and uses every core (hashlib drops the GIL).
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="verify") as pool:
-            checks = []
-            try:
-                for line in proc.stdout:  # one JSON line per finished object, as each finishes
-                    event = parse_s5cmd_line(line) or {}
-                    obj = by_dest.get(event.get("destination", "")) or by_src.get(event.get("source", ""))
-                    if obj is not None and event.get("success") and obj.key not in reported:
-                        reported.add(obj.key)
-                        checks.append(pool.submit(finished, obj, None))
-            finally:
-                proc.wait()
-                err_thread.join()
-                os.unlink(f.name)
-            for check in checks:
-                check.result()
-        for o in objs:
-            if o.key not in reported:
-                needle = f"s3://{self.src.bucket}/{o.key} "
-                why = next((err for cmd, err in errors if needle in cmd + " "), None)
-                if stalled:
-                    why = f"stalled: nothing written for {stalled[0]:.0f} s (stall timeout), s5cmd killed"
-                finished(o, f"s5cmd: {why}" if why else f"s5cmd exited {proc.returncode} without fetching it")
-
-    def _stall_watchdog(self, proc: subprocess.Popen, staging: Path, stalled: list[float]) -> None:
-        """Kill `proc` when the bytes written under `staging` (bytes_in: a preallocated sparse file
-        counts what is there) stop changing for stall_timeout_s."""
-        last, since = -1, time.monotonic()
-        while proc.poll() is None:
-            now = time.monotonic()
-            written = bytes_in(staging)
-            if written != last:
-                last, since = written, now
-            elif now - since > self.stall_timeout_s:
-                stalled.append(now - since)
-                logger.warning("s5cmd wrote nothing for %.0f s (stall timeout %g s): killing it; the objects it "
-                               "had not finished are fetched again", now - since, self.stall_timeout_s)
-                proc.kill()
-                return
-            time.sleep(min(1.0, self.stall_timeout_s / 4))
 
     def _fetch_boto3(self, objs: list[RemoteObject], staging: Path, finished) -> None:
         from boto3.s3.transfer import TransferConfig
@@ -641,101 +404,3 @@ class _Job:
             list(pool.map(one, objs))
 
 
-# ---- the `shardserve download` command ------------------------------------------------------------
-
-
-def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "download",
-        help="fetch a model from S3 ahead of time (verified, resumable)",
-        description="Fetch the files a model needs from s3://bucket/prefix/ (or the option.s3url / "
-        "option.model_id of a serving.properties) into DEST. Re-running fetches only what is missing "
-        "or wrong. Credentials, region and endpoint come from the usual AWS settings.",
-    )
-    p.add_argument("src", help="s3://bucket/prefix/, or a serving.properties (or its folder) naming one")
-    p.add_argument("dest", help="local folder")
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS settings)")
-    p.add_argument("--concurrency", type=int, default=16, help="parallel transfer streams (default 16)")
-    p.add_argument(
-        "--include",
-        action="append",
-        metavar="PATTERN",
-        help=f"glob of files to fetch, repeatable (default: {' '.join(DEFAULT_PATTERNS)})",
-    )
-    p.add_argument("--all", action="store_true", help="fetch every object under the prefix")
-    p.add_argument("--tool", choices=("auto", "s5cmd", "boto3"), default="auto")
-    p.add_argument("--part-size-mib", type=int, default=50, help="ranged-GET part size (default 50)")
-    p.add_argument("--stall-timeout", type=float, default=120.0,
-                   help="kill and retry s5cmd after this many seconds without a byte written (default 120)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress log lines")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.set_defaults(func=run_command)
-    return p
-
-
-def run_command(args: argparse.Namespace) -> int:
-    url = args.src
-    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", url)
-    if scheme and scheme.group(1).lower() != "s3":
-        print(
-            f"shardserve download: unsupported scheme '{scheme.group(1)}://'; give s3://bucket/prefix/",
-            file=sys.stderr,
-        )
-        return 2
-    logging.getLogger("botocore.credentials").setLevel(
-        logging.WARNING
-    )  # "Found credentials in ..." per client
-    if not scheme:
-        from controller.acquire.resolver import s3_url_from_properties
-
-        try:
-            url = s3_url_from_properties(url)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"shardserve download: {e}", file=sys.stderr)
-            return 2
-    include = ("*",) if args.all else tuple(args.include or DEFAULT_PATTERNS)
-    try:
-        result = download_s3(
-            url,
-            args.dest,
-            endpoint_url=args.endpoint_url,
-            concurrency=args.concurrency,
-            include=include,
-            progress=not args.no_progress,
-            tool=args.tool,
-            prefer_safetensors=not args.all and not args.include,
-            part_size_mib=args.part_size_mib,
-            stall_timeout_s=args.stall_timeout,
-        )
-    except (DownloadError, ValueError) as e:
-        print(f"shardserve download: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(result.to_json()))
-    else:
-        print(
-            f"{result.dest}: fetched {result.files_fetched} files ({result.bytes / MiB:.1f} MiB) in "
-            f"{result.seconds:.2f} s ({result.mb_per_s:.1f} MB/s, {result.tool}); "
-            f"{result.files_skipped} already present; {result.excluded} not needed"
-        )
-    for r in result.refused:
-        print(f"refused (would land outside {result.dest}): {r}", file=sys.stderr)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m controller.acquire.download SRC DEST ...`: the same as `shardserve download`."""
-    sub = argparse.ArgumentParser(prog="python -m controller").add_subparsers()
-    parser = register(sub)
-    parser.prog = "python -m controller.acquire.download"
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    return run_command(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -116,7 +116,7 @@ def ensure_partition(src: Path, cache_dir: Path, tp: int, pp: int, dtype: str,
     if is_partition(out):
         log.info("reusing cached partition %s", out)
         return out, True
-    from controller.acquire.download import exclusive_lock
+    from controller.acquire.paths import exclusive_lock
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out.parent / f".{key}.lock"):  # one partitioner per key; the others wait, then reuse

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from controller.acquire.partition import ensure_partition
-from controller.acquire.resolver import SAGEMAKER_MODEL_DIR, ResolvedSource, resolve_model_source
+from controller.acquire.resolver import SAGEMAKER_MODEL_DIR, ResolvedSource, model_name, resolve_model_source
 from worker.manifest import check_layout, is_partition
 
 log = logging.getLogger(__name__)
@@ -52,13 +52,8 @@ def prepare_model(src: str | os.PathLike | None, cache_dir: Path, *, tp: int = 1
     Raises what resolve_model_source raises, and ValueError for a partition of another layout or dtype.
     """
     cache_dir = Path(cache_dir)
-    if not src and not (Path(sagemaker_dir) / "config.json").is_file():
-        from controller.acquire.demo_model import demo_model_path
-
-        resolved = ResolvedSource(path=demo_model_path(cache_dir), kind="demo", origin="the embedded demo model")
-    else:
-        resolved = resolve_model_source(src or None, cache_dir, endpoint_url=endpoint_url, progress=progress,
-                                        sagemaker_dir=sagemaker_dir)
+    resolved = resolve_model_source(src or None, cache_dir, endpoint_url=endpoint_url, progress=progress,
+                                    sagemaker_dir=sagemaker_dir, demo=True)
     return prepare_resolved(resolved, cache_dir, tp=tp, pp=pp, dtype=dtype, processes=processes, quantize=quantize)
 
 
@@ -77,11 +72,9 @@ def prepare_resolved(resolved: ResolvedSource, cache_dir: Path, *, tp: int = 1, 
         phases["download"] = resolved.download_seconds
     got = (f"downloaded {resolved.downloaded_bytes / 1e6:.1f} MB from {resolved.origin} in "
            f"{resolved.download_seconds:.2f}s" if resolved.kind == "s3" else f"from {resolved.origin}")
-    name = "demo" if resolved.kind == "demo" else served_name(resolved)
+    name = resolved.name or model_name(resolved.origin)
     if is_partition(resolved.path):
         manifest = check_layout(resolved.path, tp, pp, dtype, quantize)
-        if resolved.kind == "local" and manifest["source"].get("path"):  # a cache folder is named by hash
-            name = Path(manifest["source"]["path"]).name or name
         return _done(PreparedModel(
             path=resolved.path, name=name, phases=phases, downloaded_bytes=resolved.downloaded_bytes,
             partition="prepartitioned", source=resolved,
@@ -108,13 +101,3 @@ def prepare_resolved(resolved: ResolvedSource, cache_dir: Path, *, tp: int = 1, 
 def _done(p: PreparedModel) -> PreparedModel:
     log.info("%s", p.log_line)
     return p
-
-
-def served_name(resolved: ResolvedSource) -> str:
-    """The last meaningful part of where the model came from: s3://b/models/llama-7b/ -> llama-7b,
-    org/name (Hugging Face) -> name, /opt/ml/model -> model; a partition keeps its source's name."""
-    parts = [p for p in resolved.origin.split("/") if p]
-    if resolved.kind == "hf-cache":
-        repo = [p for p in parts if p.startswith("models--")]
-        return repo[-1].split("--")[-1] if repo else parts[-1]
-    return parts[-1] if parts else resolved.path.name or "model"

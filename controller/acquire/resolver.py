@@ -3,18 +3,22 @@
 Accepted sources (ACCEPTED_FORMS):
   s3://bucket/prefix/             downloaded (verified, resumable) to CACHE/s3/<bucket>/<prefix>
   /a/local/folder, file:///a/b     used in place
-  nothing ("" or None)             /opt/ml/model, SageMaker's model folder, when it exists
+  nothing ("" or None)             /opt/ml/model, SageMaker's model folder, when it exists; with
+                                   demo=True and no model there, the embedded demo model (built once)
   .../models--org--name[/snapshots/<rev>], or org/name
                                    a Hugging Face cache folder, or a hub id looked up in the local cache
                                    (HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub); never the network
   .../serving.properties, or a folder holding one
                                    its option.s3url or option.model_id is resolved as above; without
                                    either, the properties file's own folder is the model
+
+`model_name(src)` is the one naming rule: the name a model is served under when nobody gives one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -23,7 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.acquire.download import DEFAULT_PATTERNS, download_s3, unsafe_reason
+from controller.acquire.download import DEFAULT_PATTERNS, download_s3
+from controller.acquire.paths import unsafe_reason
 from controller.acquire.s3 import parse_s3_url
 
 logger = logging.getLogger(__name__)
@@ -43,13 +48,14 @@ _MAX_HOPS = 4  # serving.properties pointing at serving.properties...
 @dataclass(frozen=True)
 class ResolvedSource:
     path: Path  # absolute local folder with config.json (and weights, tokenizer)
-    kind: str  # "local" | "s3" | "sagemaker" | "hf-cache"
+    kind: str  # "local" | "s3" | "sagemaker" | "hf-cache" | "demo"
     origin: str  # what it was resolved from, after following serving.properties (e.g. the s3:// URL)
     download_seconds: float = 0.0  # 0 unless kind == "s3"
     downloaded_bytes: int = 0  # bytes fetched this time (0 when the cache was already complete)
     files_fetched: int = 0
     files_skipped: int = 0  # already in the cache and verified
     properties_file: Path | None = None  # the serving.properties that was followed, if any
+    name: str = ""  # model_name(the source): the served name when the operator gives none
 
 
 @dataclass(frozen=True)
@@ -73,14 +79,21 @@ def resolve_model_source(
     include: Sequence[str] = DEFAULT_PATTERNS,
     sagemaker_dir: str | os.PathLike = SAGEMAKER_MODEL_DIR,
     hf_cache: str | os.PathLike | None = None,
+    demo: bool = False,
 ) -> ResolvedSource:
     """Turn `src` into a local model folder, downloading from S3 into `cache_dir` when needed.
 
     Raises ValueError for an unknown scheme or a folder that is not a model (message names the accepted
     forms), FileNotFoundError (with the path) for a local path or cached hub id that isn't there, and
-    controller.acquire.download.DownloadError when S3 fails. `progress`: None/True = bar on a terminal, log lines
-    otherwise; False = silent; a callable gets (done_bytes, total_bytes).
+    controller.acquire.paths.DownloadError when S3 fails. `progress`: None/True = bar on a terminal, log lines
+    otherwise; False = silent; a callable gets (done_bytes, total_bytes). `demo`: no source and no model
+    (config.json) in `sagemaker_dir` -> the embedded demo model, built into `cache_dir` on first use.
     """
+    if demo and not (str(src).strip() if src is not None else "") and not (Path(sagemaker_dir) / "config.json").is_file():
+        from controller.acquire.demo_model import demo_model_path
+
+        return ResolvedSource(path=demo_model_path(Path(cache_dir)), kind="demo", origin="the embedded demo model",
+                              name="demo")
     opts = _Options(
         cache_dir=Path(cache_dir),
         endpoint_url=endpoint_url,
@@ -90,7 +103,8 @@ def resolve_model_source(
         sagemaker_dir=Path(sagemaker_dir),
         hf_cache=Path(hf_cache) if hf_cache else None,
     )
-    return _resolve(None if src is None else str(src), opts, hops=0)
+    resolved = _resolve(None if src is None else str(src), opts, hops=0)
+    return dataclasses.replace(resolved, name=model_name(src, sagemaker_dir))
 
 
 def _resolve(src: str | None, opts: _Options, hops: int) -> ResolvedSource:
@@ -200,6 +214,47 @@ def _same_folder(target: str, folder: Path) -> bool:
     p = Path(target).expanduser()
     p = p if p.is_absolute() else folder / p
     return p.exists() and p.resolve() == folder.resolve()
+
+
+# ---- the served name -------------------------------------------------------------------------------
+
+
+def model_name(src: str | os.PathLike | None, sagemaker_dir: str | os.PathLike = SAGEMAKER_MODEL_DIR,
+               _hops: int = 0) -> str:
+    """The name a model is served under when the operator gives none, from its source: the last part
+    of an s3:// prefix or folder (s3://b/models/llama-7b/ -> llama-7b), the repo name of a Hugging Face
+    id or cache folder (org/name, models--org--name -> name), the model a serving.properties points
+    at, a local partition's source folder (cache folders are named by hash); no source: "model" for
+    SageMaker's model folder, "demo" for the embedded model."""
+    src = str(src).strip() if src is not None else ""
+    if not src:
+        return "model" if (Path(sagemaker_dir) / "config.json").is_file() else "demo"
+    m = _SCHEME.match(src)
+    if m and m.group(1).lower() != "file":
+        return src.rstrip("/").rsplit("/", 1)[-1] or "model"
+    if m:
+        src = urllib.parse.unquote(urllib.parse.urlsplit(src).path)
+    path = Path(src).expanduser()
+    props = path if path.is_file() else path / PROPERTIES_NAME
+    if _hops < _MAX_HOPS and props.is_file() and (path.is_dir() or path.suffix == ".properties"):
+        target = properties_target(props)
+        if target is not None and not _same_folder(target, props.parent):
+            return model_name(target, sagemaker_dir, _hops + 1)
+        path = props.parent
+    repo = [p for p in path.parts if p.startswith("models--")]
+    if repo:
+        return repo[-1].split("--")[-1]
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        try:
+            origin = json.loads(manifest.read_text()).get("source", {}).get("path")
+        except (OSError, ValueError, AttributeError):
+            origin = None
+        if origin:
+            return Path(origin).name or "model"
+    if path.exists():
+        return path.resolve().name or "model"
+    return src.rstrip("/").rsplit("/", 1)[-1] or "model"  # a hub id: org/name -> name
 
 
 # ---- serving.properties ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.acquire.download import unsafe_reason
+from controller.acquire.paths import unsafe_reason
 from controller.acquire.s3 import Access, parse_s3_url
 from worker.manifest import MANIFEST, read_manifest
 

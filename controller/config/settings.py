@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from controller.acquire.resolver import model_name
 from controller.api.auth import TOKEN_ENV
 from controller.config.properties import ServingProperties, cli_overrides, load_properties
 from controller.fleet.lifecycle import Layout
@@ -130,13 +131,8 @@ def settings_from_args(args, env: Mapping[str, str]) -> ServeSettings:
 
 
 def default_name(source: str | None, env: Mapping[str, str] = os.environ) -> str:
-    """The served name when --name is not given: the source's last path part, 'model' for SageMaker's
-    model folder, 'demo' for the embedded model."""
-    if source and "://" in source:
-        return source.rstrip("/").rsplit("/", 1)[-1] or "model"
-    if source:
-        return Path(source).expanduser().resolve().name or "model"
-    return "model" if (sagemaker_model_dir(env) / "config.json").is_file() else "demo"
+    """The served name when --name is not given (acquire/resolver.py's one naming rule)."""
+    return model_name(source, sagemaker_model_dir(env))
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:

@@ -168,7 +168,7 @@ class ModelManager:
         self.metrics = metrics
         self.runtime_dir = runtime_dir
         # (source or None, progress(done, total)) -> sources.ResolvedSource; raises FileNotFoundError /
-        # ValueError for a bad source, controller.acquire.download.DownloadError when S3 fails
+        # ValueError for a bad source, controller.acquire.paths.DownloadError when S3 fails
         self.resolve = resolve
         self.spec_for = spec_for  # (folder, layout) -> ReplicaSpec; raises ValueError for a layout it can't run
         self.max_queued_requests = max_queued_requests

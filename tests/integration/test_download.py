@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from controller.acquire.download import STAGING_DIR, DownloadError, download_s3, find_s5cmd
+from controller.acquire.download import download_s3
+from controller.acquire.paths import STAGING_DIR, DownloadError
 from controller.acquire.resolver import resolve_model_source
+from controller.acquire.s5cmd import find_s5cmd
 from tests.integration.s3_fixtures import (  # noqa: F401 (fixtures)
     BUCKET,
     TEST_ENV,
@@ -144,7 +146,7 @@ def test_resolve_s3_into_the_cache_then_reuse_it_via_serving_properties(
 def test_killed_download_leaves_no_partial_file_and_rerun_fetches_only_the_rest(tiny_model, proxy, tmp_path):
     dest = tmp_path / "dest"
     proxy.faults.stall_suffix = SHARD2  # half of this body is sent, then the connection hangs
-    cmd = [sys.executable, "-m", "controller.acquire.download", f"s3://{BUCKET}/tiny/", str(dest)]
+    cmd = [sys.executable, "-m", "controller.acquire.download_command", f"s3://{BUCKET}/tiny/", str(dest)]
     cmd += ["--endpoint-url", proxy.url, "--concurrency", "4", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
@@ -246,7 +248,7 @@ def test_throttling_and_server_errors_are_retried(tiny_model, proxy, tmp_path, t
 
 def test_cli_reports_errors_plainly(s3, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "controller.acquire.download", f"s3://{BUCKET}/absent/", str(tmp_path / "d")]
+    cmd = [sys.executable, "-m", "controller.acquire.download_command", f"s3://{BUCKET}/absent/", str(tmp_path / "d")]
     out = subprocess.run(
         [*cmd, "--endpoint-url", s3.url], env=env, capture_output=True, text=True, timeout=60
     )

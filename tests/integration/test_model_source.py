@@ -8,9 +8,9 @@ import io
 
 import pytest
 
-from controller.acquire.download import find_s5cmd
 from controller.acquire.partition import partition
 from controller.acquire.prepare import prepare_model
+from controller.acquire.s5cmd import find_s5cmd
 from tests.integration.s3_fixtures import BUCKET, TEST_ENV, MotoServer, aws_env, s3, upload_folder  # noqa: F401 (fixtures)
 from tests.integration.server import ServerProcess
 from tests.oracle import run_ours

@@ -12,13 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.acquire.download import (
-    DEFAULT_PATTERNS,
-    DownloadError,
-    contained,
-    select,
-    unsafe_reason,
-)
+from controller.acquire.download import DEFAULT_PATTERNS, select
+from controller.acquire.paths import DownloadError, contained, unsafe_reason
 from controller.acquire.resolver import (
     read_properties,
     resolve_model_source,
