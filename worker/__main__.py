@@ -1,4 +1,5 @@
-"""Worker process entry: `python -m worker shardserve-worker --model-dir DIR --socket PATH ...`.
+"""Worker process entry: `python -m worker ROLE --config JSON` (ROLE names the process in ps; JSON is
+one worker/config.py WorkerConfig, this rank's copy, validated here once).
 
 One process per rank. Every rank joins the replica's process group (with --master-port), loads
 its own slice of the weights and runs its part of every step. Rank 0 (the leader) also owns the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
 import logging
 import os
 import signal
@@ -18,38 +20,24 @@ import sys
 import threading
 import time
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 import torch
 
+from worker.config import COLLECTIVE, NATIVE_WARMUP, ConfigError, WorkerConfig, WorkerReport
+
 log = logging.getLogger("shardserve.worker")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> WorkerConfig:
     p = argparse.ArgumentParser(prog="shardserve-worker")
     p.add_argument("role", nargs="?", default="shardserve-worker", help="names the process in ps")
-    p.add_argument("--model-dir", type=Path, required=True)
-    p.add_argument("--socket", default="", help="unix socket path for worker.proto (rank 0)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-bytes", type=int, default=512 << 20)
-    p.add_argument("--num-kv-blocks", type=int, default=0)
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--max-batch-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=0)
-    p.add_argument("--parent-pid", type=int, default=0)
-    p.add_argument("--rank", type=int, default=0, help="global rank = pp_rank * tp + tp_rank; 0 leads")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
-    p.add_argument("--master-port", type=int, default=0, help="rendezvous port on 127.0.0.1 (0 = no process group)")
-    p.add_argument("--collective-timeout", type=float, default=60.0, help="seconds before a collective fails")
-    p.add_argument("--stage-layers", default="", help="layers per pipeline stage, e.g. 3,2 (default balanced)")
-    p.add_argument("--quantize", default="", choices=["", "int8", "int4"], help="weight-only quantization of the linear layers")
-    p.add_argument("--cpus", default="", help="CPU cores this rank may use, e.g. 0,1 (default: all)")
-    return p.parse_args(argv)
+    p.add_argument("--config", required=True, help="this rank's WorkerConfig as JSON (worker/config.py)")
+    args = p.parse_args(argv)
+    try:
+        return WorkerConfig.from_json(args.config)
+    except ConfigError as e:
+        p.error(str(e))
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -71,24 +59,41 @@ def die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def fatal_exit(msg: str) -> None:
-    """A broken process group: say why, then leave at once (the controller restarts the group)."""
+_config: WorkerConfig | None = None  # this process's, for fatal_exit
+
+
+def fail(failure: str, msg: str, code: int = 3) -> None:
+    """Say why (log and, for the controller, a WorkerReport), then leave at once."""
     log.error("%s", msg)
+    if _config is not None and _config.report_path:
+        try:
+            WorkerReport(rank=_config.rank, failure=failure, message=msg).write(_config.report_path)
+        except OSError as e:
+            log.error("cannot write the failure report %s: %s", _config.report_path, e)
     logging.shutdown()
-    os._exit(3)
+    os._exit(code)
+
+
+def fatal_exit(msg: str) -> None:
+    """A broken process group (the controller restarts the group)."""
+    fail(COLLECTIVE, msg)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    global _config
+    args = _config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s worker[{args.rank}]: %(message)s")
     die_with_parent(args.parent_pid)
     if args.cpus:
-        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+        os.sched_setaffinity(0, set(args.cpus))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.native_kernels:  # read by native/ops on first use
+        os.environ["SHARDSERVE_NATIVE"] = "0"
+    for hook in args.test_hooks:
+        importlib.import_module(hook)
     from shardserve.v1 import worker_pb2_grpc
-    from worker import NATIVE_WARMUP_EXIT
     from worker.distributed import destroy_distributed, init_distributed
     from worker.engine.build import NativeWarmupError, build_engine
     from worker.engine.engine import EngineConfig
@@ -98,23 +103,13 @@ def main(argv=None) -> int:
     if args.master_port:
         if args.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(args.device))
-        stages = tuple(int(n) for n in args.stage_layers.split(",")) if args.stage_layers else ()
         init_distributed(args.rank, args.tp, args.pp, args.master_port,
                          backend="nccl" if args.device.startswith("cuda") else "gloo",
-                         timeout_s=args.collective_timeout, stage_layers=stages, device=args.device)
-    config = EngineConfig(
-        model_dir=args.model_dir, dtype=args.dtype, device=args.device, block_size=args.block_size,
-        kv_cache_bytes=args.kv_cache_bytes, num_kv_blocks=args.num_kv_blocks,
-        max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-        max_model_len=args.max_model_len, quantize=args.quantize or None,
-    )
+                         timeout_s=args.collective_timeout_s, stage_layers=args.stage_layers, device=args.device)
     try:
-        engine = build_engine(config)
+        engine = build_engine(EngineConfig(**args.worker_fields()))
     except NativeWarmupError as e:
-        log.error("%s; exiting with code %d so that the controller restarts every rank on the torch path",
-                  e, NATIVE_WARMUP_EXIT)
-        logging.shutdown()
-        os._exit(NATIVE_WARMUP_EXIT)
+        fail(NATIVE_WARMUP, f"{e}; the controller restarts every rank on the torch path", code=4)
     engine.runner.on_fatal = fatal_exit
     log.info("rank %d holds %.2f MB of parameters and %.2f MB of KV cache (%d threads)", args.rank,
              engine.param_bytes / 1e6, engine.kv_cache_bytes / 1e6, torch.get_num_threads())
@@ -140,7 +135,7 @@ def main(argv=None) -> int:
                    "kv_cache_bytes": kb} for r, (pb, kb) in enumerate(facts)],
     }
     stop = threading.Event()
-    heartbeat_s = max(0.2, min(2.0, args.collective_timeout / 4))
+    heartbeat_s = max(0.2, min(2.0, args.collective_timeout_s / 4))
 
     def engine_thread():
         leader_loop(engine, stop, heartbeat_s)

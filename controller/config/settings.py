@@ -116,12 +116,12 @@ def settings_from_args(args, env: Mapping[str, str]) -> ServeSettings:
     server = ServerConfig(host=args.host, port=args.port, http_port=args.http_port, max_queued_requests=max_queued,
                           shutdown_grace_s=args.shutdown_grace, device=device, admin_token=token or None,
                           tls_cert=Path(cert) if cert else None, tls_key=Path(key) if key else None)
-    spec = ReplicaSpec(model_dir=Path(), block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb << 20,
-                       num_kv_blocks=args.num_kv_blocks, max_batch_size=max_batch,
-                       max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len, threads=args.threads,
-                       stage_layers=args.stage_layers, collective_timeout_s=args.collective_timeout,
-                       watchdog_s=args.step_watchdog, max_restarts=args.max_restarts)
-    try:
+    try:  # the launch contract validates its fields (worker/config.py), naming the one that is wrong
+        spec = ReplicaSpec(model_dir=Path(), block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb << 20,
+                           num_kv_blocks=args.num_kv_blocks, max_batch_size=max_batch,
+                           max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len, threads=args.threads,
+                           stage_layers=args.stage_layers, collective_timeout_s=args.collective_timeout,
+                           watchdog_s=args.step_watchdog, max_restarts=args.max_restarts)
         replica_spec(spec, Path(), layout)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -15,6 +15,7 @@ to `max_restarts`, after which the replica is marked failed with the reason.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import subprocess
@@ -29,67 +30,36 @@ import grpc
 from controller.fleet.placement import Placement, RankPlacement, check_layout, place
 from shardserve.v1 import worker_pb2 as wpb
 from shardserve.v1 import worker_pb2_grpc as wpb_grpc
-from worker import NATIVE_WARMUP_EXIT  # a rank exiting with it: restart the group on the torch path
+from worker.config import NATIVE_WARMUP, WorkerConfig, WorkerReport
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ReplicaSpec:
-    """How to launch one replica of a model (frozen; per-replica copies via dataclasses.replace)."""
+class ReplicaSpec(WorkerConfig):
+    """How to launch and supervise one replica of a model: the workers' launch contract (every engine
+    and layout field and default is WorkerConfig's) plus the supervisor's own settings. Frozen;
+    per-replica and per-rank copies via dataclasses.replace."""
 
-    model_dir: Path
-    dtype: str = "fp32"
-    device: str = "cpu"
-    block_size: int = 16
-    kv_cache_bytes: int = 512 << 20
-    num_kv_blocks: int = 0
-    max_batch_size: int = 32
-    max_batch_tokens: int = 2048
-    max_model_len: int = 0
-    threads: int = 0  # torch threads per rank; 0 = the rank's share of the cores
     start_timeout_s: float = 900.0
     max_restarts: int = 5
-    tensor_parallel: int = 1  # ranks per pipeline stage (option.tensor_parallel_degree, --tp)
-    pipeline_parallel: int = 1  # pipeline stages (option.pipeline_parallel_degree, --pp)
-    stage_layers: tuple[int, ...] = ()  # layers per pipeline stage; () = balanced
-    collective_timeout_s: float = 60.0  # a collective waiting longer fails and ends the rank
     watchdog_s: float = 120.0  # no engine step for this long while requests wait = hung group
     restart_backoff_s: float = 0.5  # first restart delay; doubles per restart, at most 30 s
-    quantize: str | None = None  # None | "int8" | "int4": weight-only quantization (worker --quantize)
 
-    @property
-    def tp(self) -> int:
-        return self.tensor_parallel
+    def rank_config(self, rank: RankPlacement, socket_path: str, master_port: int = 0, report_path: str = "",
+                    native_kernels: bool = True) -> WorkerConfig:
+        """The WorkerConfig one rank is launched with."""
+        return dataclasses.replace(
+            WorkerConfig(**self.worker_fields()), rank=rank.rank, device=rank.device, threads=rank.threads,
+            cpus=rank.cpus, socket=socket_path, master_port=master_port, parent_pid=os.getpid(),
+            report_path=report_path, native_kernels=native_kernels and self.native_kernels)
 
-    @property
-    def pp(self) -> int:
-        return self.pipeline_parallel
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp
-
-    def worker_args(self, socket_path: str, rank: RankPlacement | None = None, master_port: int = 0) -> list[str]:
+    def worker_args(self, socket_path: str, rank: RankPlacement | None = None, master_port: int = 0,
+                    report_path: str = "", native_kernels: bool = True) -> list[str]:
         rank = rank or RankPlacement(rank=0, tp_rank=0, pp_rank=0, device=self.device, threads=self.threads)
-        args = [
-            sys.executable, "-m", "worker", "shardserve-worker" if rank.rank == 0 else f"shardserve-rank{rank.rank}",
-            "--model-dir", str(self.model_dir), "--socket", socket_path, "--dtype", self.dtype,
-            "--device", rank.device, "--block-size", str(self.block_size),
-            "--kv-cache-bytes", str(self.kv_cache_bytes), "--num-kv-blocks", str(self.num_kv_blocks),
-            "--max-batch-size", str(self.max_batch_size), "--max-batch-tokens", str(self.max_batch_tokens),
-            "--max-model-len", str(self.max_model_len), "--threads", str(rank.threads),
-            "--parent-pid", str(os.getpid()),
-            "--rank", str(rank.rank), "--tp", str(self.tp), "--pp", str(self.pp),
-            "--master-port", str(master_port), "--collective-timeout", str(self.collective_timeout_s),
-        ]
-        if self.quantize:
-            args += ["--quantize", self.quantize]
-        if self.stage_layers:
-            args += ["--stage-layers", ",".join(str(n) for n in self.stage_layers)]
-        if rank.cpus:
-            args += ["--cpus", ",".join(str(c) for c in rank.cpus)]
-        return args
+        config = self.rank_config(rank, socket_path, master_port, report_path, native_kernels)
+        role = "shardserve-worker" if rank.rank == 0 else f"shardserve-rank{rank.rank}"
+        return [sys.executable, "-m", "worker", role, "--config", config.to_json()]
 
 
 class WorkerStartError(RuntimeError):
@@ -118,7 +88,7 @@ class Replica:
         self.stopping = False
         self._stop_event = threading.Event()
         self.on_event = on_event or (lambda *a: None)  # (event, replica) for metrics/logs
-        self.torch_only = False  # set when native kernels failed a warm-up: ranks start with SHARDSERVE_NATIVE=0
+        self.torch_only = False  # set when native kernels failed a warm-up: ranks start on the torch path
 
     @property
     def proc(self) -> subprocess.Popen | None:
@@ -157,11 +127,13 @@ class Replica:
         spec = self.spec
         self.placement = place(spec.tp, spec.pp, spec.device, spec.threads)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if self.torch_only:
-            env["SHARDSERVE_NATIVE"] = "0"
         self.procs = []
         for rank in self.placement.ranks:
-            proc = subprocess.Popen(spec.worker_args(self.socket_path, rank, self.placement.master_port),
+            report = self._report_path(rank.rank)
+            if os.path.exists(report):
+                os.unlink(report)
+            proc = subprocess.Popen(spec.worker_args(self.socket_path, rank, self.placement.master_port, report,
+                                                     native_kernels=not self.torch_only),
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                     text=True, env=env)
             self.procs.append(proc)
@@ -176,7 +148,7 @@ class Replica:
             if dead is not None:
                 r, code = dead
                 # the leader's exit takes its peers down with it: look at every rank, not the first dead
-                if any(p.poll() == NATIVE_WARMUP_EXIT for p in self.procs) and not self.torch_only:
+                if any(rep.failure == NATIVE_WARMUP for rep in self._reports()) and not self.torch_only:
                     log.warning("replica %s: native kernels failed at warm-up; restarting every rank on the "
                                 "torch path (SHARDSERVE_NATIVE=0)", self.name)
                     self._kill_all()
@@ -200,6 +172,14 @@ class Replica:
         sizes = ", ".join(f"rank {r.rank}: {r.parameter_bytes / 1e6:.1f} MB" for r in self.status.ranks)
         log.info("replica %s ready (tp=%d pp=%d, leader pid %d, %s, kernels: %s; parameters %s)", self.name,
                  spec.tp, spec.pp, self.procs[0].pid, self.status.architecture, self.status.kernel_path, sizes)
+
+    def _report_path(self, rank: int) -> str:
+        return str(self.runtime_dir / f"{self.name}-rank{rank}.report.json")
+
+    def _reports(self) -> list[WorkerReport]:
+        """What the ranks that stopped said about why (worker/config.py WorkerReport)."""
+        found = (WorkerReport.read(self._report_path(r)) for r in range(len(self.procs)))
+        return [rep for rep in found if rep is not None]
 
     def _pump_stderr(self, proc: subprocess.Popen, rank: int) -> None:
         for line in proc.stderr:

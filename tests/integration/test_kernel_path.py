@@ -22,9 +22,9 @@ def model(tmp_path_factory) -> Path:
     return make_random_model(cfg, tmp_path_factory.mktemp("kp") / "llama")
 
 
-def _serve(model: Path, quantize: str, tp: int = 1) -> tuple[str, list[int]]:
+def _serve(model: Path, quantize: str, tp: int = 1, test_hooks: tuple[str, ...] = ()) -> tuple[str, list[int]]:
     spec = ReplicaSpec(model_dir=model, quantize=quantize, max_model_len=64, num_kv_blocks=16, threads=1,
-                       max_restarts=0, tensor_parallel=tp)
+                       max_restarts=0, tensor_parallel=tp, test_hooks=test_hooks)
     replica = Replica(f"kp-{quantize}", spec, Path(tempfile.mkdtemp(prefix="shardserve-test-")))
     replica.start()
     try:
@@ -53,13 +53,13 @@ def test_torch_when_disabled(model, monkeypatch):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_a_native_failure_at_warm_up_falls_back_to_torch(model, monkeypatch, tp):
-    """tp=1: the worker switches to torch in-process; tp=2: rank 0 exits with NATIVE_WARMUP_EXIT and
-    the controller restarts both ranks with SHARDSERVE_NATIVE=0 (the group cannot switch mid-collective)."""
+def test_a_native_failure_at_warm_up_falls_back_to_torch(model, tp):
+    """tp=1: the worker switches to torch in-process; tp=2: rank 0 reports a native warm-up failure and
+    exits, and the controller restarts both ranks on the torch path (the group cannot switch
+    mid-collective). The failure is injected by a test hook module the workers import."""
     from native import build
 
     if not build.is_current("cpu"):
         pytest.skip("native CPU extension not built (`make native`)")
-    monkeypatch.setenv("SHARDSERVE_TEST_FAIL_NATIVE_WARMUP", "1")
-    path, tokens = _serve(model, "", tp=tp)
+    path, tokens = _serve(model, "", tp=tp, test_hooks=("tests.integration.native_warmup_hook",))
     assert path == "torch" and len(tokens) == 4

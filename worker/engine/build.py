@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 
 import torch
@@ -23,8 +22,8 @@ log = logging.getLogger(__name__)
 
 
 class NativeWarmupError(RuntimeError):
-    """Native kernels failed the warm-up of a process group: the worker exits with
-    worker.NATIVE_WARMUP_EXIT."""
+    """Native kernels failed the warm-up of a process group: the worker reports it (worker/config.py,
+    WorkerReport NATIVE_WARMUP) and exits."""
 
 
 def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
@@ -176,8 +175,6 @@ def load_rank_weights(model, model_dir, quantize: str | None = None) -> tuple[in
 
 def warm_up(engine: Engine) -> None:
     """Run one short request through the whole step path so the first client is not the test."""
-    if os.environ.get("SHARDSERVE_TEST_FAIL_NATIVE_WARMUP") and ops.is_native(engine.config.device):
-        raise RuntimeError("injected native kernel failure (SHARDSERVE_TEST_FAIL_NATIVE_WARMUP)")
     done = []
     seq = engine.new_sequence("warmup", list(range(1, 9)), Sampling(max_new_tokens=2),
                               emit=lambda toks, lps, fin, err: done.append((fin, err)) if fin else None)

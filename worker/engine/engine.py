@@ -12,10 +12,10 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from worker.config import WorkerConfig
 from worker.engine.beam import beam_step
 from worker.engine.block_manager import BlockManager
 from worker.engine.runner import ModelRunner, build_plan
@@ -30,17 +30,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    model_dir: Path
-    dtype: str = "fp32"  # fp32 | fp16 | bf16
-    device: str = "cpu"
-    block_size: int = 16  # tokens per KV block
-    kv_cache_bytes: int = 512 << 20  # per rank, upper bound
-    num_kv_blocks: int = 0  # 0 = derived from kv_cache_bytes
-    max_batch_size: int = 32
-    max_batch_tokens: int = 2048
-    max_model_len: int = 0  # 0 = the model config's max_position_embeddings
-    quantize: str | None = None  # None | "int8" | "int4": weight-only, tensor-parallel linear layers
+class EngineConfig(WorkerConfig):
+    """The engine's view of the launch contract: worker/config.py holds every field and default."""
 
     @property
     def torch_dtype(self) -> torch.dtype:

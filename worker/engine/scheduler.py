@@ -25,14 +25,15 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from worker.config import WorkerConfig
 from worker.engine.block_manager import BlockManager
 from worker.engine.sequence import Finish, Sequence, Status
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_batch_size: int = 32  # rows (sequences, beams) in one step
-    max_batch_tokens: int = 2048  # tokens in one step (prefill chunks + decodes)
+    max_batch_size: int = WorkerConfig.max_batch_size  # rows (sequences, beams) in one step
+    max_batch_tokens: int = WorkerConfig.max_batch_tokens  # tokens in one step (prefill chunks + decodes)
 
 
 @dataclass
