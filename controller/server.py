@@ -43,8 +43,10 @@ from controller.config.settings import (
     sagemaker_model_dir,
     settings_from_args,
 )
-from controller.fleet.lifecycle import Layout, ModelManager, ModelRecord, ServingRouter
+from controller.fleet.lifecycle import ModelManager, ModelRecord
+from controller.fleet.placement import Layout
 from controller.fleet.replica import ReplicaSpec
+from controller.fleet.router import ServingRouter
 from controller.metrics.prometheus import Metrics
 from shardserve.v1 import admin_pb2, admin_pb2_grpc, generate_pb2, generate_pb2_grpc
 

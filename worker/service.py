@@ -90,7 +90,6 @@ class WorkerService(pb_grpc.WorkerServicer):
     def Status(self, request, context):
         st = self.engine.snapshot_stats()
         resp = pb.WorkerStatusResponse(
-            ready=True,
             architecture=self.info["architecture"],
             vocab_size=self.info["vocab_size"],
             max_model_len=self.engine.max_model_len,

@@ -16,7 +16,8 @@ import grpc
 
 from controller.api.auth import TOKEN_ENV
 from controller.api.params import RequestError
-from controller.fleet.lifecycle import Layout, ModelManager, ModelRecord
+from controller.fleet.lifecycle import ModelManager, ModelRecord
+from controller.fleet.placement import Layout
 from shardserve.v1 import admin_pb2 as apb
 from shardserve.v1 import admin_pb2_grpc as apb_grpc
 

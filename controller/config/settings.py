@@ -14,8 +14,7 @@ from pathlib import Path
 from controller.acquire.resolver import model_name
 from controller.api.auth import TOKEN_ENV
 from controller.config.properties import ServingProperties, cli_overrides, load_properties
-from controller.fleet.lifecycle import Layout
-from controller.fleet.placement import visible_gpus
+from controller.fleet.placement import Layout, visible_gpus
 from controller.fleet.replica import ReplicaSpec
 
 log = logging.getLogger("shardserve.controller")

@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +27,9 @@ import grpc
 
 from controller.acquire.prepare import prepare_resolved
 from controller.api.params import RequestError
+from controller.fleet.placement import Layout
 from controller.fleet.replica import Replica, ReplicaSpec
-from controller.fleet.router import ModelEntry, Router
+from controller.fleet.router import ModelEntry, ServingRouter
 from controller.metrics.prometheus import LOAD_PHASES
 from controller.tokenizer import Codec
 
@@ -48,63 +48,6 @@ def _logged(fn, *args) -> None:
         fn(*args)
     except Exception:
         log.exception("%s failed", fn.__name__)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How one replica is laid out; devices per replica = tensor_parallel x pipeline_parallel."""
-
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    dtype: str | None = None  # None: fp16 on cuda, fp32 on cpu
-    quantize: str | None = None
-    device: str = "cpu"
-
-    @property
-    def resolved_dtype(self) -> str:
-        return self.dtype or ("fp16" if self.device.startswith("cuda") else "fp32")
-
-
-class ServingRouter(Router):
-    """Router plus admission gates: a server-wide drain and per-model reasons to refuse."""
-
-    def __init__(self):
-        super().__init__()
-        self.gate: dict[str, str] = {}  # model name -> why it takes no requests (loading, draining, ...)
-        self.failed: set[str] = set()  # models that failed to load: never the default, not in readiness
-        self.closed_reason = "server is shutting down"  # while accepting is False
-
-    def names(self) -> list[str]:
-        return sorted(set(self.models) | set(self.gate))
-
-    def get(self, name: str) -> ModelEntry:
-        if not self.accepting:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, self.closed_reason)
-        names = [n for n in self.names() if n not in self.failed]
-        if not name:
-            if len(names) != 1:
-                if not names:
-                    raise RequestError(grpc.StatusCode.UNAVAILABLE, "no model is loaded")
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"field model: required when several models are served ({', '.join(names)})")
-            name = names[0]
-        reason = self.gate.get(name)
-        if reason is not None:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, reason)
-        return super().get(name)
-
-    @contextmanager
-    def admit(self, entry: ModelEntry, n: int = 1):
-        if not self.accepting:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, self.closed_reason)
-        with super().admit(entry, n):
-            yield
-
-    def all_ready(self) -> bool:
-        """Readiness (/ping, /health/ready): admitting, and every model (but failed ones) has a ready replica."""
-        names = [n for n in self.names() if n not in self.failed]
-        return bool(self.accepting and names and not any(n in self.gate for n in names)
-                    and all(self.models[n].ready_replicas() for n in names))
 
 
 @dataclass

@@ -22,6 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How one replica is laid out; devices per replica = tensor_parallel x pipeline_parallel."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    dtype: str | None = None  # None: fp16 on cuda, fp32 on cpu
+    quantize: str | None = None
+    device: str = "cpu"
+
+    @property
+    def resolved_dtype(self) -> str:
+        return self.dtype or ("fp16" if self.device.startswith("cuda") else "fp32")
+
+
 class LayoutError(ValueError):
     """The requested tensor/pipeline layout cannot split this model; the message names the numbers."""
 

@@ -1,4 +1,5 @@
-"""Models served, their replicas, admission limits and replica choice (least outstanding work)."""
+"""Models served, their replicas, admission limits and replica choice (least outstanding work);
+ServingRouter adds the gates: a server-wide drain and per-model reasons to refuse (loading, draining)."""
 
 from __future__ import annotations
 
@@ -94,3 +95,45 @@ class Router:
 
     def any_ready(self) -> bool:
         return any(e.ready_replicas() for e in self.models.values())
+
+
+class ServingRouter(Router):
+    """Router plus admission gates: a server-wide drain and per-model reasons to refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate: dict[str, str] = {}  # model name -> why it takes no requests (loading, draining, ...)
+        self.failed: set[str] = set()  # models that failed to load: never the default, not in readiness
+        self.closed_reason = "server is shutting down"  # while accepting is False
+
+    def names(self) -> list[str]:
+        return sorted(set(self.models) | set(self.gate))
+
+    def get(self, name: str) -> ModelEntry:
+        if not self.accepting:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, self.closed_reason)
+        names = [n for n in self.names() if n not in self.failed]
+        if not name:
+            if len(names) != 1:
+                if not names:
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, "no model is loaded")
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"field model: required when several models are served ({', '.join(names)})")
+            name = names[0]
+        reason = self.gate.get(name)
+        if reason is not None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, reason)
+        return super().get(name)
+
+    @contextmanager
+    def admit(self, entry: ModelEntry, n: int = 1):
+        if not self.accepting:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, self.closed_reason)
+        with super().admit(entry, n):
+            yield
+
+    def all_ready(self) -> bool:
+        """Readiness (/ping, /health/ready): admitting, and every model (but failed ones) has a ready replica."""
+        names = [n for n in self.names() if n not in self.failed]
+        return bool(self.accepting and names and not any(n in self.gate for n in names)
+                    and all(self.models[n].ready_replicas() for n in names))
