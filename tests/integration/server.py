@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServerProcess:
-    def __init__(self, *args: str, cache_dir: Path, timeout: float = 120.0, env: dict | None = None,
+    def __init__(self, *args: str, cache_dir: Path, timeout: float = 300.0, env: dict | None = None,
                  launcher: tuple[str, ...] = ("-m", "controller.cli")):
         self.port, self.http_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -34,7 +34,7 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"server not ready after {timeout}s:\n{self.output()}")
+                raise TimeoutError(f"server not ready after {timeout}s:\n{self.log_path.read_text()}")
             time.sleep(0.2)
         self.channel = grpc.insecure_channel(self.address)
 

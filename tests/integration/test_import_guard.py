@@ -14,7 +14,7 @@ NO_TORCH = ("-c", "import sys; sys.modules['torch'] = None; sys.argv[0] = 'shard
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with ServerProcess(cache_dir=tmp_path_factory.mktemp("cache"), launcher=NO_TORCH, timeout=300) as s:
+    with ServerProcess(cache_dir=tmp_path_factory.mktemp("cache"), launcher=NO_TORCH) as s:
         yield s
 
 
