@@ -19,7 +19,7 @@ import torch
 from worker.engine.beam import beam_step
 from worker.engine.block_manager import BlockManager
 from worker.engine.runner import ModelRunner, build_plan
-from worker.engine.sampler import sample
+from worker.engine.sampler import Sampler
 from worker.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from worker.engine.sequence import Finish, Sampling, Sequence
 from worker.models.registry import max_positions
@@ -72,6 +72,7 @@ class Engine:
         self.kv_cache_bytes = self.runner.allocate_kv_cache(num_kv_blocks, config.torch_dtype)
         self.blocks = BlockManager(num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_batch_tokens), self.blocks)
+        self.sampler = Sampler()  # keeps the running batch's token counts across steps
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wakeup = threading.Event()
         self.seqs: dict[str, Sequence] = {}
@@ -164,9 +165,10 @@ class Engine:
             if seq.first_scheduled is None:
                 seq.first_scheduled = now
         beam_groups = {id(s.beam) for s in sampled if s.beam is not None}
-        sampled, logits = beam_step(sampled, logits, self.scheduler, self._finish, self.max_model_len)
+        sampled, logits = beam_step(sampled, logits, self.scheduler, self._finish, self.max_model_len,
+                                    self.sampler.counts)
         self.stats.generated_tokens_total += len(beam_groups)  # one output token per beam request stepped
-        tokens, logprobs = sample(logits, sampled) if sampled else ([], [])
+        tokens, logprobs = self.sampler(logits, sampled) if sampled else ([], [])
         for seq, tok, lp in zip(sampled, tokens, logprobs):
             seq.token_ids.append(tok)
             seq.cum_log_prob += lp
