@@ -28,7 +28,7 @@ class NativeWarmupError(RuntimeError):
 
 
 def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     return sum(2 * block_size * a.num_kv_heads * a.head_dim * elem for a in model.attention_layers())
 
 
