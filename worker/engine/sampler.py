@@ -48,7 +48,7 @@ class TokenCounts:
 
     def _grow(self, need: int, vocab: int, device: torch.device) -> None:
         have = 0 if self.gen is None else self.gen.shape[0]
-        if self.gen is not None and (self.gen.shape[1] != vocab or self.gen.device != device):
+        if self.gen is not None and (self.gen.shape[1] != vocab or self.gen.device.type != device.type):
             raise ValueError("TokenCounts used with logits of another vocabulary or device")
         if need <= len(self.free):
             return
@@ -86,9 +86,11 @@ class TokenCounts:
             ri = torch.tensor(r_idx, dtype=torch.long, device=device)
             ti = torch.tensor(t_idx, dtype=torch.long, device=device)
             self.seen[ri, ti] = True
-            gm = torch.tensor(g_idx, dtype=torch.bool, device=device)
-            self.gen.index_put_((ri[gm], ti[gm]), torch.ones(1, dtype=torch.float32, device=device),
-                                accumulate=True)
+            gen = [k for k, g in enumerate(g_idx) if g]  # on the host: no boolean-mask sync
+            if gen:
+                gi = torch.tensor(gen, dtype=torch.long, device=device)
+                self.gen.index_put_((ri[gi], ti[gi]), torch.ones(1, dtype=torch.float32, device=device),
+                                    accumulate=True)
         return torch.tensor(rows, dtype=torch.long, device=device)
 
 
