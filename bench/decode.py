@@ -99,17 +99,26 @@ def build(model_dir: Path, dtype: str, quantize: str | None, max_batch: int, max
     from worker.engine.build import build_engine
     from worker.engine.engine import EngineConfig
 
-    return build_engine(EngineConfig(model_dir=model_dir, dtype=dtype, max_batch_size=max_batch,
-                                     max_batch_tokens=max(2048, max_batch * max_len), max_model_len=max_len,
-                                     quantize=quantize))
+    engine = build_engine(EngineConfig(model_dir=model_dir, dtype=dtype, max_batch_size=max_batch,
+                                       max_batch_tokens=max(2048, max_batch * max_len), max_model_len=max_len,
+                                       quantize=quantize))
+    if hasattr(engine.scheduler, "prefill_budget"):  # the bench prefills every prompt in one step
+        engine.scheduler.prefill_budget = engine.config.max_batch_tokens
+    return engine
+
+
+SAMPLED = False  # --sampled: every request samples with penalties instead of greedy
 
 
 def add_batch(engine, tag: str, prompts: list[list[int]], new_tokens: int) -> list:
     from worker.engine.sequence import Sampling
 
     done = []
-    sampling = Sampling(max_new_tokens=new_tokens)  # no eos_token_ids: nothing stops before the length
     for i, p in enumerate(prompts):
+        # no eos_token_ids: nothing stops before the length
+        sampling = (Sampling(max_new_tokens=new_tokens, temperature=0.8, top_k=50, top_p=0.9, seed=i,
+                             repetition_penalty=1.1, frequency_penalty=0.1, return_log_probs=True)
+                    if SAMPLED else Sampling(max_new_tokens=new_tokens))
         engine.add(engine.new_sequence(f"{tag}-{i}", p, sampling,
                                        emit=lambda t, lp, fin, err: done.append((fin, err)) if fin else None))
     return done
@@ -367,6 +376,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="any of fp32,bf16,int8,int4 (ours), ct2-float32, ct2-int8, hf")
     p.add_argument("--wait-quiet", type=float, default=0.0,
                    help="before each variant, wait up to this many seconds for other CPU load to drop under 25%%")
+    p.add_argument("--sampled", action="store_true",
+                   help="our engine only: requests sample (temperature 0.8, top-k 50, top-p 0.9, repetition "
+                        "and frequency penalties, log-probs) instead of greedy")
     p.add_argument("--reps", type=int, default=2, help="timed passes per variant and batch; the best counts")
     p.add_argument("--profile-steps", type=int, default=8, help="0 = no step breakdown")
     p.add_argument("--bandwidth-gib", type=float, default=1.0, help="buffer for the read-bandwidth probe")
@@ -375,6 +387,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.variants = args.variants.split(",")
+    global SAMPLED
+    SAMPLED = args.sampled
     return args
 
 

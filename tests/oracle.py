@@ -46,11 +46,28 @@ def run_ours(model_dir: Path, prompts: list[list[int]], max_new_tokens: int, **e
     return run_engine(engine, prompts, max_new_tokens)
 
 
+class RecordingSampler:
+    """Wraps an engine's sampler so a test sees every (sequences, logits [S, vocab]) it samples
+    (production code keeps no hook; beam rows are not sampled here)."""
+
+    def __init__(self, inner, hook):
+        self.inner, self.hook, self.counts = inner, hook, inner.counts
+
+    def __call__(self, logits, seqs):
+        self.hook(seqs, logits)
+        return self.inner(logits, seqs)
+
+
+def record_logits(engine, hook) -> None:
+    """Tests: call hook(sampled sequences, their logits) before the engine samples them."""
+    engine.sampler = RecordingSampler(engine.sampler, hook)
+
+
 def run_engine(engine, prompts: list[list[int]], max_new_tokens: int):
     logits: dict[str, list[torch.Tensor]] = {}
     done: dict[str, list[int]] = {}
-    engine.logits_hook = lambda seqs, lg: [logits.setdefault(s.request_id, []).append(lg[i].clone())
-                                           for i, s in enumerate(seqs)]
+    record_logits(engine, lambda seqs, lg: [logits.setdefault(s.request_id, []).append(lg[i].clone())
+                                            for i, s in enumerate(seqs)])
     seqs = []
     for i, p in enumerate(prompts):
         seq = engine.new_sequence(f"r{i}", list(p), Sampling(max_new_tokens=max_new_tokens),

@@ -7,7 +7,7 @@ T = tokens in the step (all sequences flattened), B = sequences in the step.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,19 +22,31 @@ class StepContext:
     max_query_len: int
     max_context_len: int
     block_size: int
-    num_decode: int = -1         # sequences with query_len == 1 (-1: not counted, see decode_count)
+    num_decode: int = -1         # sequences with query_len == 1 (-1: counted from the host lengths)
     # int32 copies of block_tables / context_lens for the native kernels, made once per step
     tables_i32: tuple[torch.Tensor, torch.Tensor] | None = None
     # Encoder-decoder models: per-sequence encoder outputs handed to cross-attention.
     cross_states: list | None = None
     # Models whose attention wants extra per-sequence data put it here (e.g. encoder lengths).
     extras: dict | None = None
+    # Host copies of query_lens / context_lens (the runner passes the plan's, no device read)
+    query_lens_host: list[int] | None = None
+    context_lens_host: list[int] | None = None
+    # Attention metadata derived from the above (index tensors, masks), built by the first layer
+    # that needs it and read by every other layer of the step (worker/layers/attention.py)
+    cache: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.query_lens_host is None:
+            self.query_lens_host = self.query_lens.tolist()
+        if self.context_lens_host is None:
+            self.context_lens_host = self.context_lens.tolist()
+        if self.num_decode < 0:
+            self.num_decode = sum(n == 1 for n in self.query_lens_host)
 
 
 def decode_count(ctx: StepContext) -> int:
-    """Sequences of the step decoding one token (counted once per step, read by every layer)."""
-    if ctx.num_decode < 0:
-        ctx.num_decode = int((ctx.query_lens == 1).sum())
+    """Sequences of the step decoding one token (counted once per step, on the host)."""
     return ctx.num_decode
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from controller.fleet.replica import Replica, ReplicaSpec
 from shardserve.v1 import worker_pb2 as wpb
-from tests.oracle import make_random_model
+from tests.oracle import make_random_model, record_logits
 from worker.models.registry import supported_architectures
 
 NEW_TOKENS = 6
@@ -117,7 +117,7 @@ def _in_process(model_dir: Path):
         for i, s in enumerate(sampled):
             lps[s.request_id].append(logits[i])
 
-    engine.logits_hook = hook
+    record_logits(engine, hook)
     for s in seqs:
         engine.add(s)
     while len(done) < len(seqs):

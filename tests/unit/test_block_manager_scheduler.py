@@ -83,3 +83,24 @@ def test_random_traffic_leaks_no_blocks_and_finishes_everyone_once():
         finished[s.request_id] = finished.get(s.request_id, 0) + 1
     assert bm.num_free == bm.num_blocks
     assert all(v == 1 for v in finished.values())
+
+
+def test_decodes_first_then_prompt_chunks_within_the_prefill_budget():
+    sched = Scheduler(SchedulerConfig(max_batch_size=8, max_batch_tokens=2048), BlockManager(256, 4), prefill_budget=64)
+    long = Sequence("long", list(range(100)), Sampling(max_new_tokens=4))
+    sched.add(long)
+    batch = sched.schedule()
+    assert batch.seqs == [long] and batch.num_tokens == [64]  # one chunk of the budget
+    long.num_computed += 64
+    short = [Sequence(f"s{i}", [1] * 10, Sampling(max_new_tokens=4)) for i in range(6)]
+    for s in short:
+        sched.add(s)
+    batch = sched.schedule()  # the running prompt's next chunk first, then admissions, 64 tokens in all
+    assert batch.seqs == [long, short[0], short[1], short[2]] and batch.num_tokens == [36, 10, 10, 8]
+    for s, n in zip(batch.seqs, batch.num_tokens):
+        s.num_computed += n
+        if s.num_computed == len(s.token_ids):
+            s.token_ids.append(7)  # sampled: now decoding
+    batch = sched.schedule()  # the three decoding streams come first, one token each
+    assert batch.seqs[:3] == [long, short[0], short[1]] and batch.num_tokens[:3] == [1, 1, 1]
+    assert batch.seqs[3:] == [short[2], short[3], short[4], short[5]] and sum(batch.num_tokens[3:]) <= 64

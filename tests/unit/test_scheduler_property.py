@@ -14,6 +14,7 @@ import torch
 
 from worker.engine.beam import beam_step
 from worker.engine.block_manager import BlockManager
+from worker.engine.sampler import Sampler
 from worker.engine.scheduler import Scheduler, SchedulerConfig, unit_of
 from worker.engine.sequence import Finish, Sampling, Sequence, Status
 
@@ -27,7 +28,8 @@ def run_traffic(seed: int, steps: int, drain_limit: int = 20000):
     gen = torch.Generator().manual_seed(seed)
     bm = BlockManager(num_blocks=40, block_size=4)
     cfg = SchedulerConfig(max_batch_size=8, max_batch_tokens=24)
-    sched = Scheduler(cfg, bm)
+    sched = Scheduler(cfg, bm, MAX_LEN)
+    sampler = Sampler()
     finished: dict[str, int] = {}
     live: dict[str, Sequence] = {}
 
@@ -56,17 +58,8 @@ def run_traffic(seed: int, steps: int, drain_limit: int = 20000):
         assert rows <= cfg.max_batch_size or len({id(unit_of(s)[0]) for s in batch.seqs}) == 1
         for s, n in zip(batch.seqs, batch.num_tokens):
             assert n >= 1 and len(s.block_table) * bm.block_size >= s.num_computed + n
-        sampled = [s for s, ok in zip(batch.seqs, batch.samples()) if ok]
-        for s, n in zip(batch.seqs, batch.num_tokens):
-            s.num_computed += n
-        logits = torch.randn(len(sampled), VOCAB, generator=gen)
-        rest, _ = beam_step(sampled, logits, sched, finish, MAX_LEN)
-        for s in rest:
-            tok = rng.randrange(VOCAB)
-            s.token_ids.append(tok)
-            if (tok in s.sampling.eos_token_ids or s.num_generated >= s.sampling.max_new_tokens
-                    or len(s.token_ids) >= MAX_LEN):
-                finish(s, Finish.LENGTH)
+        logits = torch.randn(sum(batch.samples()), VOCAB, generator=gen)
+        sched.postprocess(batch, logits, sampler, finish)  # the engine's own update of a step
         bm.check([s.block_table for s in sched.running])
         assert all(not s.block_table and s.status is Status.WAITING for s in sched.waiting)
         step += 1

@@ -34,9 +34,6 @@ class BlockManager:
         need = -(-num_tokens // self.block_size)
         return max(0, need - len(seq.block_table))
 
-    def can_allocate(self, seq: Sequence, num_tokens: int, reserve: int = 0) -> bool:
-        return self.blocks_needed(seq, num_tokens) + reserve <= self.num_free
-
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         n = self.blocks_needed(seq, num_tokens)
         if n > self.num_free:

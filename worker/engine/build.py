@@ -27,7 +27,7 @@ class NativeWarmupError(RuntimeError):
 
 
 def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     return sum(2 * block_size * a.num_kv_heads * a.head_dim * elem for a in model.attention_layers())
 
 
@@ -62,10 +62,19 @@ def build_engine(config: EngineConfig) -> Engine:
     if config.num_kv_blocks:
         num_blocks = config.num_kv_blocks
     else:
+        if not config.kv_cache_bytes:  # 0 = auto: sized to the machine
+            config = dataclasses.replace(config, kv_cache_bytes=auto_kv_cache_bytes(config, model_config))
         config = reserve_cross_state(model, model_config, config)
         useful = blocks_for_one * config.max_batch_size
         num_blocks = max(1, min(config.kv_cache_bytes // per_block, useful))
     num_blocks = agree_num_blocks(num_blocks)  # every rank indexes the same block ids
+    wanted = config.max_batch_size * max_len
+    log.info("KV cache holds %d tokens (%d blocks); max_batch_size x max_model_len = %d tokens",
+             num_blocks * config.block_size, num_blocks, wanted)
+    if num_blocks * config.block_size < wanted:
+        log.warning("KV cache of %d tokens cannot hold max_batch_size=%d sequences of max_model_len=%d (%d tokens): "
+                    "long requests will be preempted and recomputed; raise the KV cache size or lower them",
+                    num_blocks * config.block_size, config.max_batch_size, max_len, wanted)
     if num_blocks < blocks_for_one:
         raise ValueError(
             f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one sequence of "
@@ -96,6 +105,51 @@ def build_engine(config: EngineConfig) -> Engine:
     engine.stats.load_phases = phases
     engine.kernel_path = kernels.path
     return engine
+
+
+CPU_KV_SHARE = 0.5  # of the memory available after the weights are loaded
+CPU_KV_CAP = 16 << 30  # bytes, at most (the explicit kv_cache_bytes overrides)
+GPU_KV_FRACTION = 0.9  # of the device memory free after the weights and the step's activations
+
+
+def mem_available(path: str = "/proc/meminfo") -> int:
+    """MemAvailable in bytes (0 when unknown)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def activation_bytes(config: EngineConfig, model_config) -> int:
+    """A bound on one step's activations: max_batch_tokens rows of the widest intermediates (the
+    MLP's two projections, q/k/v/o, residuals) plus the logits of a full batch, in the step's dtype."""
+    hidden = int(getattr(model_config, "hidden_size", 0) or getattr(model_config, "d_model", 0) or 0)
+    inter = int(getattr(model_config, "intermediate_size", 0) or getattr(model_config, "d_ff", 0) or 4 * hidden)
+    vocab = int(getattr(model_config, "vocab_size", 0) or 0)
+    elem = config.torch_dtype.itemsize
+    return config.max_batch_tokens * (3 * inter + 8 * hidden) * elem + config.max_batch_size * vocab * 4 * 2
+
+
+def auto_kv_cache_bytes(config: EngineConfig, model_config, available: int | None = None) -> int:
+    """The KV cache budget when none is configured (kv_cache_bytes == 0), called after the weights
+    are loaded. CPU: CPU_KV_SHARE of MemAvailable, at most CPU_KV_CAP. GPU: GPU_KV_FRACTION of the
+    free device memory less one step's activations. `available` overrides the measured free bytes."""
+    dev = torch.device(config.device)
+    if dev.type == "cuda":
+        free = torch.cuda.mem_get_info(dev)[0] if available is None else available
+        budget = int(free * GPU_KV_FRACTION) - activation_bytes(config, model_config)
+        where = f"{free / 2**30:.1f} GiB free on {dev}"
+    else:
+        free = mem_available() if available is None else available
+        budget = min(int(free * CPU_KV_SHARE), CPU_KV_CAP) if free else 512 << 20
+        where = f"{free / 2**30:.1f} GiB available" if free else "available memory unknown"
+    budget = max(budget, 1 << 20)
+    log.info("KV cache sized to the machine: %.0f MiB (%s)", budget / 2**20, where)
+    return budget
 
 
 # CPU flags that give bf16 / fp16 matrix products their own instructions (oneDNN uses them)

@@ -1,4 +1,4 @@
-"""The engine: a model, its KV cache, a scheduler; one step = schedule, execute, update.
+"""The engine: a model, its KV cache, a scheduler; one step = schedule, execute, postprocess.
 
 Thread model: gRPC threads call `add` / `abort` (they only touch the inbox); one engine thread
 runs `run_forever`, the only code that touches the scheduler, blocks and model.
@@ -9,18 +9,16 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 import traceback
 from dataclasses import dataclass, field
 
 import torch
 
 from worker.config import WorkerConfig
-from worker.engine.beam import beam_step
 from worker.engine.block_manager import BlockManager
 from worker.engine.runner import ModelRunner, build_plan
-from worker.engine.sampler import sample
-from worker.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from worker.engine.sampler import Sampler
+from worker.engine.scheduler import Scheduler, SchedulerConfig
 from worker.engine.sequence import Finish, Sampling, Sequence
 from worker.models.registry import max_positions
 
@@ -62,13 +60,13 @@ class Engine:
         self.runner = ModelRunner(model, config.block_size, torch.device(config.device))
         self.kv_cache_bytes = self.runner.allocate_kv_cache(num_kv_blocks, config.torch_dtype)
         self.blocks = BlockManager(num_kv_blocks, config.block_size)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_batch_tokens), self.blocks)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_batch_tokens), self.blocks,
+                                   self.max_model_len)
+        self.sampler = Sampler()  # keeps the running batch's token counts across steps
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wakeup = threading.Event()
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats(kv_blocks_total=num_kv_blocks)
-        # tests: called with (sampled sequences, their logits [S, vocab]) every step
-        self.logits_hook = None
         # encoder-decoder models: prompts feed the encoder, the decoder starts from this token
         self.encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
         self.decoder_start_token_id = getattr(model_config, "decoder_start_token_id", None)
@@ -102,8 +100,8 @@ class Engine:
             except queue.Empty:
                 return
             if op == "add":
-                if arg.sampling.seed is not None and not arg.sampling.greedy:
-                    arg.generator = torch.Generator().manual_seed(int(arg.sampling.seed))
+                if not arg.sampling.greedy:
+                    arg.generator = torch.Generator(device="cpu").manual_seed(int(arg.sampling.seed))
                 self.seqs[arg.request_id] = arg
                 if arg.encoder_ids is not None:
                     arg.cross_slot = self.next_cross_slot
@@ -134,7 +132,8 @@ class Engine:
             logits = self.runner.run(plan)
             for seq in batch.seqs:
                 seq.encoded = True
-            self._update(batch, logits)
+            self.stats.generated_tokens_total += self.scheduler.postprocess(batch, logits, self.sampler,
+                                                                            self._finish)
         except Exception as e:  # a failing step fails its requests, never the worker
             log.error("engine step failed: %s\n%s", e, traceback.format_exc())
             for seq in batch.seqs:
@@ -143,41 +142,6 @@ class Engine:
         self.stats.batch_size = len(batch.seqs)
         self.stats.batch_tokens = batch.total_tokens
         return True
-
-    def _update(self, batch: ScheduledBatch, logits: torch.Tensor) -> None:
-        samples = batch.samples()
-        sampled = [s for s, ok in zip(batch.seqs, samples) if ok]
-        if self.logits_hook is not None and sampled:
-            self.logits_hook(sampled, logits)
-        now = time.monotonic()
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            seq.num_computed += n
-            if seq.first_scheduled is None:
-                seq.first_scheduled = now
-        beam_groups = {id(s.beam) for s in sampled if s.beam is not None}
-        sampled, logits = beam_step(sampled, logits, self.scheduler, self._finish, self.max_model_len)
-        self.stats.generated_tokens_total += len(beam_groups)  # one output token per beam request stepped
-        tokens, logprobs = sample(logits, sampled) if sampled else ([], [])
-        for seq, tok, lp in zip(sampled, tokens, logprobs):
-            seq.token_ids.append(tok)
-            seq.cum_log_prob += lp
-            self.stats.generated_tokens_total += 1
-            reason = self._stop_reason(seq, tok)
-            if reason is None:
-                seq.emit([tok], [lp], None, "")
-            else:
-                self._finish(seq, reason, [tok], [lp])
-
-    def _stop_reason(self, seq: Sequence, tok: int) -> Finish | None:
-        s = seq.sampling
-        if tok in s.eos_token_ids and seq.num_generated > s.min_new_tokens - 1:
-            return Finish.EOS
-        for stop in s.stop_token_sequences:
-            if stop and seq.token_ids[-len(stop):] == list(stop):
-                return Finish.STOP
-        if seq.num_generated >= s.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
-            return Finish.LENGTH
-        return None
 
     def snapshot_stats(self) -> EngineStats:
         st = self.stats

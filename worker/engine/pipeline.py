@@ -33,9 +33,9 @@ def encode_plan(plan) -> tuple[torch.Tensor, torch.Tensor]:
     if len(fields) > HEADER - 3:
         raise ValueError(f"StepPlan has {len(fields)} fields; the header holds {HEADER - 3}")
     parts = [getattr(plan, f).reshape(-1).long() for f in fields]
-    header = torch.zeros(HEADER, dtype=torch.long)
+    header = torch.zeros(HEADER, dtype=torch.long, device="cpu")
     header[0], header[1], header[2] = STEP, len(fields), plan.block_tables.shape[1]
-    header[3:3 + len(fields)] = torch.tensor([p.numel() for p in parts], dtype=torch.long)
+    header[3:3 + len(fields)] = torch.tensor([p.numel() for p in parts], dtype=torch.long, device="cpu")
     return header, torch.cat(parts)
 
 

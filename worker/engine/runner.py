@@ -6,7 +6,6 @@ broadcast it to the other ranks without pickling anything.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -33,42 +32,58 @@ class StepPlan:
     cross_slots: torch.Tensor = field(default_factory=lambda: _empty())  # [B]: cross-state slot per sequence
     cross_free: torch.Tensor = field(default_factory=lambda: _empty())  # [F]: slots to drop before the step
 
-    def to(self, device) -> StepPlan:
-        return StepPlan(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+    def to(self, device, staging: torch.Tensor | None = None) -> StepPlan:
+        """The plan on `device` with one host-to-device copy: every field packed into one int64
+        buffer (`staging`, pinned, when given and large enough), copied, and split into views."""
+        device = torch.device(device)
+        if device.type == "cpu" and self.input_ids.device.type == "cpu":
+            return self
+        fields = list(self.__dataclass_fields__)
+        parts = [getattr(self, f) for f in fields]
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        if staging is not None and staging.numel() >= flat.numel():
+            flat = staging[:flat.numel()].copy_(flat)
+        moved = flat.to(device, non_blocking=staging is not None).split([p.numel() for p in parts])
+        return StepPlan(*(m.view(p.shape) for m, p in zip(moved, parts)))
 
 
 def _empty() -> torch.Tensor:
-    return torch.zeros(0, dtype=torch.long)
+    return torch.zeros(0, dtype=torch.long, device="cpu")
+
+
+def _long(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device="cpu")
 
 
 def build_plan(batch: ScheduledBatch, block_size: int, cross_free: list[int] = ()) -> StepPlan:
-    ids, pos, slots, qlens, clens, tables, sample_rows = [], [], [], [], [], [], []
+    """The step's flat tensors, on the host: lengths stay Python ints; positions and KV slots are
+    computed with a few vectorised ops over the whole step (no per-token Python)."""
+    ids, qlens, starts, tables, sample_rows = [], [], [], [], []
     t = 0
     for seq, n, samples in zip(batch.seqs, batch.num_tokens, batch.samples()):
         start = seq.num_computed
         ids.extend(seq.token_ids[start:start + n])
-        positions = range(start, start + n)
-        pos.extend(positions)
-        slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in positions)
         qlens.append(n)
-        clens.append(start + n)
+        starts.append(start)
         tables.append(seq.block_table)
         t += n
         if samples:
             sample_rows.append(t - 1)
     width = max(len(b) for b in tables)
-    table = torch.zeros(len(tables), width, dtype=torch.long)
-    for i, b in enumerate(tables):
-        table[i, : len(b)] = torch.tensor(b, dtype=torch.long)
-    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    plan = StepPlan(as_long(ids), as_long(pos), as_long(slots), table, as_long(qlens), as_long(clens),
-                    as_long(sample_rows))
+    table = _long([b + [0] * (width - len(b)) for b in tables])  # [B, width]
+    q = _long(qlens)
+    start_t = _long(starts)
+    row = torch.repeat_interleave(torch.arange(len(qlens), device="cpu"), q)  # [T] sequence of each token
+    first = torch.cumsum(q, 0) - q  # [B] offset of each sequence's first token
+    pos = start_t[row] + torch.arange(t, device="cpu") - first[row]  # [T]
+    slots = table[row, pos // block_size] * block_size + pos % block_size
+    plan = StepPlan(_long(ids), pos, slots, table, q, start_t + q, _long(sample_rows))
     if any(seq.encoder_ids is not None for seq in batch.seqs):
         run = [seq.encoder_ids if not seq.encoded else [] for seq in batch.seqs]
-        plan.enc_ids = as_long([t for r in run for t in r])
-        plan.enc_lens = as_long([len(r) for r in run])
-        plan.cross_slots = as_long([seq.cross_slot for seq in batch.seqs])
-    plan.cross_free = as_long(list(cross_free))
+        plan.enc_ids = _long([t for r in run for t in r])
+        plan.enc_lens = _long([len(r) for r in run])
+        plan.cross_slots = _long([seq.cross_slot for seq in batch.seqs])
+    plan.cross_free = _long(list(cross_free))
     return plan
 
 
@@ -94,8 +109,9 @@ class ModelRunner:
         self.hidden_size = int(getattr(config, "hidden_size", 0) or 0)
         # called with a message when a multi-rank step fails; the worker entry sets it to exit
         self.on_fatal = None
-        embed = getattr(model, "embed", None)
-        self.embed_takes_positions = embed is not None and len(inspect.signature(embed).parameters) >= 2
+        # pinned host buffer the step plan is staged in before its one copy to a CUDA device
+        self.staging = (torch.empty(1 << 16, dtype=torch.long, device="cpu").pin_memory()
+                        if device.type == "cuda" else None)
         # encoder-decoder models: cross-attention state per slot (per decoder layer (k, v)),
         # computed when the request first runs and kept until the engine frees the slot
         self.cross: dict[int, list] = {}
@@ -139,8 +155,10 @@ class ModelRunner:
         except Exception as e:  # noqa: BLE001
             self.fatal("engine step", e)
 
-    def _context(self, plan: StepPlan) -> StepContext:
-        query_start = torch.zeros(plan.query_lens.numel() + 1, dtype=torch.long, device=self.device)
+    def _context(self, host: StepPlan, plan: StepPlan) -> StepContext:
+        """The step's attention metadata: lengths read from the host plan, tensors from the device one."""
+        qlens, clens = host.query_lens.tolist(), host.context_lens.tolist()
+        query_start = torch.zeros(len(qlens) + 1, dtype=torch.long, device=self.device)
         query_start[1:] = plan.query_lens.cumsum(0)
         return StepContext(
             slot_mapping=plan.slot_mapping,
@@ -148,14 +166,21 @@ class ModelRunner:
             context_lens=plan.context_lens,
             query_lens=plan.query_lens,
             query_start=query_start,
-            max_query_len=int(plan.query_lens.max()),
-            max_context_len=int(plan.context_lens.max()),
+            max_query_len=max(qlens),
+            max_context_len=max(clens),
             block_size=self.block_size,
+            query_lens_host=qlens,
+            context_lens_host=clens,
         )
 
-    def _forward(self, plan: StepPlan) -> torch.Tensor | None:
-        plan = plan.to(self.device)
-        ctx = self._context(plan)
+    def _forward(self, host: StepPlan) -> torch.Tensor | None:
+        """host: the plan on the host (as built, or as received by a follower)."""
+        need = sum(getattr(host, f).numel() for f in host.__dataclass_fields__)
+        if self.staging is not None and self.staging.numel() < need:
+            self.staging = torch.empty(max(need, 2 * self.staging.numel()), dtype=torch.long,
+                                       device="cpu").pin_memory()
+        plan = host.to(self.device, self.staging)
+        ctx = self._context(host, plan)
         ctx.cross_states = self.cross_states(plan)
         with step_context(ctx):
             if self.state.pp_size == 1:
@@ -171,7 +196,7 @@ class ModelRunner:
         T, S = plan.input_ids.numel(), plan.sample_index.numel()
         comm = st.comm_device
         if st.is_first_stage:
-            x = model.embed(plan.input_ids, plan.positions) if self.embed_takes_positions else model.embed(plan.input_ids)
+            x = model.embed(plan.input_ids, plan.positions)
         else:
             x = torch.empty(T, self.hidden_size, dtype=self.dtype, device=comm)
             dist.recv(x, src=st.global_rank(st.pp_rank - 1, st.tp_rank))

@@ -6,8 +6,12 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from worker.engine.beam import BeamGroup
 
 
 class Status(enum.Enum):
@@ -68,7 +72,7 @@ class Sequence:
     first_scheduled: float | None = None
     generator: torch.Generator | None = None
     cum_log_prob: float = 0.0
-    beam: object | None = None  # worker.engine.beam.BeamGroup this sequence is a beam of (or whose handle it is)
+    beam: BeamGroup | None = None  # the beam group this sequence is a beam of (or whose handle it is)
     # encoder-decoder models: the prompt feeds the encoder (token_ids starts with the decoder
     # start token); cross_slot names the request's cross-attention state in the model runner
     encoder_ids: list[int] | None = None
