@@ -1,6 +1,9 @@
-// torch bindings of the CPU kernels: op namespace torch.ops.shardserve_cpu.
-// Checks shapes and dtypes, makes inputs contiguous, then calls the raw-pointer kernels.
-#include "../../include/op_schemas.h"
+// torch bindings of the CPU kernels. This library defines the operator namespace torch.ops.shardserve
+// (every schema, once: ../include/op_schemas.h) and registers the CPU implementations; the CUDA
+// library (../cuda/bindings.cpp) adds CUDA implementations of the same operators, so torch
+// dispatches by the tensors' device. Checks shapes and dtypes, makes inputs contiguous, then calls
+// the raw-pointer kernels.
+#include "../include/op_schemas.h"
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -19,7 +22,7 @@ DType to_dtype(const at::Tensor& t) {
     case at::kFloat: return DType::F32;
     case at::kBFloat16: return DType::BF16;
     case at::kHalf: return DType::F16;
-    default: TORCH_CHECK(false, "shardserve_cpu: unsupported dtype ", t.scalar_type());
+    default: TORCH_CHECK(false, "shardserve (cpu): unsupported dtype ", t.scalar_type());
   }
 }
 
@@ -27,7 +30,7 @@ DType to_dtype(const at::Tensor& t) {
 at::Tensor as(const at::Tensor& t, at::ScalarType st) { return t.scalar_type() == st ? t : t.to(st); }
 
 void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "shardserve_cpu: ", name, " must be on CPU");
+  TORCH_CHECK(t.device().is_cpu(), "shardserve (cpu): ", name, " must be on CPU");
 }
 
 at::Tensor paged_attention_decode_op(const at::Tensor& q_in, const at::Tensor& k_cache_in,
@@ -268,14 +271,18 @@ std::string isa_op() { return isa_name(detect_isa()); }
 }  // namespace cpu
 }  // namespace shardserve
 
-TORCH_LIBRARY(shardserve_cpu, m) {
+TORCH_LIBRARY(shardserve, m) {
+  for (const char* schema : shardserve::schema::kDeviceOps) m.def(schema);
+  m.def(shardserve::schema::kIsa, &shardserve::cpu::isa_op);  // no tensor argument: not dispatched
+}
+
+TORCH_LIBRARY_IMPL(shardserve, CPU, m) {
   using namespace shardserve::cpu;
-  m.def(shardserve::schema::kPagedAttentionDecode, &paged_attention_decode_op);
-  m.def(shardserve::schema::kFusedAddRmsNorm, &fused_add_rms_norm_op);
-  m.def(shardserve::schema::kFusedAddLayerNorm, &fused_add_layer_norm_op);
-  m.def(shardserve::schema::kRotaryCacheWrite, &rotary_cache_write_op);
-  m.def(shardserve::schema::kInt8Linear, &int8_linear_op);
-  m.def(shardserve::schema::kInt4Linear, &int4_linear_op);
-  m.def(shardserve::schema::kSampleTopKTopP, &sample_top_k_top_p_op);
-  m.def(shardserve::schema::kIsa, &isa_op);
+  m.impl("paged_attention_decode", &paged_attention_decode_op);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm_op);
+  m.impl("fused_add_layer_norm", &fused_add_layer_norm_op);
+  m.impl("rotary_cache_write", &rotary_cache_write_op);
+  m.impl("int8_linear", &int8_linear_op);
+  m.impl("int4_linear", &int4_linear_op);
+  m.impl("sample_top_k_top_p", &sample_top_k_top_p_op);
 }

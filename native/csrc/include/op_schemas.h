@@ -1,5 +1,6 @@
-// Operator schemas shared by the CPU (shardserve_cpu) and CUDA (shardserve_cuda) libraries, so the
-// two backends behind native/ops.py cannot drift apart. Keep in step with native/reference.py.
+// Schemas of the torch.ops.shardserve operators, defined once (TORCH_LIBRARY in
+// ../cpu/bindings.cpp); the CPU and CUDA libraries register implementations of these names.
+// Keep in step with native/reference.py and native/ops.py.
 #pragma once
 
 namespace shardserve {
@@ -24,7 +25,12 @@ constexpr const char* kInt4Linear =
 constexpr const char* kSampleTopKTopP =
     "sample_top_k_top_p(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, "
     "Tensor uniforms) -> Tensor";
-constexpr const char* kIsa = "isa() -> str";
+constexpr const char* kIsa = "isa() -> str";  // CPU ISA in use; no tensors, so not dispatched
+
+// Every operator with a per-device implementation.
+constexpr const char* kDeviceOps[] = {kPagedAttentionDecode, kFusedAddRmsNorm, kFusedAddLayerNorm,
+                                      kRotaryCacheWrite,     kInt8Linear,      kInt4Linear,
+                                      kSampleTopKTopP};
 
 }  // namespace schema
 }  // namespace shardserve
