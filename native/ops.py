@@ -208,6 +208,33 @@ def int8_linear(
     return _lib.int8_linear(x, qw, scales, bias)
 
 
+def w8a8_linear(
+    x: torch.Tensor,  # [..., in]
+    qw: torch.Tensor,  # [out, in] int8 (quantize_int8)
+    scales: torch.Tensor,  # [out] fp32
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:  # [..., out]
+    """int8 weights x int8 activations quantized per token at run time, int32 accumulation (see
+    reference.w8a8_linear). CPU kernel only so far: on other devices the torch twin runs."""
+    if not _native(x) or x.device.type != "cpu":
+        return reference.w8a8_linear(x, qw, scales, bias)
+    return _lib.w8a8_linear(x, qw, scales, bias)
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, in] -> (int8 codes, per-row fp32 scales), as w8a8_linear quantizes its input."""
+    if not _native(x) or x.device.type != "cpu":
+        return reference.quantize_rows_int8(x)
+    return _lib.quantize_rows_int8(x)
+
+
+def int8_gemm(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """[T, in] int8 . [out, in]^T int8 -> [T, out] int32 (exact)."""
+    if not _native(qx) or qx.device.type != "cpu":
+        return reference.int8_gemm(qx, qw)
+    return _lib.int8_gemm(qx, qw)
+
+
 def int4_linear(
     x: torch.Tensor,  # [..., in]
     packed: torch.Tensor,  # [out, in/2] uint8 (layout: reference.pack_int4)

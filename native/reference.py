@@ -122,6 +122,39 @@ def int8_linear(
     return y.to(x.dtype)
 
 
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-row int8 (the w8a8 activations): x [T, in] ~= q * scales[:, None].
+
+    scales = max(amax(|x|) / 127, 1e-12), q = round-half-even(x / scales) clamped to [-127, 127],
+    all in fp32 with true division (the native kernel computes the same codes bit for bit)."""
+    xf = x.float()
+    scales = (xf.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)
+    q = torch.round(xf / scales[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def int8_gemm(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """[T, in] int8 . [out, in]^T int8 -> [T, out] int32, exact (float64 holds every partial sum
+    while in * 127 * 127 < 2**53)."""
+    return (qx.double() @ qw.double().T).to(torch.int32)
+
+
+def w8a8_linear(
+    x: torch.Tensor,  # [..., in]
+    qw: torch.Tensor,  # [out, in] int8 (quantize_int8)
+    scales: torch.Tensor,  # [out] fp32
+    bias: torch.Tensor | None = None,  # [out]
+) -> torch.Tensor:  # [..., out], x's dtype
+    """Activations quantized per token at run time (quantize_rows_int8), int32 accumulation, then
+    y = (float(acc) * x_scale[t]) * scales[o] (+ bias), rounded in that order."""
+    in_f = qw.shape[1]
+    qx, xs = quantize_rows_int8(x.reshape(-1, in_f))
+    y = int8_gemm(qx, qw).float() * xs[:, None] * scales.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], qw.shape[0])
+
+
 def quantize_int4(
     w: torch.Tensor, group_size: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -245,6 +245,52 @@ at::Tensor int4_linear_op(const at::Tensor& x_in, const at::Tensor& packed_in,
   return as(y, x_in.scalar_type()).reshape(shape);
 }
 
+at::Tensor w8a8_linear_op(const at::Tensor& x_in, const at::Tensor& qw_in, const at::Tensor& s_in,
+                          const std::optional<at::Tensor>& b_in) {
+  check_cpu(x_in, "x");
+  TORCH_CHECK(qw_in.scalar_type() == at::kChar && qw_in.dim() == 2, "qw must be int8 [out, in]");
+  const int64_t O = qw_in.size(0), I = qw_in.size(1);
+  TORCH_CHECK(x_in.size(-1) == I, "x last dim must equal in_features");
+  auto x = as(x_in.reshape({-1, I}), at::kFloat).contiguous();
+  auto qw = qw_in.contiguous();
+  auto s = as(s_in, at::kFloat).contiguous();
+  TORCH_CHECK(s.numel() == O, "scales must have out_features entries");
+  at::Tensor bias;
+  if (b_in.has_value()) {
+    bias = as(*b_in, at::kFloat).contiguous();
+    TORCH_CHECK(bias.numel() == O, "bias must have out_features entries");
+  }
+  auto y = at::empty({x.size(0), O}, x.options());
+  w8a8_linear(x.data_ptr<float>(), qw.data_ptr<int8_t>(), s.data_ptr<float>(),
+              bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), x.size(0), O, I);
+  auto shape = x_in.sizes().vec();
+  shape.back() = O;
+  return as(y, x_in.scalar_type()).reshape(shape);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_rows_int8_op(const at::Tensor& x_in) {
+  check_cpu(x_in, "x");
+  TORCH_CHECK(x_in.dim() == 2, "x must be [T, I]");
+  auto x = as(x_in, at::kFloat).contiguous();
+  auto q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  auto s = at::empty({x.size(0)}, x.options());
+  quantize_rows_int8(x.data_ptr<float>(), q.data_ptr<int8_t>(), s.data_ptr<float>(), x.size(0), x.size(1));
+  return {q, s};
+}
+
+at::Tensor int8_gemm_op(const at::Tensor& qx_in, const at::Tensor& qw_in) {
+  check_cpu(qx_in, "qx");
+  TORCH_CHECK(qx_in.scalar_type() == at::kChar && qw_in.scalar_type() == at::kChar && qx_in.dim() == 2 &&
+                  qw_in.dim() == 2 && qx_in.size(1) == qw_in.size(1),
+              "qx [T, I] and qw [O, I] must be int8");
+  auto qx = qx_in.contiguous();
+  auto qw = qw_in.contiguous();
+  auto out = at::empty({qx.size(0), qw.size(0)}, qx.options().dtype(at::kInt));
+  int8_gemm(qx.data_ptr<int8_t>(), qw.data_ptr<int8_t>(), out.data_ptr<int32_t>(), qx.size(0), qw.size(0),
+            qx.size(1));
+  return out;
+}
+
 at::Tensor sample_top_k_top_p_op(const at::Tensor& logits_in, const at::Tensor& temperature_in,
                               const at::Tensor& top_k_in, const at::Tensor& top_p_in,
                               const at::Tensor& uniforms_in) {
@@ -284,5 +330,8 @@ TORCH_LIBRARY_IMPL(shardserve, CPU, m) {
   m.impl("rotary_cache_write", &rotary_cache_write_op);
   m.impl("int8_linear", &int8_linear_op);
   m.impl("int4_linear", &int4_linear_op);
+  m.impl("w8a8_linear", &w8a8_linear_op);
+  m.impl("quantize_rows_int8", &quantize_rows_int8_op);
+  m.impl("int8_gemm", &int8_gemm_op);
   m.impl("sample_top_k_top_p", &sample_top_k_top_p_op);
 }

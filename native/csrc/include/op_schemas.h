@@ -22,14 +22,18 @@ constexpr const char* kInt8Linear = "int8_linear(Tensor x, Tensor qw, Tensor sca
 constexpr const char* kInt4Linear =
     "int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, "
     "int group_size) -> Tensor";
+constexpr const char* kW8A8Linear = "w8a8_linear(Tensor x, Tensor qw, Tensor scales, Tensor? bias) -> Tensor";
+constexpr const char* kQuantizeRowsInt8 = "quantize_rows_int8(Tensor x) -> (Tensor, Tensor)";
+constexpr const char* kInt8Gemm = "int8_gemm(Tensor qx, Tensor qw) -> Tensor";
 constexpr const char* kSampleTopKTopP =
     "sample_top_k_top_p(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, "
     "Tensor uniforms) -> Tensor";
 constexpr const char* kIsa = "isa() -> str";  // CPU ISA in use; no tensors, so not dispatched
 
-// Every operator with a per-device implementation.
+// Every operator with a per-device implementation (the w8a8 three: CPU only so far).
 constexpr const char* kDeviceOps[] = {kPagedAttentionDecode, kFusedAddRmsNorm, kFusedAddLayerNorm,
                                       kRotaryCacheWrite,     kInt8Linear,      kInt4Linear,
+                                      kW8A8Linear,           kQuantizeRowsInt8, kInt8Gemm,
                                       kSampleTopKTopP};
 
 }  // namespace schema
