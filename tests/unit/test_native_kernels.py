@@ -148,14 +148,14 @@ def test_w8a8_matches_reference_bit_for_bit(nat, tokens, out_features, in_featur
 
 def test_w8a8_extremes_do_not_saturate(nat):
     """Every code at +-127 on both sides: the largest int32 sums, exact (no int16 saturation)."""
-    I = 2816
-    qx = torch.full((3, I), 127, dtype=torch.int8)
+    n_in = 2816
+    qx = torch.full((3, n_in), 127, dtype=torch.int8)
     qx[1] = -127
     qx[2, ::2] = -127
-    qw = torch.full((5, I), -127, dtype=torch.int8)
+    qw = torch.full((5, n_in), -127, dtype=torch.int8)
     qw[1] = 127
     assert torch.equal(nat.int8_gemm(qx, qw), reference.int8_gemm(qx, qw))
-    assert nat.int8_gemm(qx, qw)[0, 1].item() == 127 * 127 * I
+    assert nat.int8_gemm(qx, qw)[0, 1].item() == 127 * 127 * n_in
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
