@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--master-port", type=int, default=0, help="rendezvous port on 127.0.0.1 (0 = no process group)")
     p.add_argument("--collective-timeout", type=float, default=60.0, help="seconds before a collective fails")
     p.add_argument("--stage-layers", default="", help="layers per pipeline stage, e.g. 3,2 (default balanced)")
-    p.add_argument("--quantize", default="", choices=["", "int8", "int4"], help="weight-only quantization of the linear layers")
+    p.add_argument("--quantize", default="", choices=["", "int8", "int4", "w8a8"], help="weight-only quantization of the linear layers")
     p.add_argument("--cpus", default="", help="CPU cores this rank may use, e.g. 0,1 (default: all)")
     return p.parse_args(argv)
 

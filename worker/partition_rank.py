@@ -6,7 +6,7 @@ loaders that serve runtime loading (each reads only this rank's slices), and wri
 parameter into a safetensors file as soon as it is complete: peak memory is a few parameters, never
 the model (303M-parameter Llama, 1.21 GB: +138 MB over the imports; bench/startup.py).
 
-`--quantize int8|int4`: each tensor-parallel linear layer's weight is quantized the moment its shards
+`--quantize int8|int4|w8a8`: each tensor-parallel linear layer's weight is quantized the moment its shards
 are complete, with the function load-time quantization uses, on this rank's own shard, and stored as
 `<layer>.qweight`, `<layer>.scales` (and `<layer>.zeros` for int4 when the method has zero points)
 instead of `<layer>.weight`; the int4 group size is in_features / scales.shape[1]. Served, the tokens

@@ -1,4 +1,4 @@
-"""Partitions stored quantized (`shardserve partition --quantize int8|int4`): each rank file holds the
+"""Partitions stored quantized (`shardserve partition --quantize int8|int4|w8a8`): each rank file holds the
 tensors load-time quantization would make on that rank's shard, bit for bit, so served tokens and
 logits are those of `serve --quantize` on the checkpoint at the same layout."""
 
@@ -32,7 +32,7 @@ def llama_dir(tmp_path_factory):
     return make_random_model(cfg, tmp_path_factory.mktemp("qpart") / "llama")
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("method", ["int8", "int4", "w8a8"])
 def test_tp1_partition_serves_the_load_time_tokens(llama_dir, tmp_path, method):
     m = partition(llama_dir, tmp_path / "p", tp=1, pp=1, processes=1, quantize=method)
     assert m["quantize"] == method and read_manifest(tmp_path / "p")["quantize"] == method
@@ -55,7 +55,7 @@ def test_tp1_partition_serves_the_load_time_tokens(llama_dir, tmp_path, method):
     assert (tmp_path / "p" / "rank-0.safetensors").stat().st_size < 0.6 * full
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("method", ["int8", "int4", "w8a8"])
 def test_tp2_rank_files_hold_the_load_time_quantization(llama_dir, tmp_path, method):
     """Each rank's file == what that rank's load-time quantization holds, tensor for tensor."""
     from worker.distributed import ParallelState, reset_parallel_state, set_parallel_state

@@ -5,9 +5,11 @@ checkpoint tensor or a lazy safetensors slice of it (anything supporting `get_sh
 and slicing); the loader reads only this rank's part and checks the full shape first.
 Weights are [out_features, in_features] as in torch.nn.Linear.
 
-Weight-only quantization (`quantize_model`, after the weights are loaded): the tensor-parallel
-layers (column, QKV, row) replace their weight with this rank's int8 (per output channel) or int4
-(per group of inputs) copy and multiply through native/ops (the extension, or its torch twin).
+Quantization (`quantize_model`, after the weights are loaded): the tensor-parallel layers (column,
+QKV, row) replace their weight with this rank's int8 (per output channel) or int4 (per group of
+inputs) copy and multiply through native/ops (the extension, or its torch twin). int8 and int4 are
+weight-only; "w8a8" stores the int8 weights of "int8" and also quantizes each token's activations
+to int8 at run time (per-row scale), multiplying in int32 (ops.w8a8_linear).
 Embeddings, the LM head and ReplicatedLinear stay in the load dtype. A partition made with
 `--quantize` stores those tensors per rank (`quantize_weight`, the same function); the worker gives
 the layers their quantized structure (`prepare_quantized`) and loads them by name.
@@ -27,7 +29,7 @@ from worker.distributed import divide, tp_all_gather_last_dim, tp_all_reduce, tp
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_METHODS = ("int8", "int4")
+QUANTIZE_METHODS = ("int8", "int4", "w8a8")
 INT4_GROUP_SIZES = (128, 64, 32)  # the first that divides in_features is used
 
 
@@ -38,12 +40,12 @@ def quantize_weight(w: torch.Tensor, method: str, group: int = 0) -> tuple[dict[
     """This rank's weight [out, in] -> ({qweight, scales, zeros}, int4 group size or 0); None when
     int4 has no group size for the shape. On the meta device it gives the shapes and dtypes only.
 
-    int8: qweight [out, in] int8, scales [out] fp32. int4: qweight [out, in/2] uint8 (packed),
+    int8 and w8a8: qweight [out, in] int8, scales [out] fp32. int4: qweight [out, in/2] uint8 (packed),
     scales and zeros [out, in/group] fp32 (zeros may be None: symmetric, 8); group = `group`, else the
     first of INT4_GROUP_SIZES dividing `in` (so group = in / scales.shape[1], derivable from shapes)."""
     if method not in QUANTIZE_METHODS:
         raise ValueError(f"quantize={method!r}: expected one of {', '.join(QUANTIZE_METHODS)}")
-    if method == "int8":
+    if method in ("int8", "w8a8"):
         qw, scales = ops.quantize_int8(w)
         return {"qweight": qw.contiguous(), "scales": scales.contiguous(), "zeros": None}, 0
     group = group or next((g for g in INT4_GROUP_SIZES if w.shape[1] % g == 0), 0)
@@ -58,7 +60,7 @@ class QuantizableLinear(nn.Module):
     """`_matmul(x, bias)` = x @ W.T (+ bias) with W full precision, int8 or int4 (after quantize_
     or prepare_quantized). Quantized, the layer holds buffers qweight/scales/zeros instead of `weight`."""
 
-    quant: str | None = None  # None | "int8" | "int4"
+    quant: str | None = None  # None | "int8" | "int4" | "w8a8"
     group_size: int = 0  # int4 only
 
     def quantize_(self, method: str) -> bool:
@@ -98,6 +100,8 @@ class QuantizableLinear(nn.Module):
             return F.linear(x, self.weight, bias)
         if self.quant == "int8":
             return ops.int8_linear(x, self.qweight, self.scales, bias)
+        if self.quant == "w8a8":
+            return ops.w8a8_linear(x, self.qweight, self.scales, bias)
         return ops.int4_linear(x, self.qweight, self.scales, self.zeros, bias, self.group_size)
 
 
