@@ -53,7 +53,7 @@ _DTYPES = {
     "fp16": "fp16", "float16": "fp16",
     "bf16": "bf16", "bfloat16": "bf16",
 }  # fmt: skip
-_QUANTIZE = {"int8": "int8", "int4": "int4", "w8a8": "w8a8", "none": None}
+_QUANTIZE = {"int8": "int8", "int4": "int4", "none": None, "w8a8": "w8a8"}
 # LMI rolling-batch backends: all mean "continuous batching", which is what shardserve always does.
 _ROLLING_ON = ("auto", "true", "vllm", "lmi-dist", "trtllm", "tensorrtllm", "deepspeed", "scheduler")
 _ROLLING_OFF = ("disable", "false")
