@@ -130,6 +130,30 @@ SS_TARGET_AVX2 void dot_tile_avx2(const int16_t* xq, int64_t Ip, const int8_t* w
     }
 }
 
+// One token, one row: a single sequential weight stream (batch-1 decode is bound by that read),
+// two accumulators over alternating 16-wide steps.
+SS_TARGET_AVX2 int32_t dot_row_avx2(const int16_t* xq, const int8_t* w, int64_t I) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 32 <= I; i += 32) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 16)));
+    a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i)), w0));
+    a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i + 16)), w1));
+  }
+  for (; i + 16 <= I; i += 16) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
+    a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i)), w0));
+  }
+  a0 = _mm256_add_epi32(a0, a1);
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a0), _mm256_extracti128_si256(a0, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  int32_t v = _mm_cvtsi128_si32(s);
+  for (; i < I; ++i) v += static_cast<int32_t>(xq[i]) * w[i];
+  return v;
+}
+
 SS_INLINE void dot_generic(const int16_t* xq, int64_t Ip, const int8_t* w, int64_t I, int64_t rows,
                            int64_t nt, int32_t* acc) {
   for (int64_t r = 0; r < rows; ++r)
@@ -145,10 +169,11 @@ SS_INLINE void dot_generic(const int16_t* xq, int64_t Ip, const int8_t* w, int64
 // rows (<= 4) x nt (<= kTileTokens) dot products: acc[r * nt + t].
 SS_TARGET_AVX2 void dot_avx2(const int16_t* xq, int64_t Ip, const int8_t* w, int64_t I, int64_t rows,
                              int64_t nt, int32_t* acc) {
-  if (rows == 4 && nt <= 2) {  // few tokens: more rows per pass keeps the weight stream busy
-    if (nt == 1) return dot_tile_avx2<4, 1>(xq, Ip, w, I, acc);
-    return dot_tile_avx2<4, 2>(xq, Ip, w, I, acc);
+  if (nt == 1) {
+    for (int64_t r = 0; r < rows; ++r) acc[r] = dot_row_avx2(xq, w + r * I, I);
+    return;
   }
+  if (rows == 4 && nt == 2) return dot_tile_avx2<4, 2>(xq, Ip, w, I, acc);
   if (rows >= 2 && rows % 2 == 0) {
     int32_t tmp[2 * kTileTokens];
     for (int64_t r0 = 0; r0 < rows; r0 += 2) {
