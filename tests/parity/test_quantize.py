@@ -69,3 +69,36 @@ def test_unknown_method_is_refused(tmp_path):
     layer = RowParallelLinear(64, 32)
     with pytest.raises(ValueError, match="int8, int4"):
         layer.quantize_("fp8")
+
+
+def test_int4_quantizes_every_shape_with_a_padded_last_group(tmp_path):
+    """hidden 200 (q/k/v, gate/up, o_proj: 200 inputs, which no int4 group size divides) is int4
+    too, its last group padded with zero weights: the int4 engine's logits are those of the fp32
+    engine whose weights are the dequantized int4 ones (within 1e-4 of their range: summation
+    order), the same greedy tokens, and fewer bytes than int8."""
+    from transformers import LlamaConfig
+
+    from native import reference
+    from worker.layers.linear import QuantizableLinear, quantize_weight
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=200, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    path = make_random_model(cfg, tmp_path / "llama200")
+    int4 = build_engine(EngineConfig(model_dir=path, max_model_len=64, quantize="int4"))
+    layers = [m for m in int4.model.modules() if isinstance(m, QuantizableLinear)]
+    assert len(layers) == 2 * 4 and all(m.quant == "int4" for m in layers)
+    assert {m.group_size for m in layers} == {32}  # 200 -> 224 (pads 24); 96 = 3 x 32
+    ref = build_engine(EngineConfig(model_dir=path, max_model_len=64))
+    for m in ref.model.modules():
+        if isinstance(m, QuantizableLinear):
+            t, group = quantize_weight(m.weight.data, "int4")
+            deq = reference.int4_dequantize(t["qweight"], t["scales"], t["zeros"], group)
+            m.weight.data.copy_(deq[:, : m.weight.shape[1]])
+    want_tokens, want_logits = run_engine(ref, PROMPTS, FIRST)
+    tokens, logits = run_engine(int4, PROMPTS, FIRST)
+    assert tokens == want_tokens and any(len(set(t)) > 2 for t in tokens)
+    for a, b in zip(want_logits, logits):
+        assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
+    int8 = build_engine(EngineConfig(model_dir=path, max_model_len=64, quantize="int8"))
+    assert int4.param_bytes < int8.param_bytes

@@ -23,7 +23,7 @@ NEW_TOKENS = 8
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """hidden 96: int4 groups of 32 (q/k/v, gate/up), 128 (down); at tp=2 o_proj has 48 inputs per rank,
-    which no int4 group size divides, so that layer stays unquantized in the rank files."""
+    which no int4 group size divides: its last group of 64 is padded with 16 zero weights."""
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
@@ -82,7 +82,9 @@ def test_tp2_rank_files_hold_the_load_time_quantization(llama_dir, tmp_path, met
             for name in f.keys():
                 assert torch.equal(f.get_tensor(name), want[name]), name
         o_proj = "model.layers.0.self_attn.o_proj"
-        assert (f"{o_proj}.weight" in want) == (method == "int4")  # 48 inputs per rank: no int4 group
+        assert f"{o_proj}.weight" not in want  # 48 inputs per rank: int4 pads the last group
+        if method == "int4":
+            assert tuple(want[f"{o_proj}.qweight"].shape) == (96, 32) and tuple(want[f"{o_proj}.scales"].shape) == (96, 1)
     # the partitioner processes' command line (python -m worker.partition_rank) writes the same file
     from worker.partition_rank import main
 

@@ -178,6 +178,30 @@ def test_w8a8_rows_are_batch_invariant(nat):
         assert torch.equal(nat.w8a8_linear(x[t : t + 1], qw, scales, None), whole[t : t + 1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 5, 8, 70])
+@pytest.mark.parametrize("in_features,group_size", [(200, 32), (200, 128), (48, 64), (1000, 128), (20, 32)])
+def test_int4_linear_padded_last_group(nat, dtype, tokens, in_features, group_size):
+    """in_features not a multiple of the group (nor of 32): the last group is padded with zero
+    weights, and the result equals x . W^T with W the dequantized unpadded weight."""
+    g = torch.Generator().manual_seed(12)
+    w, bias = rand(37, in_features, gen=g), rand(37, gen=g)
+    packed, scales, zeros = reference.quantize_int4(w, group_size)
+    padded = -(-in_features // group_size) * group_size
+    assert packed.shape == (37, padded // 2) and scales.shape == (37, padded // group_size)
+    deq = reference.int4_dequantize(packed, scales, zeros, group_size)
+    assert torch.equal(deq[:, in_features:], torch.zeros(37, padded - in_features))  # padding is exactly 0
+    x = rand(tokens, in_features, dtype=dtype, gen=g)
+    want = reference.int4_linear(x, packed, scales, zeros, bias, group_size)
+    assert_close(want, (torch.nn.functional.linear(x.float(), deq[:, :in_features]) + bias).to(dtype), dtype)
+    assert_close(nat.int4_linear(x, packed, scales, zeros, bias, group_size), want, dtype)
+    assert_close(nat.int4_linear(x, packed, scales, None, None, group_size),
+                 reference.int4_linear(x, packed, scales, None, None, group_size), dtype)
+    wide = rand(tokens, padded + 1, dtype=dtype, gen=g)  # wider than the packed weights
+    with pytest.raises(RuntimeError, match="in_features"):
+        nat.int4_linear(wide, packed, scales, zeros, bias, group_size)
+
+
 def test_sampling_matches_reference_exactly(nat):
     g = torch.Generator().manual_seed(6)
     B, V = 96, 3000

@@ -211,12 +211,16 @@ at::Tensor int4_linear_op(const at::Tensor& x_in, const at::Tensor& packed_in,
   check_cpu(x_in, "x");
   TORCH_CHECK(packed_in.scalar_type() == at::kByte && packed_in.dim() == 2,
               "packed must be uint8 [out, in/2]");
-  const int64_t O = packed_in.size(0), I = packed_in.size(1) * 2;
-  TORCH_CHECK(x_in.size(-1) == I, "x last dim must equal in_features");
+  // I: the packed width (in_features rounded up to the group); the last group's padded inputs are
+  // zeros here, so its padded weights contribute nothing.
+  const int64_t O = packed_in.size(0), I = packed_in.size(1) * 2, In = x_in.size(-1);
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && I % group_size == 0,
-              "group_size must be a multiple of 32 dividing in_features");
+              "group_size must be a multiple of 32 dividing the packed width");
+  TORCH_CHECK(In <= I && In > I - group_size, "x last dim must be in_features (packed: ", I, ")");
   const int64_t G = I / group_size;
-  auto x = as(x_in.reshape({-1, I}), at::kFloat).contiguous();
+  auto x = as(x_in.reshape({-1, In}), at::kFloat);
+  if (In < I) x = at::constant_pad_nd(x, {0, I - In});
+  x = x.contiguous();
   auto packed = packed_in.contiguous();
   auto s = as(s_in, at::kFloat).contiguous();
   TORCH_CHECK(s.numel() == O * G, "scales must be [out, in/group_size]");

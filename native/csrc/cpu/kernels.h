@@ -43,6 +43,8 @@ void int8_linear(const float* x, const int8_t* qw, const float* scales, const fl
 // y[T,O] = x . W^T + bias, W[o,i] = (q[o,i] - zero[o,g]) * scale[o,g], g = i / group_size.
 // packed[O, I/2]: in every run of 32 weights, byte j holds weight j (low nibble) and j+16 (high).
 // scales, zeros: [O, I/group_size] fp32; zeros null means 8 (symmetric). group_size % 32 == 0.
+// I is the packed width: a layer whose in_features the group does not divide is padded (weights
+// and, in bindings.cpp, the inputs with zeros) to the next multiple of the group.
 void int4_linear(const float* x, const uint8_t* packed, const float* scales, const float* zeros,
                  const float* bias, float* y, int64_t T, int64_t O, int64_t I, int64_t group_size);
 

@@ -220,10 +220,12 @@ at::Tensor int4_linear_op(const at::Tensor& x_in, const at::Tensor& packed_in,
   c10::cuda::CUDAGuard guard(x_in.device());
   TORCH_CHECK(packed_in.scalar_type() == at::kByte && packed_in.dim() == 2,
               "packed must be uint8 [out, in/2]");
-  const int64_t O = packed_in.size(0), I = packed_in.size(1) * 2;
-  TORCH_CHECK(x_in.size(-1) == I, "x last dim must equal in_features");
+  // I: the packed width (in_features rounded up to the group); x is padded with zeros to it, so
+  // the last group's padded weights contribute nothing.
+  const int64_t O = packed_in.size(0), I = packed_in.size(1) * 2, In = x_in.size(-1);
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && I % group_size == 0,
-              "group_size must be a multiple of 32 dividing in_features");
+              "group_size must be a multiple of 32 dividing the packed width");
+  TORCH_CHECK(In <= I && In > I - group_size, "x last dim must be in_features (packed: ", I, ")");
   const int64_t G = I / group_size;
   auto packed = packed_in.contiguous();
   auto s = s_in.to(x_in.device(), at::kFloat).contiguous();
@@ -235,7 +237,8 @@ at::Tensor int4_linear_op(const at::Tensor& x_in, const at::Tensor& packed_in,
   }
   if (b_in.has_value()) bias = b_in->to(x_in.device(), at::kFloat).contiguous();
   const float* zp = z.defined() ? z.data_ptr<float>() : nullptr;
-  auto x2 = x_in.reshape({-1, I});
+  auto x2 = x_in.reshape({-1, In});
+  if (In < I) x2 = at::constant_pad_nd(x2, {0, I - In});
   const int64_t T = x2.size(0);
   if (T > kMaxGemvTokens) {
     auto w = at::empty({O, I}, x2.options());
