@@ -1,4 +1,4 @@
-"""Pure decode speed against the memory floor: our engine (in-process) at fp32 / bf16 / int8 / int4,
+"""Pure decode speed against the memory floor: our engine (in-process) at fp32 / bf16 / int8 / int4 / w8a8,
 CTranslate2 float32 / int8 and transformers fp32 on the same ~300M-parameter Llama, side by side.
 
     python -m bench.decode [--threads 2] [--tokens 64] [--batches 1,8] [--out bench/results/cpu-decode.json]
@@ -373,7 +373,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="llama-300m", choices=["llama-300m", "demo"])
     p.add_argument("--model-dir", default="", help="any Llama-family HF folder instead of --model")
     p.add_argument("--variants", default="fp32,int8,ct2-int8,int4,ct2-float32,bf16,hf",
-                   help="any of fp32,bf16,int8,int4 (ours), ct2-float32, ct2-int8, hf")
+                   help="any of fp32,bf16,int8,int4,w8a8 (ours), ct2-float32, ct2-int8, hf")
     p.add_argument("--wait-quiet", type=float, default=0.0,
                    help="before each variant, wait up to this many seconds for other CPU load to drop under 25%%")
     p.add_argument("--sampled", action="store_true",
@@ -457,7 +457,8 @@ def main(argv=None) -> int:
     print(HEADER, flush=True)
     rows: list[dict] = []
     prof = None
-    ours = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("fp32", "int8"), "int4": ("fp32", "int4")}
+    ours = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("fp32", "int8"), "int4": ("fp32", "int4"),
+            "w8a8": ("fp32", "w8a8")}
     for v in args.variants:
         if args.wait_quiet:
             wait_quiet(args.wait_quiet)

@@ -1,9 +1,10 @@
-"""Quality of weight-only quantization: train a small Llama on the OS licence texts, then report
-held-out perplexity at fp32, bf16, int8 and int4, and top-1 agreement with fp32.
+"""Quality of quantization: train a small Llama on the OS licence texts, then report held-out
+perplexity at fp32, bf16, int8, int4 (weight-only) and w8a8 (int8 weights and per-token int8
+activations), and top-1 agreement with fp32.
 
     python bench/quality.py [--steps 600] [--out bench/results/quality.json]
 
-The int8/int4 rows swap every attention/MLP nn.Linear for worker.layers.linear.QuantizableLinear
+The int8/int4/w8a8 rows swap every attention/MLP nn.Linear for worker.layers.linear.QuantizableLinear
 (the code `--quantize` runs in the worker, through native/ops: the extension when built, else
 torch); embeddings and the LM head stay fp32, as in the worker. bf16 casts the whole model.
 Data: controller/acquire/demo_model.py's corpus and tokenizer; lines shuffled with a fixed seed, 10% held
@@ -149,13 +150,13 @@ def main(argv=None) -> int:
 
     rows = []
     ref_ppl, ref_pred = evaluate(model, eval_wins)
-    variants = [("fp32", model), ("bf16", None), ("int8", None), ("int4", None)]
+    variants = [("fp32", model), ("bf16", None), ("int8", None), ("int4", None), ("w8a8", None)]
     for name, m in variants:
         if name == "bf16":
             import copy
 
             m = copy.deepcopy(model).to(torch.bfloat16)
-        elif name in ("int8", "int4"):
+        elif name in ("int8", "int4", "w8a8"):
             m = quantized_copy(model, name)
         ppl, pred = (ref_ppl, ref_pred) if name == "fp32" else evaluate(m, eval_wins)
         rows.append({"weights": name, "held_out_ppl": round(ppl, 3),

@@ -2,7 +2,9 @@
 
 CPU extension: native/csrc/cpu/*.cpp, compiled for a plain x86-64 baseline with -O3 and OpenMP;
 AVX2 / AVX-512 code paths are chosen at run time from the CPU's flags, so the build is portable
-(no -march=native). CUDA extension: native/cuda/*.cu + bindings.cpp, only when torch has CUDA.
+(no -march=native). CUDA extension: native/csrc/cuda/*.cu + bindings.cpp, only when torch has CUDA. Both
+register implementations of the one operator namespace torch.ops.shardserve, whose schemas the CPU
+library defines (native/csrc/include/op_schemas.h), so the CUDA library needs the CPU one loaded.
 
 Never fails the install: any error prints a warning and exits 0, and ops.py then runs the plain
 torch path. A stamp (BUILD_INFO.json) records the source hash and torch version; an unchanged tree
@@ -22,7 +24,7 @@ from pathlib import Path
 NATIVE_DIR = Path(__file__).resolve().parent
 BUILD_DIR = NATIVE_DIR / "_build"
 CPU_SRC = NATIVE_DIR / "csrc" / "cpu"
-CUDA_SRC = NATIVE_DIR / "cuda"
+CUDA_SRC = NATIVE_DIR / "csrc" / "cuda"
 CPU_NAME = "shardserve_native_cpu"
 CUDA_NAME = "shardserve_native_cuda"
 # Baseline flags only: the kernels pick AVX2 / AVX-512 at run time (see csrc/cpu/isa.cpp).
@@ -31,7 +33,7 @@ CPU_LDFLAGS = ["-fopenmp"]
 CUDA_CFLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
 
-SHARED_INCLUDE = Path(__file__).resolve().parent / "include"  # headers both backends include
+SHARED_INCLUDE = NATIVE_DIR / "csrc" / "include"  # the operator schemas (both stamps hash it)
 
 
 def cpu_sources() -> list[Path]:
@@ -90,7 +92,7 @@ def _build(kind: str, verbose: bool) -> float:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp_path(kind).unlink(missing_ok=True)
     # cpp_extension waits forever on a lock file left by a build that was killed; we are the only
-    # builder of this folder (make native / gpu_check), so a lock here is stale.
+    # builder of this folder (make native / bench/gpu/native_check.py), so a lock here is stale.
     (out_dir / "lock").unlink(missing_ok=True)
     os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
     t0 = time.perf_counter()

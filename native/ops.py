@@ -7,6 +7,11 @@ small inputs against its reference (self-check). Any failure logs a warning and 
 path; it never raises. KERNEL_PATH says what CPU tensors get ("native" or "torch"); for other
 devices ask kernel_path(device) (the CUDA library is tried on first use). SHARDSERVE_NATIVE=0
 forces the torch path everywhere.
+
+The kernels are one operator namespace, torch.ops.shardserve: the CPU library defines the schemas
+and the CPU implementations, the CUDA library adds CUDA implementations, and torch dispatches by the
+tensors' device. Whether a device type runs them (or the torch path) is still chosen per device
+type: each calls `_native(tensor)` before the op.
 """
 
 from __future__ import annotations
@@ -23,12 +28,12 @@ from native import reference
 
 log = logging.getLogger("shardserve.native")
 
-_LIB_NAMESPACE = {"cpu": "shardserve_cpu", "cuda": "shardserve_cuda"}
+NATIVE_DEVICE_TYPES = ("cpu", "cuda")  # device types with a library (native/build.py)
 
 
 @dataclass(frozen=True)
 class Backend:
-    """What one device type runs: `ops` is the torch.ops namespace, or None for the torch path."""
+    """What one device type runs: `ops` is torch.ops.shardserve, or None for the torch path."""
 
     device_type: str
     ops: object | None
@@ -43,22 +48,33 @@ _backends: dict[str, Backend] = {}
 _lock = threading.Lock()
 
 
-def _library_ops(device_type: str):
-    """Loads the built library for `device_type`; returns its ops namespace or raises."""
+_loaded: set[str] = set()
+
+
+def _load(device_type: str) -> None:
+    """Loads the built library of `device_type` once (the CPU one first: it defines the schemas)."""
     from native import build
 
-    if not build.is_current(device_type):
-        where = build.library_path(device_type)
-        state = "stale" if where.exists() else "not built"
-        raise RuntimeError(f"{device_type} extension {state} ({where}); run `make native`")
-    torch.ops.load_library(str(build.library_path(device_type)))
-    return getattr(torch.ops, _LIB_NAMESPACE[device_type])
+    for kind in ("cpu", device_type) if device_type != "cpu" else ("cpu",):
+        if not build.is_current(kind):
+            where = build.library_path(kind)
+            state = "stale" if where.exists() else "not built"
+            raise RuntimeError(f"{kind} extension {state} ({where}); run `make native`")
+        if kind not in _loaded:
+            torch.ops.load_library(str(build.library_path(kind)))
+            _loaded.add(kind)
+
+
+def _library_ops(device_type: str):
+    """torch.ops.shardserve with the library of `device_type` loaded (no self-check); raises."""
+    _load(device_type)
+    return torch.ops.shardserve
 
 
 def _resolve(device_type: str) -> Backend:
     if os.environ.get("SHARDSERVE_NATIVE", "1").lower() in {"0", "off", "false", "no"}:
         return Backend(device_type, None, "disabled by SHARDSERVE_NATIVE")
-    if device_type not in _LIB_NAMESPACE:
+    if device_type not in NATIVE_DEVICE_TYPES:
         return Backend(device_type, None, "no native kernels for this device type")
     try:
         ns = _library_ops(device_type)
@@ -106,8 +122,12 @@ def _force(device_type: str, chosen: Backend) -> None:
         _backends[device_type] = chosen
 
 
-def _ops_for(t: torch.Tensor):
-    return backend(t.device).ops
+def _native(t: torch.Tensor) -> bool:
+    """Whether the op on `t` runs torch.ops.shardserve (torch dispatches it to t's device)."""
+    return backend(t.device).ops is not None
+
+
+_lib = torch.ops.shardserve  # resolved lazily: the ops exist once a library is loaded
 
 
 # ---------------------------------------------------------------- kernels
@@ -122,12 +142,11 @@ def paged_attention_decode(
     scale: float,
     alibi_slopes: torch.Tensor | None = None,  # [H]
 ) -> torch.Tensor:  # [B, H, D]
-    ops = _ops_for(q)
-    if ops is None:
+    if not _native(q):
         return reference.paged_attention_decode(
             q, k_cache, v_cache, block_tables, context_lens, scale, alibi_slopes
         )
-    return ops.paged_attention_decode(
+    return _lib.paged_attention_decode(
         q, k_cache, v_cache, block_tables, context_lens, float(scale), alibi_slopes
     )
 
@@ -136,10 +155,9 @@ def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, residual_out): residual_out = x + residual (or x), out = rmsnorm(residual_out) * w."""
-    ops = _ops_for(x)
-    if ops is None:
+    if not _native(x):
         return reference.fused_add_rms_norm(x, residual, weight, eps)
-    return ops.fused_add_rms_norm(x, residual, weight, float(eps))
+    return _lib.fused_add_rms_norm(x, residual, weight, float(eps))
 
 
 def fused_add_layer_norm(
@@ -149,10 +167,9 @@ def fused_add_layer_norm(
     bias: torch.Tensor | None,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    ops = _ops_for(x)
-    if ops is None:
+    if not _native(x):
         return reference.fused_add_layer_norm(x, residual, weight, bias, eps)
-    return ops.fused_add_layer_norm(x, residual, weight, bias, float(eps))
+    return _lib.fused_add_layer_norm(x, residual, weight, bias, float(eps))
 
 
 def rotary_cache_write(
@@ -167,12 +184,11 @@ def rotary_cache_write(
     is_neox: bool,
     rot_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (q_rot, k_rot)
-    ops = _ops_for(q)
-    if ops is None or k_cache.dtype != q.dtype or not k_cache.is_contiguous():
+    if not _native(q) or k_cache.dtype != q.dtype or not k_cache.is_contiguous():
         return reference.rotary_cache_write(
             q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, is_neox, rot_dim
         )
-    return ops.rotary_cache_write(
+    return _lib.rotary_cache_write(
         q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, bool(is_neox), int(rot_dim)
     )
 
@@ -187,10 +203,36 @@ def int8_linear(
     scales: torch.Tensor,  # [out] fp32
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [..., out]
-    ops = _ops_for(x)
-    if ops is None:
+    if not _native(x):
         return reference.int8_linear(x, qw, scales, bias)
-    return ops.int8_linear(x, qw, scales, bias)
+    return _lib.int8_linear(x, qw, scales, bias)
+
+
+def w8a8_linear(
+    x: torch.Tensor,  # [..., in]
+    qw: torch.Tensor,  # [out, in] int8 (quantize_int8)
+    scales: torch.Tensor,  # [out] fp32
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:  # [..., out]
+    """int8 weights x int8 activations quantized per token at run time, int32 accumulation (see
+    reference.w8a8_linear). CPU kernel only so far: on other devices the torch twin runs."""
+    if not _native(x) or x.device.type != "cpu":
+        return reference.w8a8_linear(x, qw, scales, bias)
+    return _lib.w8a8_linear(x, qw, scales, bias)
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, in] -> (int8 codes, per-row fp32 scales), as w8a8_linear quantizes its input."""
+    if not _native(x) or x.device.type != "cpu":
+        return reference.quantize_rows_int8(x)
+    return _lib.quantize_rows_int8(x)
+
+
+def int8_gemm(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """[T, in] int8 . [out, in]^T int8 -> [T, out] int32 (exact)."""
+    if not _native(qx) or qx.device.type != "cpu":
+        return reference.int8_gemm(qx, qw)
+    return _lib.int8_gemm(qx, qw)
 
 
 def int4_linear(
@@ -201,10 +243,9 @@ def int4_linear(
     bias: torch.Tensor | None = None,
     group_size: int = 128,
 ) -> torch.Tensor:  # [..., out]
-    ops = _ops_for(x)
-    if ops is None:
+    if not _native(x):
         return reference.int4_linear(x, packed, scales, zeros, bias, group_size)
-    return ops.int4_linear(x, packed, scales, zeros, bias, int(group_size))
+    return _lib.int4_linear(x, packed, scales, zeros, bias, int(group_size))
 
 
 def _row_param(values, batch: int, dtype: torch.dtype) -> torch.Tensor:
@@ -229,11 +270,10 @@ def sample_top_k_top_p(
     temperature = _row_param(temperature, batch, torch.float32)
     top_k = _row_param(top_k, batch, torch.int64)
     top_p = _row_param(top_p, batch, torch.float32)
-    ops = _ops_for(logits)
-    if ops is None:
+    if not _native(logits):
         return reference.sample_with_uniforms(logits, temperature, top_k, top_p, uniforms)
     dev = logits.device
-    return ops.sample_top_k_top_p(logits, temperature.to(dev), top_k.to(dev), top_p.to(dev), uniforms.to(dev))
+    return _lib.sample_top_k_top_p(logits, temperature.to(dev), top_k.to(dev), top_p.to(dev), uniforms.to(dev))
 
 
 KERNEL_PATH: str = kernel_path("cpu")

@@ -122,25 +122,66 @@ def int8_linear(
     return y.to(x.dtype)
 
 
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-row int8 (the w8a8 activations): x [T, in] ~= q * scales[:, None].
+
+    scales = max(amax(|x|) / 127, 1e-12), q = round-half-even(x / scales) clamped to [-127, 127],
+    all in fp32 with true division (the native kernel computes the same codes bit for bit)."""
+    xf = x.float()
+    scales = (xf.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)
+    q = torch.round(xf / scales[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def int8_gemm(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """[T, in] int8 . [out, in]^T int8 -> [T, out] int32, exact (float64 holds every partial sum
+    while in * 127 * 127 < 2**53)."""
+    return (qx.double() @ qw.double().T).to(torch.int32)
+
+
+def w8a8_linear(
+    x: torch.Tensor,  # [..., in]
+    qw: torch.Tensor,  # [out, in] int8 (quantize_int8)
+    scales: torch.Tensor,  # [out] fp32
+    bias: torch.Tensor | None = None,  # [out]
+) -> torch.Tensor:  # [..., out], x's dtype
+    """Activations quantized per token at run time (quantize_rows_int8), int32 accumulation, then
+    y = (float(acc) * x_scale[t]) * scales[o] (+ bias), rounded in that order."""
+    in_f = qw.shape[1]
+    qx, xs = quantize_rows_int8(x.reshape(-1, in_f))
+    y = int8_gemm(qx, qw).float() * xs[:, None] * scales.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], qw.shape[0])
+
+
 def quantize_int4(
     w: torch.Tensor, group_size: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Asymmetric group-wise int4: w ~= (q - zeros) * scales per group of `group_size` inputs.
 
-    Returns packed uint8 [out, in/2] (in each run of 32 weights, byte j holds weight j in its low
+    Returns packed uint8 [out, in_p/2] (in each run of 32 weights, byte j holds weight j in its low
     nibble and weight j+16 in its high nibble: the layout the CPU kernel unpacks fastest), and
-    scales, zeros fp32 [out, in/group_size].
+    scales, zeros fp32 [out, in_p/group_size], where in_p = in rounded up to a multiple of the group:
+    an `in` the group does not divide gets its last group padded with zero weights (quantized to
+    exactly their zero point, so they dequantize to 0; the linear layers also multiply them by zero
+    inputs), so every shape quantizes. group_size = in_p / scales.shape[1] = 2 * packed.shape[1] /
+    scales.shape[1].
     """
     out_f, in_f = w.shape
-    if group_size % 32 or in_f % group_size:
-        raise ValueError(f"group_size {group_size} must be a multiple of 32 dividing {in_f}")
-    g = w.float().reshape(out_f, in_f // group_size, group_size)
+    if group_size <= 0 or group_size % 32:
+        raise ValueError(f"group_size {group_size} must be a positive multiple of 32")
+    in_p = -(-in_f // group_size) * group_size
+    wf = w.float()
+    if in_p != in_f:
+        wf = torch.nn.functional.pad(wf, (0, in_p - in_f))
+    g = wf.reshape(out_f, in_p // group_size, group_size)
     lo = g.amin(dim=-1).clamp(max=0.0)
     hi = g.amax(dim=-1).clamp(min=0.0)
     scales = ((hi - lo) / 15.0).clamp(min=1e-12)
     zeros = torch.round(-lo / scales).clamp(0, 15)
     q = torch.round(g / scales[..., None] + zeros[..., None]).clamp(0, 15).to(torch.uint8)
-    return pack_int4(q.reshape(out_f, in_f)), scales, zeros
+    return pack_int4(q.reshape(out_f, in_p)), scales, zeros
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -160,7 +201,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 def int4_dequantize(
     packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
-    """[out, in] fp32 weight; zeros None means 8 (symmetric)."""
+    """[out, in_p] fp32 weight (in_p = 2 * packed.shape[1], padding included); zeros None means 8."""
     q = unpack_int4(packed).float()
     out_f, in_f = q.shape
     z = torch.full_like(scales, 8.0) if zeros is None else zeros.float()
@@ -170,13 +211,17 @@ def int4_dequantize(
 
 def int4_linear(
     x: torch.Tensor,  # [..., in]
-    packed: torch.Tensor,  # [out, in/2] uint8
-    scales: torch.Tensor,  # [out, in/group_size]
-    zeros: torch.Tensor | None,  # [out, in/group_size] or None (= 8)
+    packed: torch.Tensor,  # [out, in_p/2] uint8; in_p = in rounded up to the group size
+    scales: torch.Tensor,  # [out, in_p/group_size]
+    zeros: torch.Tensor | None,  # [out, in_p/group_size] or None (= 8)
     bias: torch.Tensor | None = None,
     group_size: int = 128,
 ) -> torch.Tensor:  # [..., out], x's dtype
-    w = int4_dequantize(packed, scales, zeros, group_size)
+    """y = x . W[:, :in]^T (+ bias): the padded tail of the last group meets no input."""
+    in_f, in_p = x.shape[-1], packed.shape[1] * 2
+    if not (in_p - group_size < in_f <= in_p):
+        raise ValueError(f"x has {in_f} features; packed weights hold {in_p} (group {group_size})")
+    w = int4_dequantize(packed, scales, zeros, group_size)[:, :in_f]
     y = torch.nn.functional.linear(x.float(), w)
     if bias is not None:
         y = y + bias.float()

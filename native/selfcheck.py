@@ -62,11 +62,27 @@ def self_check(ops, device: torch.device) -> None:
     x = rnd(2, 64)
     qw, s = reference.quantize_int8(w)
     _close("int8_linear", ops.int8_linear(x, qw, s, None), reference.int8_linear(x, qw, s), 1e-3)
+    if device.type == "cpu":  # w8a8 has a CPU kernel only: exact integer codes and accumulators
+        x5 = rnd(3, 70)
+        w5 = rnd(9, 70)
+        qw5, s5 = reference.quantize_int8(w5)
+        for got, want in zip(ops.quantize_rows_int8(x5), reference.quantize_rows_int8(x5), strict=True):
+            _close("quantize_rows_int8", got, want, 0.0)
+        qx5 = reference.quantize_rows_int8(x5)[0]
+        _close("int8_gemm", ops.int8_gemm(qx5, qw5), reference.int8_gemm(qx5, qw5), 0.0)
+        _close("w8a8_linear", ops.w8a8_linear(x5, qw5, s5, None), reference.w8a8_linear(x5, qw5, s5), 1e-4)
     p, s4, z4 = reference.quantize_int4(w, 32)
     _close(
         "int4_linear",
         ops.int4_linear(x, p, s4, z4, None, 32),
         reference.int4_linear(x, p, s4, z4, None, 32),
+        1e-3,
+    )
+    p, s4, z4 = reference.quantize_int4(w[:, :40], 32)  # 40 inputs: the last group padded to 64
+    _close(
+        "int4_linear",
+        ops.int4_linear(x[:, :40], p, s4, z4, None, 32),
+        reference.int4_linear(x[:, :40], p, s4, z4, None, 32),
         1e-3,
     )
 

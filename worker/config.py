@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 DTYPES = ("fp32", "fp16", "bf16")
-QUANTIZE_METHODS = ("int8", "int4")
+QUANTIZE_METHODS = ("int8", "int4", "w8a8")
 
 
 class ConfigError(ValueError):
@@ -39,7 +39,7 @@ class WorkerConfig:
     max_batch_size: int = 32  # rows (sequences, beams) in one step
     max_batch_tokens: int = 2048  # tokens in one step (prefill chunks + decodes)
     max_model_len: int = 0  # 0 = the model config's max_position_embeddings
-    quantize: str | None = None  # None | "int8" | "int4": weight-only, tensor-parallel linear layers
+    quantize: str | None = None  # None | "int8" | "int4" (weight-only) | "w8a8" (int8 weights and per-token activations)
     # ---- the replica's layout -------------------------------------------------------------------
     tensor_parallel: int = 1  # ranks per pipeline stage
     pipeline_parallel: int = 1  # pipeline stages

@@ -159,7 +159,7 @@ def load_partition(model: nn.Module, rank_file: Path, quantize: str | None = Non
 
     `quantize`: the method the partition was made with (its manifest). A layer whose file holds
     `<layer>.qweight` first gets its quantized structure (QuantizableLinear.prepare_quantized, int4
-    group size = in_features / scales columns), then its buffers are filled like parameters.
+    group size = 2 * qweight columns / scales columns), then its buffers are filled like parameters.
 
     On CPU, with the file's dtype equal to the tensor's, the parameter becomes a view of the
     memory-mapped file (copy-on-write, pages read on first touch): no copy and no second resident
@@ -174,8 +174,8 @@ def load_partition(model: nn.Module, rank_file: Path, quantize: str | None = Non
                 continue
             if not quantize:
                 raise WeightLoadError(f"{rank_file}: {prefix} is stored quantized but the manifest says quantize=null")
-            in_features = int(m.weight.shape[1])
-            group = in_features // int(f.get_slice(f"{prefix}.scales").get_shape()[-1]) if quantize == "int4" else 0
+            packed_width = 2 * int(f.get_slice(f"{prefix}.qweight").get_shape()[-1])  # int4: padded to the group
+            group = packed_width // int(f.get_slice(f"{prefix}.scales").get_shape()[-1]) if quantize == "int4" else 0
             m.prepare_quantized(quantize, group, zeros=f"{prefix}.zeros" in names)
             buffers.update({f"{prefix}.{b}": (m, b) for b in QUANT_BUFFERS if getattr(m, b) is not None})
         params = dict(model.named_parameters())

@@ -6,10 +6,11 @@ loaders that serve runtime loading (each reads only this rank's slices), and wri
 parameter into a safetensors file as soon as it is complete: peak memory is a few parameters, never
 the model (303M-parameter Llama, 1.21 GB: +138 MB over the imports; bench/startup.py).
 
-`--quantize int8|int4`: each tensor-parallel linear layer's weight is quantized the moment its shards
+`--quantize int8|int4|w8a8`: each tensor-parallel linear layer's weight is quantized the moment its shards
 are complete, with the function load-time quantization uses, on this rank's own shard, and stored as
 `<layer>.qweight`, `<layer>.scales` (and `<layer>.zeros` for int4 when the method has zero points)
-instead of `<layer>.weight`; the int4 group size is in_features / scales.shape[1]. Served, the tokens
+instead of `<layer>.weight`; the int4 group size is 2 * qweight.shape[1] / scales.shape[1] (a layer
+whose in_features no group size divides has its last group padded with zero weights). Served, the tokens
 are those of `serve --quantize` on the checkpoint at the same layout.
 """
 
@@ -79,9 +80,8 @@ def quantized_specs(model: torch.nn.Module, method: str) -> dict[str, tuple[str,
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, QuantizableLinear) and isinstance(getattr(m, "weight", None), torch.Tensor):
-            got = quantize_weight(m.weight, method)  # meta in, meta out: shapes and dtypes only
-            if got is not None:
-                out[f"{name}.weight"] = (name, {k: t for k, t in got[0].items() if t is not None})
+            tensors, _ = quantize_weight(m.weight, method)  # meta in, meta out: shapes and dtypes only
+            out[f"{name}.weight"] = (name, {k: t for k, t in tensors.items() if t is not None})
     return out
 
 

@@ -5,7 +5,7 @@ The controller never slices tensors itself (nor imports torch or model code): it
 ranks in turn with the worker's own name mapping and sharding code, reading only its slices. Partitions are keyed by (source content hash, layout, dtype, quantize), so a second deploy of
 the same model and layout reuses the work.
 
-With `quantize` ("int8" | "int4") the rank files hold each tensor-parallel linear layer quantized on
+With `quantize` ("int8" | "int4" | "w8a8") the rank files hold each tensor-parallel linear layer quantized on
 that rank's shard (worker/partition_rank.py) and the manifest says `"quantize": "int8"`; `null` (and
 every manifest written before quantized partitions existed) means full precision in `dtype`.
 """
@@ -159,7 +159,7 @@ def register(sub) -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+    p.add_argument("--quantize", default=None, choices=["int8", "int4", "w8a8"],
                    help="store the tensor-parallel linear layers quantized (int8 per output channel, int4 per "
                         "group), on each rank's shard: served like serve --quantize on the checkpoint")
     p.add_argument("--processes", type=int, default=0,

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"": None, "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "bf16": "bf16",
           "bfloat16": "bf16"}
-QUANTIZE = {"": None, "none": None, "int8": "int8", "int4": "int4"}
+QUANTIZE = {"": None, "none": None, "int8": "int8", "int4": "int4", "w8a8": "w8a8"}
 
 
 def _admin_call(method):
@@ -50,7 +50,7 @@ def layout_from_proto(msg: apb.Layout, default_device: str) -> Layout:
                            f"field layout.dtype: {msg.dtype!r} is not one of fp32, fp16, bf16")
     if quantize not in QUANTIZE:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"field layout.quantize: {msg.quantize!r} is not one of int8, int4")
+                           f"field layout.quantize: {msg.quantize!r} is not one of int8, int4, w8a8")
     device = msg.device.strip().lower() or default_device
     if device != "cpu" and not device.startswith("cuda"):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"field layout.device: {msg.device!r} is not cpu or cuda")

@@ -191,7 +191,7 @@ def register(sub) -> None:
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     c.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
     c.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
-    c.add_argument("--quantize", default=None, choices=["int8", "int4"])
+    c.add_argument("--quantize", default=None, choices=["int8", "int4", "w8a8"])
     c.add_argument("--device", default=None, help="cpu or cuda (default: the server's)")
     c.add_argument("--replicas", type=int, default=1)
     c.add_argument("--no-wait", action="store_true", help="return at once; `describe` shows progress")

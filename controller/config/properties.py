@@ -53,7 +53,7 @@ _DTYPES = {
     "fp16": "fp16", "float16": "fp16",
     "bf16": "bf16", "bfloat16": "bf16",
 }  # fmt: skip
-_QUANTIZE = {"int8": "int8", "int4": "int4", "none": None}
+_QUANTIZE = {"int8": "int8", "int4": "int4", "none": None, "w8a8": "w8a8"}
 # LMI rolling-batch backends: all mean "continuous batching", which is what shardserve always does.
 _ROLLING_ON = ("auto", "true", "vllm", "lmi-dist", "trtllm", "tensorrtllm", "deepspeed", "scheduler")
 _ROLLING_OFF = ("disable", "false")
@@ -68,7 +68,7 @@ class ServingProperties:
     tensor_parallel_degree: int | Literal["max"] = 1  # "max": every visible device
     pipeline_parallel_degree: int = 1
     dtype: Literal["fp32", "fp16", "bf16"] | None = None  # None: the engine's default for the device
-    quantize: Literal["int8", "int4"] | None = None
+    quantize: Literal["int8", "int4", "w8a8"] | None = None
     rolling_batch: bool = True  # continuous batching requested; shardserve's engine always batches so
     max_rolling_batch_size: int = 256  # most sequences in one running batch
     max_input_len: int | None = None  # prompt tokens; None: the model's context length

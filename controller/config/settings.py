@@ -147,7 +147,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=8080, help="HTTP port: health, metrics, /ping, /invocations")
     p.add_argument("--cache-dir", default=None, help="downloads, partitions, the demo model")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu")
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+    p.add_argument("--quantize", default=None, choices=["int8", "int4", "w8a8"],
                    help="weight-only quantization of the linear layers (default: option.quantize, none)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--replicas", type=int, default=1)

@@ -1,4 +1,4 @@
-"""Partitions stored quantized (`shardserve partition --quantize int8|int4`): each rank file holds the
+"""Partitions stored quantized (`shardserve partition --quantize int8|int4|w8a8`): each rank file holds the
 tensors load-time quantization would make on that rank's shard, bit for bit, so served tokens and
 logits are those of `serve --quantize` on the checkpoint at the same layout."""
 
@@ -24,7 +24,7 @@ NEW_TOKENS = 8
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """hidden 96: int4 groups of 32 (q/k/v, gate/up), 128 (down); at tp=2 o_proj has 48 inputs per rank,
-    which no int4 group size divides, so that layer stays unquantized in the rank files."""
+    which no int4 group size divides: its last group of 64 is padded with 16 zero weights."""
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
@@ -33,7 +33,7 @@ def llama_dir(tmp_path_factory):
     return make_random_model(cfg, tmp_path_factory.mktemp("qpart") / "llama")
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("method", ["int8", "int4", "w8a8"])
 def test_tp1_partition_serves_the_load_time_tokens(llama_dir, tmp_path, method):
     m = partition(llama_dir, tmp_path / "p", tp=1, pp=1, processes=1, quantize=method)
     assert m["quantize"] == method and read_manifest(tmp_path / "p")["quantize"] == method
@@ -56,7 +56,7 @@ def test_tp1_partition_serves_the_load_time_tokens(llama_dir, tmp_path, method):
     assert (tmp_path / "p" / "rank-0.safetensors").stat().st_size < 0.6 * full
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("method", ["int8", "int4", "w8a8"])
 def test_tp2_rank_files_hold_the_load_time_quantization(llama_dir, tmp_path, method):
     """Each rank's file == what that rank's load-time quantization holds, tensor for tensor."""
     from worker.distributed import ParallelState, reset_parallel_state, set_parallel_state
@@ -83,7 +83,9 @@ def test_tp2_rank_files_hold_the_load_time_quantization(llama_dir, tmp_path, met
             for name in f.keys():
                 assert torch.equal(f.get_tensor(name), want[name]), name
         o_proj = "model.layers.0.self_attn.o_proj"
-        assert (f"{o_proj}.weight" in want) == (method == "int4")  # 48 inputs per rank: no int4 group
+        assert f"{o_proj}.weight" not in want  # 48 inputs per rank: int4 pads the last group
+        if method == "int4":
+            assert tuple(want[f"{o_proj}.qweight"].shape) == (96, 32) and tuple(want[f"{o_proj}.scales"].shape) == (96, 1)
     # the partitioner processes' command line (python -m worker.partition_rank) writes the same file
     from worker.partition_rank import main
 

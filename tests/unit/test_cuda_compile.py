@@ -1,4 +1,4 @@
-"""Every native/cuda/*.cu compiles for Hopper (`nvcc -arch=sm_90 -c`) on a machine without a GPU,
+"""Every native/csrc/cuda/*.cu compiles for Hopper (`nvcc -arch=sm_90 -c`) on a machine without a GPU,
 and the CUDA bindings pass a C++ syntax check against this torch's headers. Compiles run in
 parallel; skipped, with the reason, where nvcc is absent."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-CUDA_DIR = Path(__file__).resolve().parents[2] / "native" / "cuda"
+CUDA_DIR = Path(__file__).resolve().parents[2] / "native" / "csrc" / "cuda"
 CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
 TORCH_NVCC_FLAGS = [
     "-D__CUDA_NO_HALF_OPERATORS__",

@@ -43,6 +43,15 @@ class FakeOps:
     def int4_linear(self, *a):
         return self._out("int4_linear", reference.int4_linear(*a))
 
+    def w8a8_linear(self, *a):
+        return self._out("w8a8_linear", reference.w8a8_linear(*a))
+
+    def quantize_rows_int8(self, *a):
+        return self._out("quantize_rows_int8", reference.quantize_rows_int8(*a))
+
+    def int8_gemm(self, *a):
+        return self._out("int8_gemm", reference.int8_gemm(*a))
+
     def sample_top_k_top_p(self, *a):
         return self._out("sample_top_k_top_p", reference.sample_with_uniforms(*a))
 
@@ -59,6 +68,9 @@ def test_self_check_accepts_correct_and_rejects_each_broken_kernel():
         "rotary_cache_write",
         "int8_linear",
         "int4_linear",
+        "w8a8_linear",
+        "quantize_rows_int8",
+        "int8_gemm",
         "sample_top_k_top_p",
     ]:
         with pytest.raises(RuntimeError, match=name):
@@ -133,6 +145,7 @@ def test_torch_path_runs_every_public_kernel(restore_backends):
     )
     p, s, z = ops.quantize_int4(wq, 32)
     assert torch.equal(ops.int4_linear(xq, p, s, z, None, 32), reference.int4_linear(xq, p, s, z, None, 32))
+    assert torch.equal(ops.w8a8_linear(xq, *ops.quantize_int8(wq)), reference.w8a8_linear(xq, *reference.quantize_int8(wq)))
     tokens = ops.sample_top_k_top_p(
         torch.randn(3, 10, generator=g),
         [0.0, 1.0, 1.0],

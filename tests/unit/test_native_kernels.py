@@ -124,6 +124,84 @@ def test_int4_linear(nat, dtype, tokens, group_size, symmetric):
     assert_close(nat.int4_linear(x, packed, scales, zeros, bias, group_size), want, dtype)
 
 
+W8A8_SHAPES = [(203, 320), (203, 200), (64, 1024), (37, 31), (5, 16), (9, 1)]  # rows % 4, in % 16 tails
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 6, 7, 13, 32, 64, 70])  # tiles of 6 tokens (x 4 / 2 rows), tails
+@pytest.mark.parametrize("out_features,in_features", W8A8_SHAPES)
+def test_w8a8_matches_reference_bit_for_bit(nat, tokens, out_features, in_features):
+    """Integer codes and int32 accumulators are exact, so the fp32 result is identical too."""
+    g = torch.Generator().manual_seed(8)
+    w, bias = rand(out_features, in_features, gen=g), rand(out_features, gen=g)
+    qw, scales = reference.quantize_int8(w)
+    x = rand(tokens, in_features, gen=g) * 4
+    x[0, : in_features // 2] = 0.0  # a half-zero row; zero rows below
+    if tokens > 2:
+        x[2] = 0.0
+    qx, xs = nat.quantize_rows_int8(x)
+    want_q, want_s = reference.quantize_rows_int8(x)
+    assert torch.equal(qx, want_q) and torch.equal(xs, want_s)
+    assert torch.equal(nat.int8_gemm(qx, qw), reference.int8_gemm(qx, qw))
+    for b in (bias, None):
+        assert torch.equal(nat.w8a8_linear(x, qw, scales, b), reference.w8a8_linear(x, qw, scales, b))
+
+
+def test_w8a8_extremes_do_not_saturate(nat):
+    """Every code at +-127 on both sides: the largest int32 sums, exact (no int16 saturation)."""
+    n_in = 2816
+    qx = torch.full((3, n_in), 127, dtype=torch.int8)
+    qx[1] = -127
+    qx[2, ::2] = -127
+    qw = torch.full((5, n_in), -127, dtype=torch.int8)
+    qw[1] = 127
+    assert torch.equal(nat.int8_gemm(qx, qw), reference.int8_gemm(qx, qw))
+    assert nat.int8_gemm(qx, qw)[0, 1].item() == 127 * 127 * n_in
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_w8a8_half_activations(nat, dtype):
+    g = torch.Generator().manual_seed(9)
+    qw, scales = reference.quantize_int8(rand(40, 96, gen=g))
+    x = rand(5, 3, 96, dtype=dtype, gen=g)  # [..., in] with two leading dims
+    got = nat.w8a8_linear(x, qw, scales, None)
+    assert got.dtype == dtype and got.shape == (5, 3, 40)
+    assert torch.equal(got, reference.w8a8_linear(x, qw, scales))
+
+
+def test_w8a8_rows_are_batch_invariant(nat):
+    """A token's output does not depend on the other tokens of the call (per-row scales)."""
+    g = torch.Generator().manual_seed(10)
+    qw, scales = reference.quantize_int8(rand(50, 128, gen=g))
+    x = rand(19, 128, gen=g)
+    whole = nat.w8a8_linear(x, qw, scales, None)
+    for t in (0, 5, 18):
+        assert torch.equal(nat.w8a8_linear(x[t : t + 1], qw, scales, None), whole[t : t + 1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 5, 8, 70])
+@pytest.mark.parametrize("in_features,group_size", [(200, 32), (200, 128), (48, 64), (1000, 128), (20, 32)])
+def test_int4_linear_padded_last_group(nat, dtype, tokens, in_features, group_size):
+    """in_features not a multiple of the group (nor of 32): the last group is padded with zero
+    weights, and the result equals x . W^T with W the dequantized unpadded weight."""
+    g = torch.Generator().manual_seed(12)
+    w, bias = rand(37, in_features, gen=g), rand(37, gen=g)
+    packed, scales, zeros = reference.quantize_int4(w, group_size)
+    padded = -(-in_features // group_size) * group_size
+    assert packed.shape == (37, padded // 2) and scales.shape == (37, padded // group_size)
+    deq = reference.int4_dequantize(packed, scales, zeros, group_size)
+    assert torch.equal(deq[:, in_features:], torch.zeros(37, padded - in_features))  # padding is exactly 0
+    x = rand(tokens, in_features, dtype=dtype, gen=g)
+    want = reference.int4_linear(x, packed, scales, zeros, bias, group_size)
+    assert_close(want, (torch.nn.functional.linear(x.float(), deq[:, :in_features]) + bias).to(dtype), dtype)
+    assert_close(nat.int4_linear(x, packed, scales, zeros, bias, group_size), want, dtype)
+    assert_close(nat.int4_linear(x, packed, scales, None, None, group_size),
+                 reference.int4_linear(x, packed, scales, None, None, group_size), dtype)
+    wide = rand(tokens, padded + 1, dtype=dtype, gen=g)  # wider than the packed weights
+    with pytest.raises(RuntimeError, match="in_features"):
+        nat.int4_linear(wide, packed, scales, zeros, bias, group_size)
+
+
 def test_sampling_matches_reference_exactly(nat):
     g = torch.Generator().manual_seed(6)
     B, V = 96, 3000
@@ -157,6 +235,10 @@ for T in (1, 5, 8):
     x = torch.randn(T, 256, generator=g)
     assert (n.int4_linear(x, p, s4, z4, None, 64) - R.int4_linear(x, p, s4, z4, None, 64)).abs().max() < 1e-3
 from native.selfcheck import self_check
+for T, I in ((1, 200), (7, 31), (13, 64)):
+    x = torch.randn(T, I, generator=g)
+    qw8, s8 = R.quantize_int8(torch.randn(11, I, generator=g))
+    assert torch.equal(n.w8a8_linear(x, qw8, s8, None), R.w8a8_linear(x, qw8, s8))
 self_check(n, torch.device("cpu"))
 print("ok")
 """

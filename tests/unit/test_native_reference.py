@@ -105,6 +105,23 @@ def test_int8_quantisation_error_bound():
     torch.testing.assert_close(reference.int8_linear(x, qw, scales), x @ (qw.float() * scales[:, None]).T)
 
 
+def test_w8a8_reference_is_exact_integer_maths_and_close_to_fp32():
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(9, 300, generator=g) * 3, torch.randn(40, 300, generator=g)
+    qx, xs = reference.quantize_rows_int8(x)
+    assert qx.dtype == torch.int8 and int(qx.abs().max()) == 127  # each row's amax maps to +-127
+    assert ((qx.float() * xs[:, None] - x).abs() <= xs[:, None] / 2 + 1e-6).all()  # half a step
+    qw, ws = reference.quantize_int8(w)
+    acc = reference.int8_gemm(qx, qw)
+    assert acc.dtype == torch.int32 and torch.equal(acc.long(), qx.long() @ qw.long().T)
+    y = reference.w8a8_linear(x, qw, ws)
+    assert torch.equal(y, acc.float() * xs[:, None] * ws[None, :])
+    err = (y - x @ w.T).abs().max() / (x @ w.T).abs().max()
+    assert err < 0.03, err  # two int8 roundings
+    zero = reference.quantize_rows_int8(torch.zeros(2, 8))
+    assert not zero[0].any() and (zero[1] > 0).all()
+
+
 def test_int4_pack_roundtrip_and_error_bound():
     q = torch.randint(0, 16, (8, 128), dtype=torch.uint8)
     packed = reference.pack_int4(q)

@@ -5,9 +5,11 @@ checkpoint tensor or a lazy safetensors slice of it (anything supporting `get_sh
 and slicing); the loader reads only this rank's part and checks the full shape first.
 Weights are [out_features, in_features] as in torch.nn.Linear.
 
-Weight-only quantization (`quantize_model`, after the weights are loaded): the tensor-parallel
-layers (column, QKV, row) replace their weight with this rank's int8 (per output channel) or int4
-(per group of inputs) copy and multiply through native/ops (the extension, or its torch twin).
+Quantization (`quantize_model`, after the weights are loaded): the tensor-parallel layers (column,
+QKV, row) replace their weight with this rank's int8 (per output channel) or int4 (per group of
+inputs) copy and multiply through native/ops (the extension, or its torch twin). int8 and int4 are
+weight-only; "w8a8" stores the int8 weights of "int8" and also quantizes each token's activations
+to int8 at run time (per-row scale), multiplying in int32 (ops.w8a8_linear).
 Embeddings, the LM head and ReplicatedLinear stay in the load dtype. A partition made with
 `--quantize` stores those tensors per rank (`quantize_weight`, the same function); the worker gives
 the layers their quantized structure (`prepare_quantized`) and loads them by name.
@@ -27,28 +29,35 @@ from worker.distributed import divide, tp_all_gather_last_dim, tp_all_reduce, tp
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_METHODS = ("int8", "int4")
-INT4_GROUP_SIZES = (128, 64, 32)  # the first that divides in_features is used
+QUANTIZE_METHODS = ("int8", "int4", "w8a8")
+INT4_GROUP_SIZES = (128, 64, 32)  # the first that divides in_features; else the one padding least
 
 
 QUANT_BUFFERS = ("qweight", "scales", "zeros")  # a quantized layer's tensors, in place of `weight`
 
 
-def quantize_weight(w: torch.Tensor, method: str, group: int = 0) -> tuple[dict[str, torch.Tensor | None], int] | None:
-    """This rank's weight [out, in] -> ({qweight, scales, zeros}, int4 group size or 0); None when
-    int4 has no group size for the shape. On the meta device it gives the shapes and dtypes only.
+def int4_group_size(in_features: int) -> int:
+    """The int4 group size for a layer with `in_features` inputs: the first of INT4_GROUP_SIZES that
+    divides it, else the one whose last group needs the fewest zero-padded inputs (larger on ties)."""
+    exact = next((g for g in INT4_GROUP_SIZES if in_features % g == 0), 0)
+    return exact or min(INT4_GROUP_SIZES, key=lambda g: (-in_features % g, -g))
 
-    int8: qweight [out, in] int8, scales [out] fp32. int4: qweight [out, in/2] uint8 (packed),
-    scales and zeros [out, in/group] fp32 (zeros may be None: symmetric, 8); group = `group`, else the
-    first of INT4_GROUP_SIZES dividing `in` (so group = in / scales.shape[1], derivable from shapes)."""
+
+def quantize_weight(w: torch.Tensor, method: str, group: int = 0) -> tuple[dict[str, torch.Tensor | None], int]:
+    """This rank's weight [out, in] -> ({qweight, scales, zeros}, int4 group size or 0). Every shape
+    quantizes (int4 pads the last group with zero weights). On the meta device it gives the shapes
+    and dtypes only.
+
+    int8 and w8a8: qweight [out, in] int8, scales [out] fp32. int4: qweight [out, in_p/2] uint8
+    (packed; in_p = in rounded up to the group), scales and zeros [out, in_p/group] fp32 (zeros may
+    be None: symmetric, 8); group = `group`, else int4_group_size(in) (so group = 2 * qweight.shape[1]
+    / scales.shape[1], derivable from the shapes)."""
     if method not in QUANTIZE_METHODS:
         raise ValueError(f"quantize={method!r}: expected one of {', '.join(QUANTIZE_METHODS)}")
-    if method == "int8":
+    if method in ("int8", "w8a8"):
         qw, scales = ops.quantize_int8(w)
         return {"qweight": qw.contiguous(), "scales": scales.contiguous(), "zeros": None}, 0
-    group = group or next((g for g in INT4_GROUP_SIZES if w.shape[1] % g == 0), 0)
-    if not group:
-        return None
+    group = group or int4_group_size(w.shape[1])
     packed, scales, zeros = ops.quantize_int4(w, group)
     return {"qweight": packed.contiguous(), "scales": scales.contiguous(),
             "zeros": None if zeros is None else zeros.contiguous()}, group
@@ -58,18 +67,12 @@ class QuantizableLinear(nn.Module):
     """`_matmul(x, bias)` = x @ W.T (+ bias) with W full precision, int8 or int4 (after quantize_
     or prepare_quantized). Quantized, the layer holds buffers qweight/scales/zeros instead of `weight`."""
 
-    quant: str | None = None  # None | "int8" | "int4"
+    quant: str | None = None  # None | "int8" | "int4" | "w8a8"
     group_size: int = 0  # int4 only
 
     def quantize_(self, method: str) -> bool:
-        """Replace `weight` with its quantized form (in place); False if the shape does not allow it."""
-        got = quantize_weight(self.weight.data, method)
-        if got is None:
-            w = self.weight
-            log.warning("%s [%d x %d]: no int4 group size divides %d inputs; left unquantized",
-                        type(self).__name__, w.shape[0], w.shape[1], w.shape[1])
-            return False
-        self._set_quantized(method, *got)
+        """Replace `weight` with its quantized form (in place); every shape quantizes (True)."""
+        self._set_quantized(method, *quantize_weight(self.weight.data, method))
         return True
 
     def prepare_quantized(self, method: str, group: int = 0, zeros: bool = True) -> None:
@@ -77,10 +80,7 @@ class QuantizableLinear(nn.Module):
         the weight's device) so a quantized partition's tensors can be loaded into it by name.
         `group`: the int4 group size the partition used; `zeros=False`: the partition stored none."""
         w = self.weight
-        got = quantize_weight(torch.empty(w.shape, dtype=w.dtype, device="meta"), method, group)
-        if got is None:
-            raise ValueError(f"{type(self).__name__} [{w.shape[0]} x {w.shape[1]}]: {method} does not fit this shape")
-        tensors, group = got
+        tensors, group = quantize_weight(torch.empty(w.shape, dtype=w.dtype, device="meta"), method, group)
         if not zeros:
             tensors["zeros"] = None
         self._set_quantized(method, {k: None if t is None else torch.empty(t.shape, dtype=t.dtype, device=w.device)
@@ -98,6 +98,8 @@ class QuantizableLinear(nn.Module):
             return F.linear(x, self.weight, bias)
         if self.quant == "int8":
             return ops.int8_linear(x, self.qweight, self.scales, bias)
+        if self.quant == "w8a8":
+            return ops.w8a8_linear(x, self.qweight, self.scales, bias)
         return ops.int4_linear(x, self.qweight, self.scales, self.zeros, bias, self.group_size)
 
 

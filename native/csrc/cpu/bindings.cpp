@@ -1,6 +1,9 @@
-// torch bindings of the CPU kernels: op namespace torch.ops.shardserve_cpu.
-// Checks shapes and dtypes, makes inputs contiguous, then calls the raw-pointer kernels.
-#include "../../include/op_schemas.h"
+// torch bindings of the CPU kernels. This library defines the operator namespace torch.ops.shardserve
+// (every schema, once: ../include/op_schemas.h) and registers the CPU implementations; the CUDA
+// library (../cuda/bindings.cpp) adds CUDA implementations of the same operators, so torch
+// dispatches by the tensors' device. Checks shapes and dtypes, makes inputs contiguous, then calls
+// the raw-pointer kernels.
+#include "../include/op_schemas.h"
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -19,7 +22,7 @@ DType to_dtype(const at::Tensor& t) {
     case at::kFloat: return DType::F32;
     case at::kBFloat16: return DType::BF16;
     case at::kHalf: return DType::F16;
-    default: TORCH_CHECK(false, "shardserve_cpu: unsupported dtype ", t.scalar_type());
+    default: TORCH_CHECK(false, "shardserve (cpu): unsupported dtype ", t.scalar_type());
   }
 }
 
@@ -27,7 +30,7 @@ DType to_dtype(const at::Tensor& t) {
 at::Tensor as(const at::Tensor& t, at::ScalarType st) { return t.scalar_type() == st ? t : t.to(st); }
 
 void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "shardserve_cpu: ", name, " must be on CPU");
+  TORCH_CHECK(t.device().is_cpu(), "shardserve (cpu): ", name, " must be on CPU");
 }
 
 at::Tensor paged_attention_decode_op(const at::Tensor& q_in, const at::Tensor& k_cache_in,
@@ -208,12 +211,16 @@ at::Tensor int4_linear_op(const at::Tensor& x_in, const at::Tensor& packed_in,
   check_cpu(x_in, "x");
   TORCH_CHECK(packed_in.scalar_type() == at::kByte && packed_in.dim() == 2,
               "packed must be uint8 [out, in/2]");
-  const int64_t O = packed_in.size(0), I = packed_in.size(1) * 2;
-  TORCH_CHECK(x_in.size(-1) == I, "x last dim must equal in_features");
+  // I: the packed width (in_features rounded up to the group); the last group's padded inputs are
+  // zeros here, so its padded weights contribute nothing.
+  const int64_t O = packed_in.size(0), I = packed_in.size(1) * 2, In = x_in.size(-1);
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && I % group_size == 0,
-              "group_size must be a multiple of 32 dividing in_features");
+              "group_size must be a multiple of 32 dividing the packed width");
+  TORCH_CHECK(In <= I && In > I - group_size, "x last dim must be in_features (packed: ", I, ")");
   const int64_t G = I / group_size;
-  auto x = as(x_in.reshape({-1, I}), at::kFloat).contiguous();
+  auto x = as(x_in.reshape({-1, In}), at::kFloat);
+  if (In < I) x = at::constant_pad_nd(x, {0, I - In});
+  x = x.contiguous();
   auto packed = packed_in.contiguous();
   auto s = as(s_in, at::kFloat).contiguous();
   TORCH_CHECK(s.numel() == O * G, "scales must be [out, in/group_size]");
@@ -242,6 +249,52 @@ at::Tensor int4_linear_op(const at::Tensor& x_in, const at::Tensor& packed_in,
   return as(y, x_in.scalar_type()).reshape(shape);
 }
 
+at::Tensor w8a8_linear_op(const at::Tensor& x_in, const at::Tensor& qw_in, const at::Tensor& s_in,
+                          const std::optional<at::Tensor>& b_in) {
+  check_cpu(x_in, "x");
+  TORCH_CHECK(qw_in.scalar_type() == at::kChar && qw_in.dim() == 2, "qw must be int8 [out, in]");
+  const int64_t O = qw_in.size(0), I = qw_in.size(1);
+  TORCH_CHECK(x_in.size(-1) == I, "x last dim must equal in_features");
+  auto x = as(x_in.reshape({-1, I}), at::kFloat).contiguous();
+  auto qw = qw_in.contiguous();
+  auto s = as(s_in, at::kFloat).contiguous();
+  TORCH_CHECK(s.numel() == O, "scales must have out_features entries");
+  at::Tensor bias;
+  if (b_in.has_value()) {
+    bias = as(*b_in, at::kFloat).contiguous();
+    TORCH_CHECK(bias.numel() == O, "bias must have out_features entries");
+  }
+  auto y = at::empty({x.size(0), O}, x.options());
+  w8a8_linear(x.data_ptr<float>(), qw.data_ptr<int8_t>(), s.data_ptr<float>(),
+              bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), x.size(0), O, I);
+  auto shape = x_in.sizes().vec();
+  shape.back() = O;
+  return as(y, x_in.scalar_type()).reshape(shape);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_rows_int8_op(const at::Tensor& x_in) {
+  check_cpu(x_in, "x");
+  TORCH_CHECK(x_in.dim() == 2, "x must be [T, I]");
+  auto x = as(x_in, at::kFloat).contiguous();
+  auto q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  auto s = at::empty({x.size(0)}, x.options());
+  quantize_rows_int8(x.data_ptr<float>(), q.data_ptr<int8_t>(), s.data_ptr<float>(), x.size(0), x.size(1));
+  return {q, s};
+}
+
+at::Tensor int8_gemm_op(const at::Tensor& qx_in, const at::Tensor& qw_in) {
+  check_cpu(qx_in, "qx");
+  TORCH_CHECK(qx_in.scalar_type() == at::kChar && qw_in.scalar_type() == at::kChar && qx_in.dim() == 2 &&
+                  qw_in.dim() == 2 && qx_in.size(1) == qw_in.size(1),
+              "qx [T, I] and qw [O, I] must be int8");
+  auto qx = qx_in.contiguous();
+  auto qw = qw_in.contiguous();
+  auto out = at::empty({qx.size(0), qw.size(0)}, qx.options().dtype(at::kInt));
+  int8_gemm(qx.data_ptr<int8_t>(), qw.data_ptr<int8_t>(), out.data_ptr<int32_t>(), qx.size(0), qw.size(0),
+            qx.size(1));
+  return out;
+}
+
 at::Tensor sample_top_k_top_p_op(const at::Tensor& logits_in, const at::Tensor& temperature_in,
                               const at::Tensor& top_k_in, const at::Tensor& top_p_in,
                               const at::Tensor& uniforms_in) {
@@ -268,14 +321,21 @@ std::string isa_op() { return isa_name(detect_isa()); }
 }  // namespace cpu
 }  // namespace shardserve
 
-TORCH_LIBRARY(shardserve_cpu, m) {
+TORCH_LIBRARY(shardserve, m) {
+  for (const char* schema : shardserve::schema::kDeviceOps) m.def(schema);
+  m.def(shardserve::schema::kIsa, &shardserve::cpu::isa_op);  // no tensor argument: not dispatched
+}
+
+TORCH_LIBRARY_IMPL(shardserve, CPU, m) {
   using namespace shardserve::cpu;
-  m.def(shardserve::schema::kPagedAttentionDecode, &paged_attention_decode_op);
-  m.def(shardserve::schema::kFusedAddRmsNorm, &fused_add_rms_norm_op);
-  m.def(shardserve::schema::kFusedAddLayerNorm, &fused_add_layer_norm_op);
-  m.def(shardserve::schema::kRotaryCacheWrite, &rotary_cache_write_op);
-  m.def(shardserve::schema::kInt8Linear, &int8_linear_op);
-  m.def(shardserve::schema::kInt4Linear, &int4_linear_op);
-  m.def(shardserve::schema::kSampleTopKTopP, &sample_top_k_top_p_op);
-  m.def(shardserve::schema::kIsa, &isa_op);
+  m.impl("paged_attention_decode", &paged_attention_decode_op);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm_op);
+  m.impl("fused_add_layer_norm", &fused_add_layer_norm_op);
+  m.impl("rotary_cache_write", &rotary_cache_write_op);
+  m.impl("int8_linear", &int8_linear_op);
+  m.impl("int4_linear", &int4_linear_op);
+  m.impl("w8a8_linear", &w8a8_linear_op);
+  m.impl("quantize_rows_int8", &quantize_rows_int8_op);
+  m.impl("int8_gemm", &int8_gemm_op);
+  m.impl("sample_top_k_top_p", &sample_top_k_top_p_op);
 }

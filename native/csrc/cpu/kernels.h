@@ -43,8 +43,19 @@ void int8_linear(const float* x, const int8_t* qw, const float* scales, const fl
 // y[T,O] = x . W^T + bias, W[o,i] = (q[o,i] - zero[o,g]) * scale[o,g], g = i / group_size.
 // packed[O, I/2]: in every run of 32 weights, byte j holds weight j (low nibble) and j+16 (high).
 // scales, zeros: [O, I/group_size] fp32; zeros null means 8 (symmetric). group_size % 32 == 0.
+// I is the packed width: a layer whose in_features the group does not divide is padded (weights
+// and, in bindings.cpp, the inputs with zeros) to the next multiple of the group.
 void int4_linear(const float* x, const uint8_t* packed, const float* scales, const float* zeros,
                  const float* bias, float* y, int64_t T, int64_t O, int64_t I, int64_t group_size);
+
+// w8a8: dynamic per-row int8 activations. q[t,i] = round_half_even(x[t,i] / s[t]) clamped to
+// [-127, 127], s[t] = max(amax_i |x[t,i]| / 127, 1e-12) (fp32 division, as torch).
+void quantize_rows_int8(const float* x, int8_t* q, float* scales, int64_t T, int64_t I);
+// acc[T,O] = qx[T,I] . qw[O,I]^T in int32 (exact).
+void int8_gemm(const int8_t* qx, const int8_t* qw, int32_t* acc, int64_t T, int64_t O, int64_t I);
+// y[T,O] = (float(acc[t,o]) * s_x[t]) * scales[o] + bias[o], acc from the two above; bias may be null.
+void w8a8_linear(const float* x, const int8_t* qw, const float* scales, const float* bias, float* y,
+                 int64_t T, int64_t O, int64_t I);
 
 // W[O,I] fp32 from the int8 / int4 forms above (for rows [o0, o1)); used for large T.
 void int8_dequant(const int8_t* qw, const float* scales, float* w, int64_t o0, int64_t o1,

@@ -1,7 +1,7 @@
-// torch bindings of the CUDA kernels: op namespace torch.ops.shardserve_cuda, same schemas as
-// torch.ops.shardserve_cpu. Built only where torch has CUDA (native/build.py); the kernels
-// themselves (*.cu) include no torch headers.
-#include "../include/op_schemas.h"
+// torch bindings of the CUDA kernels: CUDA implementations of the torch.ops.shardserve operators,
+// whose schemas the CPU library defines (../cpu/bindings.cpp, ../include/op_schemas.h), so the CPU
+// library is loaded first (native/ops.py). Built only where torch has CUDA (native/build.py); the
+// kernels themselves (*.cu) include no torch headers.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <string>
 #include <tuple>
 
 #include "kernels.h"
@@ -23,12 +22,12 @@ DType to_dtype(const at::Tensor& t) {
     case at::kFloat: return DType::F32;
     case at::kBFloat16: return DType::BF16;
     case at::kHalf: return DType::F16;
-    default: TORCH_CHECK(false, "shardserve_cuda: unsupported dtype ", t.scalar_type());
+    default: TORCH_CHECK(false, "shardserve (cuda): unsupported dtype ", t.scalar_type());
   }
 }
 
 void check(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "shardserve_cuda: ", what, " failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "shardserve (cuda): ", what, " failed: ", cudaGetErrorString(err));
 }
 
 cudaStream_t stream_of(const at::Tensor& t) {
@@ -36,7 +35,7 @@ cudaStream_t stream_of(const at::Tensor& t) {
 }
 
 void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "shardserve_cuda: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.is_cuda(), "shardserve (cuda): ", name, " must be a CUDA tensor");
 }
 
 at::Tensor paged_attention_decode_op(const at::Tensor& q_in, const at::Tensor& k_cache_in,
@@ -221,10 +220,12 @@ at::Tensor int4_linear_op(const at::Tensor& x_in, const at::Tensor& packed_in,
   c10::cuda::CUDAGuard guard(x_in.device());
   TORCH_CHECK(packed_in.scalar_type() == at::kByte && packed_in.dim() == 2,
               "packed must be uint8 [out, in/2]");
-  const int64_t O = packed_in.size(0), I = packed_in.size(1) * 2;
-  TORCH_CHECK(x_in.size(-1) == I, "x last dim must equal in_features");
+  // I: the packed width (in_features rounded up to the group); x is padded with zeros to it, so
+  // the last group's padded weights contribute nothing.
+  const int64_t O = packed_in.size(0), I = packed_in.size(1) * 2, In = x_in.size(-1);
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && I % group_size == 0,
-              "group_size must be a multiple of 32 dividing in_features");
+              "group_size must be a multiple of 32 dividing the packed width");
+  TORCH_CHECK(In <= I && In > I - group_size, "x last dim must be in_features (packed: ", I, ")");
   const int64_t G = I / group_size;
   auto packed = packed_in.contiguous();
   auto s = s_in.to(x_in.device(), at::kFloat).contiguous();
@@ -236,7 +237,8 @@ at::Tensor int4_linear_op(const at::Tensor& x_in, const at::Tensor& packed_in,
   }
   if (b_in.has_value()) bias = b_in->to(x_in.device(), at::kFloat).contiguous();
   const float* zp = z.defined() ? z.data_ptr<float>() : nullptr;
-  auto x2 = x_in.reshape({-1, I});
+  auto x2 = x_in.reshape({-1, In});
+  if (In < I) x2 = at::constant_pad_nd(x2, {0, I - In});
   const int64_t T = x2.size(0);
   if (T > kMaxGemvTokens) {
     auto w = at::empty({O, I}, x2.options());
@@ -287,20 +289,17 @@ at::Tensor sample_top_k_top_p_op(const at::Tensor& logits_in, const at::Tensor& 
   return out;
 }
 
-std::string isa_op() { return "cuda"; }
-
 }  // namespace
 }  // namespace cuda
 }  // namespace shardserve
 
-TORCH_LIBRARY(shardserve_cuda, m) {
+TORCH_LIBRARY_IMPL(shardserve, CUDA, m) {
   using namespace shardserve::cuda;
-  m.def(shardserve::schema::kPagedAttentionDecode, &paged_attention_decode_op);
-  m.def(shardserve::schema::kFusedAddRmsNorm, &fused_add_rms_norm_op);
-  m.def(shardserve::schema::kFusedAddLayerNorm, &fused_add_layer_norm_op);
-  m.def(shardserve::schema::kRotaryCacheWrite, &rotary_cache_write_op);
-  m.def(shardserve::schema::kInt8Linear, &int8_linear_op);
-  m.def(shardserve::schema::kInt4Linear, &int4_linear_op);
-  m.def(shardserve::schema::kSampleTopKTopP, &sample_top_k_top_p_op);
-  m.def(shardserve::schema::kIsa, &isa_op);
+  m.impl("paged_attention_decode", &paged_attention_decode_op);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm_op);
+  m.impl("fused_add_layer_norm", &fused_add_layer_norm_op);
+  m.impl("rotary_cache_write", &rotary_cache_write_op);
+  m.impl("int8_linear", &int8_linear_op);
+  m.impl("int4_linear", &int4_linear_op);
+  m.impl("sample_top_k_top_p", &sample_top_k_top_p_op);
 }

@@ -1,7 +1,7 @@
 """One prepared GPU check of the native kernels, for an H100 / H200 with a CUDA torch and nvcc.
 
-    python3 native/gpu_check.py              # on the GPU machine (budget: well under 4 minutes)
-    python native/gpu_check.py --device cpu  # the same harness on the CPU extension (dry run)
+    python3 bench/gpu/native_check.py             # on the GPU machine (budget: well under 4 minutes)
+    python bench/gpu/native_check.py --device cpu # the same harness on the CPU extension (dry run)
 
 Steps: build the extension (native/build.py, in a subprocess with a timeout), load it, compare
 every kernel with native/reference.py on random inputs (fp32 / bf16 / fp16), then time
@@ -23,7 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 RESULT: dict = {"step": "start", "compare": [], "timing": [], "errors": []}
@@ -376,8 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = chosen.ops
     if ns is None and build.is_current(dev.type):  # self-check failed: still compare kernel by kernel
         try:
-            torch.ops.load_library(str(build.library_path(dev.type)))
-            ns = getattr(torch.ops, ops._LIB_NAMESPACE[dev.type])
+            ns = ops._library_ops(dev.type)  # torch.ops.shardserve, CPU library loaded first
         except Exception as exc:  # noqa: BLE001
             RESULT["errors"].append(f"load: {exc}")
     if ns is None:

@@ -1,8 +1,8 @@
 """One prepared GPU check of the serving path: real controller + worker on CUDA (NCCL process group,
 world size 1), greedy tokens against transformers on the same GPU, decode speed.
 
-    python3 worker/gpu_check.py                # on the GPU machine (finishes in < 3 minutes)
-    python3 worker/gpu_check.py --device cpu   # the same harness on CPU (gloo), a dry run
+    python3 bench/gpu/serve_check.py              # on the GPU machine (finishes in < 3 minutes)
+    python3 bench/gpu/serve_check.py --device cpu # the same harness on CPU (gloo), a dry run
 
 Steps: build a tiny random Llama with its tokenizer (controller.acquire.demo_model) in a temp dir; start
 `shardserve serve --model DIR --device cuda --tp 1` as a subprocess on free ports; wait for
@@ -31,7 +31,7 @@ import traceback
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 RESULT: dict = {"step": "start", "errors": []}
@@ -82,7 +82,7 @@ def free_port() -> int:
 
 def step(name: str) -> None:
     RESULT["step"] = name
-    print(f"[gpu_check] {name}", flush=True)
+    print(f"[serve_check] {name}", flush=True)
     write_result()
 
 
@@ -188,7 +188,7 @@ def time_batch(address: str, streams: int, n: int, timeout: float) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="gpu_check")
+    p = argparse.ArgumentParser(prog="serve_check")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=24, help="tokens compared with transformers")

@@ -1,5 +1,6 @@
-// Operator schemas shared by the CPU (shardserve_cpu) and CUDA (shardserve_cuda) libraries, so the
-// two backends behind native/ops.py cannot drift apart. Keep in step with native/reference.py.
+// Schemas of the torch.ops.shardserve operators, defined once (TORCH_LIBRARY in
+// ../cpu/bindings.cpp); the CPU and CUDA libraries register implementations of these names.
+// Keep in step with native/reference.py and native/ops.py.
 #pragma once
 
 namespace shardserve {
@@ -21,10 +22,19 @@ constexpr const char* kInt8Linear = "int8_linear(Tensor x, Tensor qw, Tensor sca
 constexpr const char* kInt4Linear =
     "int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, "
     "int group_size) -> Tensor";
+constexpr const char* kW8A8Linear = "w8a8_linear(Tensor x, Tensor qw, Tensor scales, Tensor? bias) -> Tensor";
+constexpr const char* kQuantizeRowsInt8 = "quantize_rows_int8(Tensor x) -> (Tensor, Tensor)";
+constexpr const char* kInt8Gemm = "int8_gemm(Tensor qx, Tensor qw) -> Tensor";
 constexpr const char* kSampleTopKTopP =
     "sample_top_k_top_p(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, "
     "Tensor uniforms) -> Tensor";
-constexpr const char* kIsa = "isa() -> str";
+constexpr const char* kIsa = "isa() -> str";  // CPU ISA in use; no tensors, so not dispatched
+
+// Every operator with a per-device implementation (the w8a8 three: CPU only so far).
+constexpr const char* kDeviceOps[] = {kPagedAttentionDecode, kFusedAddRmsNorm, kFusedAddLayerNorm,
+                                      kRotaryCacheWrite,     kInt8Linear,      kInt4Linear,
+                                      kW8A8Linear,           kQuantizeRowsInt8, kInt8Gemm,
+                                      kSampleTopKTopP};
 
 }  // namespace schema
 }  // namespace shardserve
