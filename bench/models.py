@@ -48,3 +48,63 @@ def llama_300m(cache: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+FLAN_T5_LIKE = "bench-flan-t5-like-v1"
+T5_VOCAB = 32128  # Flan-T5's
+
+
+def t5_tokenizer(out: Path):
+    """A T5-style tokenizer built offline: byte-level BPE trained on the OS texts the demo model
+    uses, pad/eos/unk = 0/1/2, '</s>' appended to every prompt, padded with <extra_id_N> tokens
+    to Flan-T5's vocabulary size so every id the model can emit decodes."""
+    import os
+
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors, trainers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    from controller.demo_model import corpus_lines
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tok = Tokenizer(tok_models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus_lines(), trainers.BpeTrainer(
+        vocab_size=8000, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([AddedToken(f"<extra_id_{i}>", special=True) for i in range(T5_VOCAB - tok.get_vocab_size())])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=512)
+    fast.save_pretrained(str(out))
+    return fast
+
+
+def flan_t5_like(cache: Path) -> Path:
+    """Flan-T5-small-like shape, random weights (seed 0): 6 encoder + 6 decoder layers, d_model 512,
+    8 heads of 64, gated-gelu feed-forward 1024, untied LM head, vocab 32128; fp32 safetensors."""
+    target = Path(cache) / FLAN_T5_LIKE
+    if (target / "model.safetensors").is_file():
+        return target
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tmp = Path(tempfile.mkdtemp(prefix=".flant5-", dir=cache))
+    try:
+        tok = t5_tokenizer(tmp)
+        config = T5Config(vocab_size=len(tok), d_model=512, d_kv=64, d_ff=1024, num_layers=6, num_decoder_layers=6,
+                          num_heads=8, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                          architectures=["T5ForConditionalGeneration"])
+        torch.manual_seed(0)
+        model = T5ForConditionalGeneration(config)
+        with torch.no_grad():  # wider than the init so greedy outputs do not collapse into one token
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.05)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -99,3 +99,37 @@ def test_cross_attention_state_is_reserved_out_of_the_kv_budget(t5_dirs):
     assert engine.config.max_batch_size == 8 and engine.kv_cache_bytes <= (8 - 4) << 20  # 8 fit in half
     with pytest.raises(ValueError, match="one request of up to 512 encoder tokens needs 0.5 MiB"):
         build_engine(EngineConfig(model_dir=model, kv_cache_bytes=768 << 10, max_batch_size=32))
+
+
+def test_t5_cross_rows_freed_reused_and_read_out_of_order_keep_tokens(t5_dirs):
+    """Requests of different encoder lengths (5, 42, 2) leaving and arriving at different steps:
+    a finished request's cross row is freed and taken by the next, so steps read rows out of order
+    (one gather) beside padded shorter rows; every request's tokens stay those it gets batched
+    from the start."""
+    from worker.engine.build import build_engine
+    from worker.engine.engine import EngineConfig
+    from worker.engine.sequence import Sampling
+
+    model = t5_dirs["t5-flan-gated-untied"]
+    base, _ = run_ours(model, PROMPTS, 12)
+    engine = build_engine(EngineConfig(model_dir=model))
+    done: dict[str, list[int]] = {}
+
+    def add(name, prompt, n):
+        seq = engine.new_sequence(name, prompt, Sampling(max_new_tokens=n),
+                                  emit=lambda t, lp, fin, err: done.__setitem__(name, seq.generated) if fin else None)
+        engine.add(seq)
+
+    add("a", PROMPTS[0], 12)
+    add("short", PROMPTS[1], 3)
+    add("c", PROMPTS[2], 12)
+    while "short" not in done:
+        engine.step()
+    add("b", PROMPTS[1], 12)  # takes the row "short" left: the batch now reads rows 0, 2, 1
+    while len(done) < 4:
+        engine.step()
+    assert done["short"] == base[1][:3]
+    assert [done["a"], done["b"], done["c"]] == base
+    engine.step()  # nothing scheduled: finished rows are dropped with the next step that runs
+    run_engine(engine, PROMPTS[2:], 2)
+    assert len(engine.runner.cross) <= 1 and engine.runner.cross.buf.shape[2] == 4  # 3 at once, rows reused

@@ -15,6 +15,7 @@ from worker.context import StepContext, step_context
 from worker.distributed import CollectiveError, describe_failure, get_parallel_state
 from worker.engine.pipeline import STEP, broadcast_command
 from worker.engine.scheduler import ScheduledBatch
+from worker.layers.encdec import CrossCache
 
 
 @dataclass
@@ -112,9 +113,9 @@ class ModelRunner:
         # pinned host buffer the step plan is staged in before its one copy to a CUDA device
         self.staging = (torch.empty(1 << 16, dtype=torch.long, device="cpu").pin_memory()
                         if device.type == "cuda" else None)
-        # encoder-decoder models: cross-attention state per slot (per decoder layer (k, v)),
-        # computed when the request first runs and kept until the engine frees the slot
-        self.cross: dict[int, list] = {}
+        # encoder-decoder models: cross-attention K/V per slot, laid out once when the request's
+        # encoder runs (its first step) and kept until the engine frees the slot
+        self.cross = CrossCache()
 
     def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> int:
         """Allocate every attention layer's K/V blocks; returns bytes allocated on this rank."""
@@ -181,7 +182,7 @@ class ModelRunner:
                                        device="cpu").pin_memory()
         plan = host.to(self.device, self.staging)
         ctx = self._context(host, plan)
-        ctx.cross_states = self.cross_states(plan)
+        ctx.cross_states = self.cross_states(plan, ctx)
         with step_context(ctx):
             if self.state.pp_size == 1:
                 hidden = self.model(plan.input_ids, plan.positions)  # [T, hidden]
@@ -219,17 +220,19 @@ class ModelRunner:
             dist.send(logits.float().to(comm).contiguous(), dst=0)
         return None
 
-    def cross_states(self, plan: StepPlan) -> list | None:
-        """Run the encoder for sequences new to it, free finished slots; per-sequence states.
-        Every rank runs it (the plan carries the encoder inputs): TP ranks their encoder shard,
-        every pipeline stage the whole encoder for its own layers' cross-attention."""
+    def cross_states(self, plan: StepPlan, ctx: StepContext):
+        """Run the encoder for sequences new to it, free finished slots; the step's cross state
+        (encdec.StepCross) or None. Every rank runs it (the plan carries the encoder inputs): TP
+        ranks their encoder shard, every pipeline stage the whole encoder for its own layers'
+        cross-attention."""
         for slot in plan.cross_free.tolist():
-            self.cross.pop(slot, None)
+            self.cross.drop(slot)
         if not plan.cross_slots.numel():
             return None
+        slots = plan.cross_slots.tolist()
         start = 0
-        for slot, n in zip(plan.cross_slots.tolist(), plan.enc_lens.tolist()):
+        for slot, n in zip(slots, plan.enc_lens.tolist()):
             if n:
-                self.cross[slot] = self.model.encode(plan.enc_ids[start:start + n])
+                self.cross.put(slot, self.model.encode(plan.enc_ids[start:start + n]))
                 start += n
-        return [self.cross[slot] for slot in plan.cross_slots.tolist()]
+        return self.cross.step(slots, ctx) if len(self.cross) else None

@@ -3,7 +3,10 @@
 - encoder: runs once per request (the runner calls `encode` when the request first runs);
   bidirectional self-attention with a bucketed relative-position bias, no KV cache.
 - cross-attention: keys/values of the encoder output, computed once per request for this
-  stage's decoder layers (`encode` returns them) and kept with the request by the runner.
+  stage's decoder layers (`encode` returns them) and laid out once in the runner's CrossCache
+  (worker/layers/encdec.py), which every step reads without re-padding.
+- relative-position bias: tabulated per distance once (RelativePositionBias.table); the encoder's
+  bias is made once per request, the decoder's once per step, and shared by all layers.
 - decoder: the `layers` of DecoderModel; self-attention over the paged cache with a causal
   relative-position bias; starts from decoder_start_token_id (the engine puts it first).
 - no 1/sqrt(d) in attention scores (T5 folds it into the weights); RMS-style layer norm.
@@ -22,7 +25,7 @@ from torch import nn
 from worker.context import get_context
 from worker.layers.attention import PagedAttention
 from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from worker.layers.encdec import cross_attend, full_attend, step_positions
+from worker.layers.encdec import cross_attend, full_attend
 from worker.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from worker.layers.norm import RMSNorm
 from worker.layers.position import RelativePositionBias
@@ -138,13 +141,14 @@ class T5DecoderBlock(nn.Module):
                                     _sub(config, "DenseReluDense", T5FF(config))])
 
     def self_bias(self) -> torch.Tensor:
-        """Causal relative-position bias of this step [B, H_local, Q, L], computed once per step."""
+        """Causal relative-position bias of this step [B, H_local, Q, L]: made by the stage's first
+        layer (one gather from the per-distance table), shared by all its layers."""
         ctx = get_context()
         if ctx.extras is None:
             ctx.extras = {}
         if "t5_self_bias" not in ctx.extras:
-            q_pos, k_pos = step_positions(ctx)
-            ctx.extras["t5_self_bias"] = self.rel_bias[0](k_pos[None, None, :] - q_pos[:, :, None])
+            q_start = ctx.context_lens - ctx.query_lens  # [B] position of each sequence's first query
+            ctx.extras["t5_self_bias"] = self.rel_bias[0].span(q_start, ctx.max_query_len, ctx.max_context_len)
         return ctx.extras["t5_self_bias"]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -218,8 +222,7 @@ class T5ForConditionalGeneration(DecoderModel):
         """input_ids: [S] of one request -> per decoder layer (k, v) [S, H_local, D] for the
         cross-attention of layers on this stage (None elsewhere)."""
         x = self.shared(input_ids)
-        pos = torch.arange(input_ids.shape[0], device=input_ids.device)
-        bias = self.encoder.rel_bias(pos[None, :] - pos[:, None])  # [H, S, S]
+        bias = self.encoder.rel_bias.square(input_ids.shape[0])  # [H, S, S], shared by every encoder layer
         for block in self.encoder.block:
             x = block(x, bias)
         enc = self.encoder.final_layer_norm(x)
