@@ -115,6 +115,11 @@ def dry_build(config, tp: int) -> None:
 
 
 def check_layout(model_dir: Path, tp: int, pp: int, stage_layers: tuple[int, ...] = ()) -> None:
+    if (tp, pp) == (1, 1) and not stage_layers:
+        # one rank splits nothing; the worker builds the model itself and names any problem. Skipping
+        # the meta-device build keeps torch, transformers and the native library (with its self-check)
+        # out of the controller: they cost seconds before the first worker could start.
+        return
     from worker.loader import load_config
 
     config = load_config(Path(model_dir))
