@@ -89,6 +89,12 @@ class Server:
         self.log.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, seconds (/proc/PID/stat fields 14 and 15)."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Streams:
     """What N concurrent streams saw: seconds from t=0 of every streamed token, per stream."""
@@ -173,10 +179,15 @@ def run(model_dir: Path, model_name: str, work: Workload, prompts, cache: Path, 
                     threads=threads, extra=extra)
     try:
         warm(server.channel, prompts[0][0])
+        pids = {"controller": server.proc.pid, "worker": server.worker_pids()[0]}
+        before = {k: cpu_seconds(p) for k, p in pids.items()}
         s = drive(server.channel, prompts, work.new_tokens)
+        cpu = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
         lat = [t[-1] for t in s.times]
         scenario = f"{len(prompts)} concurrent streams" + (f" {quantize}" if quantize else "")
-        r = make_result("shardserve", model_name, scenario, s.wall_s, s.tokens, s.ttfts, lat)
+        r = make_result("shardserve", model_name, scenario, s.wall_s, s.tokens, s.ttfts, lat,
+                        note=f"controller CPU {1e3 * cpu['controller'] / s.tokens:.2f} ms/token, worker CPU "
+                             f"{1e3 * cpu['worker'] / s.tokens:.1f} ms/token")
         summ = s.summary()
         r.ttft_p99_s, r.inter_token_p50_s = summ["ttft_p99_s"], summ["inter_token_p50_s"]
         return r

@@ -33,32 +33,37 @@ def headline(results: list[Result]) -> list[str]:
 
 
 def bench_model(name: str, model_dir: Path, work: Workload, cache: Path, seq_limit: int | None,
-                systems: set[str], threads: int, quantize: tuple[str, ...] = ()) -> list[Result]:
+                systems: set[str], threads: int, quantize: tuple[str, ...] = (), out=None,
+                saved=lambda: None) -> list[Result]:
+    """Every system on one model; `out` (a list) gets each result as it comes and `saved()` is called
+    after each (a long run cut short keeps what it measured)."""
     ps = prompts(model_dir, work)
-    out = []
+    out = [] if out is None else out
+
+    def add(r: Result) -> None:
+        out.append(r)
+        log.info("%s", r)
+        saved()
+
     log.info("%s: %d prompts of %.0f tokens, %d new tokens each", name, len(ps),
              sum(len(p[1]) for p in ps) / len(ps), work.new_tokens)
     if "shardserve" in systems:
         for q in [None, *quantize]:
-            out.append(ours.run(model_dir, name, work, ps, cache, threads, quantize=q))
-            log.info("%s", out[-1])
+            add(ours.run(model_dir, name, work, ps, cache, threads, quantize=q))
     if "transformers" in systems:
         import torch
 
         torch.set_num_threads(threads)
         model = hf.load(model_dir)
         if seq_limit is None or seq_limit >= 0:  # negative: no one-at-a-time row
-            out.append(hf.run(model, name, work, ps, batch_size=1, limit=seq_limit or None))
-            log.info("%s", out[-1])
-        out.append(hf.run(model, name, work, ps, batch_size=8))
-        log.info("%s", out[-1])
+            add(hf.run(model, name, work, ps, batch_size=1, limit=seq_limit or None))
+        add(hf.run(model, name, work, ps, batch_size=8))
         del model
         gc.collect()
     if "ctranslate2" in systems:
         ct2_dir = ct2.convert(model_dir, cache)
         for compute in ("float32", "int8"):
-            out.append(ct2.run(ct2_dir, model_dir, name, work, ps, compute, threads=threads))
-            log.info("%s", out[-1])
+            add(ct2.run(ct2_dir, model_dir, name, work, ps, compute, threads=threads))
     return out
 
 
@@ -105,10 +110,15 @@ def main(args) -> int:
     load_before = os.getloadavg()[0]
     t0 = time.monotonic()
     results: list[Result] = []
+
+    def save() -> None:  # what is measured so far
+        if args.out:
+            Path(args.out).write_text(json.dumps({"results": [r.public() for r in results], "partial": True},
+                                                 indent=1) + "\n")
     for name in names:
         model_dir = models.demo(cache) if name == "demo" else models.llama_300m(cache)
         limit = seq_limit if name == "demo" else (args.sequential_limit or None)
-        results.extend(bench_model(name, model_dir, work, cache, limit, systems, threads, quantize))
+        bench_model(name, model_dir, work, cache, limit, systems, threads, quantize, out=results, saved=save)
     steps = []
     if getattr(args, "in_process", False):
         for name in names:
