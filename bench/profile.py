@@ -51,10 +51,14 @@ WORKER_RULES = [
     ("scheduling and KV blocks", "worker/engine/block_manager.py", None),
     ("worker->controller messages", "worker/service.py", None),
     ("worker->controller messages", "/grpc/", None),
-    ("model forward", "worker/models/", None),
-    ("model forward", "worker/layers/", None),
-    ("model forward", "native/", None),
-    ("model forward", "worker/engine/runner.py", {"_forward", "run", "_forward_stage"}),
+    ("model forward: linear layers", "worker/layers/linear.py", None),
+    ("model forward: paged-attention decode kernel", "native/ops.py", {"paged_attention_decode"}),
+    ("model forward: LM head", "worker/layers/embedding.py", None),
+    ("model forward: other (norms, rotary + cache write, activations, glue)", "worker/models/", None),
+    ("model forward: other (norms, rotary + cache write, activations, glue)", "worker/layers/", None),
+    ("model forward: other (norms, rotary + cache write, activations, glue)", "native/", None),
+    ("model forward: other (norms, rotary + cache write, activations, glue)", "worker/engine/runner.py",
+     {"_forward", "run", "_forward_stage"}),
     ("engine update (outside sampling)", "worker/engine/engine.py", {"_update", "_finish"}),
     ("engine step glue and inbox", "worker/engine/", None),
 ]
@@ -72,7 +76,18 @@ CONTROLLER_RULES = [
 ]
 
 
+# innermost frames that mean "blocked": a Python wait, or a line whose C call sleeps/polls (py-spy's
+# --nonblocking mode cannot tell an idle thread from a busy one by itself)
+IDLE_FUNCS = {"Condition.wait", "Event.wait", "_wait_once", "wait", "select", "_PollLikeSelector.select",
+              "_serve", "_run_channel_spin_thread.<locals>.channel_spin", "Replica._watch",
+              "die_with_parent.<locals>.watch", "_worker", "SimpleQueue.get", "Queue.get", "Thread.join",
+              "BaseServer.serve_forever", "Server.wait_for_termination", "main"}
+IDLE = "(idle: threads blocked waiting)"
+
+
 def classify(stack: list[str], rules) -> str:
+    if stack and stack[-1].partition(" (")[0] in IDLE_FUNCS:
+        return IDLE
     for frame in reversed(stack):
         # "func (path:line)"
         name, _, where = frame.partition(" (")
@@ -173,11 +188,28 @@ def in_process(args, work: Workload) -> list[dict]:
              "prompt": prompt, "tokens": tokens} for r in rows]
 
 
+def shares(prof: dict, cpu_s: float) -> dict:
+    """Category -> (share of the busy samples, CPU seconds by that share); idle samples left out."""
+    busy = sum(n for c, n in prof["categories"].items() if c != IDLE)
+    return {c: (n / max(1, busy), n / max(1, busy) * cpu_s) for c, n in prof["categories"].items() if c != IDLE}
+
+
+def add_breakdown(doc: dict) -> None:
+    """doc["breakdown"]: CPU seconds and ms per generated token by category, worker and controller."""
+    tokens = doc["server"]["tokens"]
+    doc["breakdown"] = {
+        role: {cat: {"share_of_busy": round(share, 4), "cpu_s": round(sec, 2),
+                     "cpu_ms_per_token": round(1e3 * sec / tokens, 3)}
+               for cat, (share, sec) in shares(prof, doc["cpu_seconds"][role]["total_s"]).items()}
+        for role, prof in doc["profiles"].items()}
+
+
 def table(name: str, prof: dict, cpu_s: float) -> list[str]:
-    lines = [f"{name}: {prof['samples']} samples; CPU {cpu_s:.1f} s over the run"]
-    for cat, n in prof["categories"].items():
-        share = n / max(1, prof["samples"])
-        lines.append(f"  {100 * share:5.1f}%  ~{share * cpu_s:6.1f} CPU s  {cat}")
+    idle = prof["categories"].get(IDLE, 0)
+    lines = [f"{name}: {prof['samples']} samples ({idle} idle, left out); CPU {cpu_s:.1f} s over the run, "
+             f"shared by the busy samples"]
+    for cat, (share, sec) in shares(prof, cpu_s).items():
+        lines.append(f"  {100 * share:5.1f}%  ~{sec:6.1f} CPU s  {cat}")
     return lines
 
 
@@ -194,9 +226,21 @@ def main(argv=None) -> int:
     ap.add_argument("--no-decode", action="store_true", help="skip the in-process bench.decode rows")
     ap.add_argument("--cache-dir", default="", help="default ~/.cache/shardserve/bench")
     ap.add_argument("--out", default="bench/results/profile-32streams.json")
+    ap.add_argument("--reparse", default="", metavar="JSON",
+                    help="only re-read the py-spy files of the last run into this JSON (after changing the rules)")
     args = ap.parse_args(argv)
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else Path.home() / ".cache" / "shardserve" / "bench"
     cache.mkdir(parents=True, exist_ok=True)
+    if args.reparse:
+        doc = json.loads(Path(args.reparse).read_text())
+        doc["profiles"] = {"controller": read_raw(cache / "profile-controller.txt", CONTROLLER_RULES),
+                           "worker": read_raw(cache / "profile-worker.txt", WORKER_RULES)}
+        doc["method"] = __doc__
+        add_breakdown(doc)
+        Path(args.reparse).write_text(json.dumps(doc, indent=1) + "\n")
+        for role, prof in doc["profiles"].items():
+            print("\n".join(table(role, prof, doc["cpu_seconds"][role]["total_s"])))
+        return 0
     args.cache = cache
     work = Workload(streams=args.streams, prompt_tokens=args.prompt, new_tokens=args.new_tokens)
     model_dir = models.llama_300m(cache) if args.model == "llama-300m" else models.demo(cache)
@@ -266,6 +310,8 @@ def main(argv=None) -> int:
         lines.append(f"in-process batch {b} step {ms:.0f} ms: server inter-token p50 / step = {itl_ms / ms:.2f}x")
     for role in profiles:
         lines += table(role, profiles[role], cpu[role]["total_s"])
+    if profiles:
+        add_breakdown(doc)
     print("\n".join(lines))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -25,10 +25,10 @@ def headline(results: list[Result]) -> list[str]:
     lines = []
     for model in dict.fromkeys(r.model for r in results):
         mine = [r for r in results if r.model == model and r.system == "shardserve"]
-        for ref in (r for r in results if r.model == model and r.system != "shardserve"):
-            if mine:
-                lines.append(f"{model}: shardserve / {ref.system} {ref.scenario}: "
-                             f"{mine[0].tokens_per_s / ref.tokens_per_s:.2f}x tokens/s")
+        for me in mine:
+            for ref in (r for r in results if r.model == model and r.system != "shardserve"):
+                lines.append(f"{model}: shardserve {me.scenario} / {ref.system} {ref.scenario}: "
+                             f"{me.tokens_per_s / ref.tokens_per_s:.2f}x tokens/s")
     return lines
 
 
@@ -47,8 +47,15 @@ def bench_model(name: str, model_dir: Path, work: Workload, cache: Path, seq_lim
 
     log.info("%s: %d prompts of %.0f tokens, %d new tokens each", name, len(ps),
              sum(len(p[1]) for p in ps) / len(ps), work.new_tokens)
+    # pairs first (CTranslate2 float32 / shardserve fp32, then int8 / int8): a run cut short keeps comparisons
+    ct2_dir = ct2.convert(model_dir, cache) if "ctranslate2" in systems else None
+    for compute, q in (("float32", None), ("int8", "int8")):
+        if ct2_dir is not None:
+            add(ct2.run(ct2_dir, model_dir, name, work, ps, compute, threads=threads))
+        if "shardserve" in systems and (q is None or q in quantize):
+            add(ours.run(model_dir, name, work, ps, cache, threads, quantize=q))
     if "shardserve" in systems:
-        for q in [None, *quantize]:
+        for q in (q for q in quantize if q != "int8"):
             add(ours.run(model_dir, name, work, ps, cache, threads, quantize=q))
     if "transformers" in systems:
         import torch
@@ -60,10 +67,6 @@ def bench_model(name: str, model_dir: Path, work: Workload, cache: Path, seq_lim
         add(hf.run(model, name, work, ps, batch_size=8))
         del model
         gc.collect()
-    if "ctranslate2" in systems:
-        ct2_dir = ct2.convert(model_dir, cache)
-        for compute in ("float32", "int8"):
-            add(ct2.run(ct2_dir, model_dir, name, work, ps, compute, threads=threads))
     return out
 
 
