@@ -101,7 +101,7 @@ def build(model_dir: Path, dtype: str, quantize: str | None, max_batch: int, max
 
     engine = build_engine(EngineConfig(model_dir=model_dir, dtype=dtype, max_batch_size=max_batch,
                                        max_batch_tokens=max(2048, max_batch * max_len), max_model_len=max_len,
-                                       quantize=quantize))
+                                       num_kv_blocks=max_batch * (-(-max_len // 16) + 1), quantize=quantize))
     if hasattr(engine.scheduler, "prefill_budget"):  # the bench prefills every prompt in one step
         engine.scheduler.prefill_budget = engine.config.max_batch_tokens
     return engine

@@ -64,7 +64,7 @@ def t5_tokenizer(out: Path):
     from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
-    from controller.demo_model import corpus_lines
+    from controller.acquire.demo_model import corpus_lines
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tok = Tokenizer(tok_models.BPE(unk_token="<unk>"))

@@ -211,6 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench-results/startup.json")
     ap.add_argument("--skip", default="", help="comma-separated rows to skip (hf, tp1, tp2)")
     ap.add_argument("--load-only", action="store_true", help="only the in-process worker load comparison")
+    ap.add_argument("--ready-only", action="store_true",
+                    help="only the time-to-ready rows (no partitioning peak memory, no in-process load runs)")
     a = ap.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
     work = Path(a.workdir).absolute()
@@ -249,6 +251,8 @@ def main(argv=None) -> int:
         best("serve checkpoint folder (tp=1)", lambda: time_serve(model, Path(tempfile.mkdtemp(dir=work)), []))
 
     def aot_partition(tp: int) -> float:
+        if a.ready_only and (aot[tp] / "manifest.json").is_file():
+            return 0.0  # made by an earlier run: not timed again
         t0 = time.monotonic()
         partition(model, aot[tp], tp=tp, pp=1)
         return time.monotonic() - t0
@@ -279,10 +283,11 @@ def main(argv=None) -> int:
                  partition_s_once=round(part_s[2], 3))
         else:
             print("  serve has no --tp on this build: tp=2 serving rows skipped", file=sys.stderr)
-    peaks = [partition_peak(model, work, tp) for tp in sorted(part_s)]
-    loads = worker_load(model, aot[1], max(3, a.repeat))
+    peaks = [] if a.ready_only else [partition_peak(model, work, tp) for tp in sorted(part_s)]
+    loads = [] if a.ready_only else worker_load(model, aot[1], max(3, a.repeat))
     print_table(rows, peaks, n_params, model_bytes, part_s)
-    print_loads(loads)
+    if loads:
+        print_loads(loads)
     report = {"bench": "startup", "model": {"parameters": n_params, "bytes": model_bytes, "config": CONFIG},
               "rows": rows, "partition_seconds": part_s, "partition_peak_memory": peaks, "worker_load": loads,
               "host": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "python": platform.python_version()},

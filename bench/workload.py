@@ -28,10 +28,12 @@ class Result:
     latency_p99_s: float
     requests: int = 0
     note: str = ""
+    ttft_p99_s: float | None = None
+    inter_token_p50_s: float | None = None  # streaming systems only: gap between a stream's tokens
 
     def public(self) -> dict:
         keys = ("system", "model", "scenario", "tokens_per_s", "ttft_p50_s", "latency_p50_s", "latency_p90_s",
-                "latency_p99_s")
+                "latency_p99_s", "ttft_p99_s", "inter_token_p50_s", "note")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -44,7 +46,8 @@ def percentile(xs: list[float], q: float) -> float:
 
 def make_result(system, model, scenario, wall_s, generated, ttfts, latencies, note="") -> Result:
     return Result(system, model, scenario, generated / wall_s, percentile(ttfts, 50), percentile(latencies, 50),
-                  percentile(latencies, 90), percentile(latencies, 99), len(latencies), note)
+                  percentile(latencies, 90), percentile(latencies, 99), len(latencies), note,
+                  ttft_p99_s=percentile(ttfts, 99))
 
 
 def prompts(model_dir: Path, work: Workload) -> list[tuple[str, list[int]]]:
@@ -66,9 +69,12 @@ def prompts(model_dir: Path, work: Workload) -> list[tuple[str, list[int]]]:
 
 
 def format_table(results: list[Result]) -> str:
-    head = f"{'system':<13}{'model':<12}{'scenario':<26}{'tok/s':>8}{'TTFT p50':>10}{'lat p50':>9}{'p90':>9}{'p99':>9}"
+    head = (f"{'system':<13}{'model':<12}{'scenario':<31}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}"
+            f"{'ITL p50 ms':>11}{'lat p50':>9}{'p90':>9}{'p99':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r.system:<13}{r.model:<12}{r.scenario:<26}{r.tokens_per_s:>8.1f}{r.ttft_p50_s:>10.2f}"
+        itl = f"{1e3 * r.inter_token_p50_s:.0f}" if r.inter_token_p50_s else "-"
+        lines.append(f"{r.system:<13}{r.model:<12}{r.scenario:<31}{r.tokens_per_s:>8.1f}{r.ttft_p50_s:>10.2f}"
+                     f"{r.ttft_p99_s if r.ttft_p99_s is not None else r.ttft_p50_s:>10.2f}{itl:>11}"
                      f"{r.latency_p50_s:>9.2f}{r.latency_p90_s:>9.2f}{r.latency_p99_s:>9.2f}")
     return "\n".join(lines)

@@ -143,7 +143,9 @@ def main(argv=None) -> int:
 
     loop = threading.Thread(target=engine_thread, daemon=True, name="engine")
     loop.start()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=256),
+    # one thread per request the controller has routed here (each Generate stream holds one to its end);
+    # threads start on demand, so the cap costs nothing until that many requests are in flight
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max(1024, 8 * args.max_batch_size)),
                          options=[("grpc.max_receive_message_length", 64 << 20)])
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(engine, info), server)
     server.add_insecure_port(f"unix:{args.socket}")

@@ -46,6 +46,27 @@ def sampling_from_pb(p: pb.SamplingParams) -> Sampling:
     )
 
 
+def coalesce(out: queue.SimpleQueue) -> tuple[list[int], list[float], Finish | None, str]:
+    """The next event of a request's stream, merged with every event already queued behind it.
+
+    The engine emits one event per step; while the message before is still being sent (the
+    controller reads slower than the engine steps), events pile up here, and they leave as one
+    message (token ids in order, their log-probs aligned) instead of one message each. Stops at
+    the finishing event, which is always the last."""
+    toks, lps, fin, err = out.get()
+    if fin is not None:
+        return toks, lps, fin, err
+    toks, lps = list(toks), list(lps)
+    while fin is None:
+        try:
+            more_toks, more_lps, fin, err = out.get_nowait()
+        except queue.Empty:
+            break
+        toks += more_toks
+        lps += more_lps
+    return toks, lps, fin, err
+
+
 class WorkerService(pb_grpc.WorkerServicer):
     def __init__(self, engine: Engine, info: dict):
         self.engine = engine
@@ -71,7 +92,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.engine.add(seq)
         first = True
         while True:
-            toks, lps, fin, err = out.get()
+            toks, lps, fin, err = coalesce(out)
             msg = pb.WorkerGenerateResponse(token_ids=toks)
             if seq.sampling.return_log_probs:
                 msg.log_probs.extend(lps)

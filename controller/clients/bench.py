@@ -18,6 +18,9 @@ def register(sub) -> None:
     p.add_argument("--models", default=None, help="comma list of demo, llama-300m (default: by mode)")
     p.add_argument("--systems", default="shardserve,transformers,ctranslate2", help="comma list")
     p.add_argument("--sequential-limit", type=int, default=8,
-                   help="requests transformers runs one at a time on the 300M model (0 = all)")
+                   help="requests transformers runs one at a time on the 300M model (0 = all, -1 = none)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for every system (0 = all cores)")
+    p.add_argument("--quantize", default="", help="shardserve also serves with these, e.g. int8 (comma list)")
+    p.add_argument("--in-process", action="store_true",
+                   help="also time the engine in-process (bench.decode) at batch 1 and the stream count")
     p.set_defaults(func=run)

@@ -112,7 +112,12 @@ def settings_from_args(args, env: Mapping[str, str]) -> ServeSettings:
             raise ConfigError(f"{flag} {path}: no such file")
     if args.replicas < 1:
         raise ConfigError(f"--replicas {args.replicas}: must be >= 1")
+    # One gRPC thread per admitted stream (a GenerateStream holds its thread to the end) plus room for
+    # health, admin and ModelInfo calls, so that admitted requests never wait for a thread and a full
+    # server still answers probes. Threads start on demand: an idle server holds few.
+    admitted = max_batch * args.replicas + max_queued
     server = ServerConfig(host=args.host, port=args.port, http_port=args.http_port, max_queued_requests=max_queued,
+                          grpc_threads=max(ServerConfig.grpc_threads, admitted + 32),
                           shutdown_grace_s=args.shutdown_grace, device=device, admin_token=token or None,
                           tls_cert=Path(cert) if cert else None, tls_key=Path(key) if key else None)
     try:  # the launch contract validates its fields (worker/config.py), naming the one that is wrong

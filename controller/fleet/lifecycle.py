@@ -173,7 +173,7 @@ class ModelManager:
             path = rec.path = prep.path
             rec.partition_seconds = prep.phases.get("partition", 0.0)
             rec.phase = "reading the tokenizer"
-            codec = Codec(path)
+            codec = Codec(path, background=True)  # read while the workers start; requests wait for it
             spec = self.spec_for(path, rec.layout)
         except Exception as e:  # a bad source or layout: the model is failed, with the reason
             rec.error_code = (grpc.StatusCode.NOT_FOUND if isinstance(e, FileNotFoundError) else
@@ -190,6 +190,12 @@ class ModelManager:
             self.router.add(rec.entry)
             rec.phase = "launching workers"
             self._grow(rec)
+        try:
+            codec.wait()
+        except Exception as e:  # a tokenizer that cannot be read fails the model, as before the launch
+            self._fail(rec, f"reading the tokenizer: {e or type(e).__name__}")
+            for r in list(rec.replicas):
+                r.stop()
 
     def _fail(self, rec: ModelRecord, error: str) -> None:
         log.error("model %s failed to load: %s", rec.name, error)
