@@ -59,10 +59,20 @@ class Event:
     cum_log_prob: float | None = None
 
 
-def prepare(entry: ModelEntry, prompt: str, params: gpb.GenerationParameters, arrival: float) -> Prepared:
+def prepare(entry: ModelEntry, prompt: str | list[int], params: gpb.GenerationParameters, arrival: float,
+            field: str = "prompt") -> Prepared:
+    """A prompt as text (encoded with the model's tokenizer, special tokens added) or as token ids
+    (taken as they are), validated with its parameters. Raises RequestError naming `field`."""
     if not prompt:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "field prompt: must not be empty")
-    ids = entry.codec.encode(prompt)
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"field {field}: must not be empty")
+    if isinstance(prompt, str):
+        ids = entry.codec.encode(prompt)
+    else:
+        ids = list(prompt)
+        bad = [t for t in ids if not 0 <= t < entry.vocab_size]
+        if bad:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"field {field}: token ids must be in [0, {entry.vocab_size}), got {bad[:5]}")
     sampling = resolve(params, prompt_tokens=len(ids), max_model_len=entry.max_model_len,
                        vocab_size=entry.vocab_size, eos_token_ids=entry.codec.eos_token_ids,
                        encode_plain=entry.codec.encode_plain, encoder_decoder=entry.encoder_decoder,
