@@ -148,8 +148,7 @@ class HttpServer:
         self.add("GET", "/health/live", lambda b, h: (200, "application/json", b'{"status":"live"}'))
         self.add("GET", "/health/ready", self._ready)
         self.add("GET", "/metrics", self._metrics)
-        self.sock = socket.create_server((host, port), reuse_port=False)  # bound now: errors surface here
-        self.sock.setblocking(False)
+        self.sock = _listen(host, port)  # bound now: errors surface here
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off", http="h11",
                                 ssl_context_factory=(lambda cfg, default: ssl_context) if ssl_context else None,
@@ -215,6 +214,20 @@ class HttpServer:
         if self.thread is not None:
             self.thread.join(timeout=5)
         self.sock.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket whose accepted connections have Nagle off: asyncio turns it off only for
+    sockets whose proto is IPPROTO_TCP (accepted ones inherit it), and with it on, a response written
+    as headers then body waits ~40 ms for the client's delayed ACK."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
 
 
 async def _iterate_in_thread(payload) -> AsyncIterator[bytes]:
