@@ -132,6 +132,21 @@ async def until_disconnect(request: Request, work: Awaitable):
     return task.result()
 
 
+class ClosingStream(StreamingResponse):
+    """A StreamingResponse that calls `close()` when the response ends however it ends, also when the
+    client left before the body iterator was ever started (whose own `finally` then never runs)."""
+
+    def __init__(self, content, close: Callable[[], None], **kw):
+        super().__init__(content, **kw)
+        self.close = close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.close()
+
+
 def json_response(status: int, obj) -> Response:
     # json.dumps' default separators: clients (and tests) compare /ping's and /health/ready's bytes
     return Response(json.dumps(obj, ensure_ascii=False).encode(), status_code=status, media_type="application/json")

@@ -25,9 +25,17 @@ import grpc
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
-from controller.api.http import BodyTooLarge, events, gather_all, json_response, read_body, until_disconnect
+from controller.api.http import (
+    BodyTooLarge,
+    ClosingStream,
+    events,
+    gather_all,
+    json_response,
+    read_body,
+    until_disconnect,
+)
 from controller.api.openai_models import ChatRequest, CompletionRequest
 from controller.api.params import RequestError
 from controller.api.service import STATUS_NAMES, Event, Prepared, Running, prepare
@@ -76,6 +84,17 @@ def _validation(e: ValidationError) -> Response:
     return error(400, f"{param}: {msg}" if param else msg, param)
 
 
+INLINE_BODY_BYTES = 64 << 10
+
+
+async def _off_loop(request: Request, fn, *args):
+    """Tokenizing (and rendering a chat template) on the loop for small bodies, where a hop to a thread
+    and back costs more than the work under load; in a thread for large ones, so the loop stays free."""
+    if int(request.headers.get("content-length") or 0) <= INLINE_BODY_BYTES:
+        return fn(*args)
+    return await run_in_threadpool(fn, *args)
+
+
 def _sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
@@ -90,6 +109,7 @@ class _Choice:
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.finish: str | None = None
+        self.started = False  # its events are being consumed (else close() drains them)
 
 
 class OpenAIRoutes:
@@ -174,8 +194,8 @@ class OpenAIRoutes:
             return error(400, "echo: with logprobs it needs the prompt's log-probabilities, which are not "
                               "available; drop one of them", "echo")
         try:
-            entry, preps = await run_in_threadpool(self._prepare, req, req.prompts(), req.logprobs is not None,
-                                                   arrival)
+            entry, preps = await _off_loop(request, self._prepare, req, req.prompts(), req.logprobs is not None,
+                                           arrival)
         except RequestError as e:
             return self._refused(req.model or "", e, arrival)
         echo = [entry.codec.decode(p.prompt_ids) if req.echo else "" for p in preps]
@@ -192,7 +212,7 @@ class OpenAIRoutes:
             return self._prepare(req, [self._chat_ids(entry, req)], req.logprobs, arrival)
 
         try:
-            entry, preps = await run_in_threadpool(prep)
+            entry, preps = await _off_loop(request, prep)
         except RequestError as e:
             return self._refused(req.model or "", e, arrival)
         return await self._serve(request, req, entry, preps, "chat.completion", "chatcmpl", None)
@@ -216,19 +236,39 @@ class OpenAIRoutes:
             admission.__exit__(None, None, None)
             return self._refused(entry.name, e, preps[0].arrival)
         meta = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name}
+        close = self._closer(choices, admission)
         if req.stream:
-            body = self._stream(req, entry, preps, choices, kind, meta, echo, admission)
-            return StreamingResponse(body, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            body = self._stream(req, entry, preps, choices, kind, meta, echo, close)
+            return ClosingStream(body, close, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             done = await until_disconnect(request, gather_all([self._consume(c) for c in choices]))
         except RequestError as e:
             return request_error(e)
         finally:
-            admission.__exit__(None, None, None)
+            close()
         if done is None:
             return Response(status_code=499)
         return json_response(200, self._unary(req, entry, preps, choices, kind, meta, echo))
+
+    def _closer(self, choices: list[_Choice], admission):
+        """Once: cancel every run nobody consumed yet (and drain it, which releases its replica count),
+        release the admission slots."""
+        closed = []
+
+        def close() -> None:
+            if closed:
+                return
+            closed.append(True)
+            for c in choices:
+                if not c.started:
+                    c.started = True
+                    c.run.cancel()
+                    self.record(c.run.record("cancelled"))
+                    threading.Thread(target=lambda r=c.run: list(r.events()), daemon=True).start()
+            admission.__exit__(None, None, None)
+
+        return close
 
     def _start(self, entry, preps: list[Prepared]) -> list[_Choice]:
         """A worker call per prepared request; none started when no replica is ready."""
@@ -245,6 +285,9 @@ class OpenAIRoutes:
         return choices
 
     async def _consume(self, c: _Choice, on_event=None) -> None:
+        if c.started:  # closed before this task ran
+            return
+        c.started = True
         status = "cancelled"
         try:
             async for ev in events(c.run):
@@ -299,7 +342,7 @@ class OpenAIRoutes:
                             "finish_reason": c.finish})
         return {**meta, "object": kind, "choices": out, "usage": self._usage(preps, choices, req.n)}
 
-    async def _stream(self, req, entry, preps, choices, kind, meta, echo, admission) -> AsyncIterator[bytes]:
+    async def _stream(self, req, entry, preps, choices, kind, meta, echo, close) -> AsyncIterator[bytes]:
         """SSE chunks as tokens arrive, from every choice at once; admission held until the end; a
         cancelled generator (the client left) cancels every run."""
         chat = kind == "chat.completion"
@@ -357,4 +400,4 @@ class OpenAIRoutes:
                 yield _sse({**meta, "object": obj, "choices": [], "usage": self._usage(preps, choices, req.n)})
             yield b"data: [DONE]\n\n"
         finally:
-            admission.__exit__(None, None, None)
+            close()
