@@ -1,8 +1,9 @@
 """`shardserve serve`: the controller process.
 
 settings (flags > environment > serving.properties > defaults; see controller/config/properties.py) -> serve
-gRPC (Generation, Admin, health, reflection) and HTTP (health, metrics, /v1/stats, SageMaker /ping and
-/invocations), both over TLS with --tls-cert/--tls-key -> load the model in the background (readiness
+gRPC (Generation, Admin, health, reflection) and HTTP (uvicorn in its own thread: health, metrics,
+/v1/stats, SageMaker /ping and /invocations, OpenAI /v1/models, /v1/completions, /v1/chat/completions),
+both over TLS with --tls-cert/--tls-key -> load the model in the background (readiness
 is 503 until a replica is ready; a model that cannot load ends the process with an error) -> on SIGTERM
 stop admitting, let in-flight requests finish within the grace period, stop the workers, exit 0.
 """
@@ -30,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from controller.acquire.resolver import ResolvedSource, resolve_model_source
 from controller.api.admin import AdminService
 from controller.api.http import HttpServer
+from controller.api.openai_routes import OpenAIRoutes
 from controller.api.sagemaker import SageMakerRoutes
 from controller.api.service import GenerationService
 from controller.config.properties import PropertiesError
@@ -63,8 +65,10 @@ def resolve_model(src: str | None, cache_dir: Path, env: Mapping[str, str] = os.
 
 
 class Controller:
-    def __init__(self, config: ServerConfig, cache_dir: Path, spec: ReplicaSpec | None = None):
+    def __init__(self, config: ServerConfig, cache_dir: Path, spec: ReplicaSpec | None = None,
+                 chat_template: Path | None = None):
         self.config = config
+        self.chat_template = chat_template  # overrides every model's own for /v1/chat/completions
         self.cache_dir = cache_dir
         self.base_spec = spec or ReplicaSpec(model_dir=Path())
         self.router = ServingRouter()
@@ -80,6 +84,7 @@ class Controller:
         self.server: grpc.Server | None = None
         self.http: HttpServer | None = None
         self.stopped = threading.Event()
+        self._health_names: set[str] = set()  # model names ever given a grpc.health status
 
     def load_model(self, name: str, source: str | None, layout: Layout, replicas: int = 1) -> ModelRecord:
         """Load and wait until every replica is ready; raises RuntimeError when the model failed."""
@@ -90,13 +95,26 @@ class Controller:
         return rec
 
     def _set_serving(self, ok: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-        for svc in ("", generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name):
-            self.health.set(svc, status)
+        """grpc.health.v1: "" is liveness (the process is up; NOT_SERVING only while drained or shutting
+        down), the Generation service is the server's readiness (/health/ready), and each model's name is
+        that model's readiness (admitting, with a ready replica). Also refreshed every poll_stats tick."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        r = self.router
+        self.health.set("", serving if ok and r.accepting else not_serving)
+        self.health.set(generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+                        serving if ok and r.all_ready() else not_serving)
+        names = set(r.names())
+        for name in names | self._health_names:
+            entry = r.models.get(name)
+            up = ok and r.accepting and name in names and name not in r.gate and entry is not None \
+                and bool(entry.ready_replicas())
+            self.health.set(name, serving if up else not_serving)
+        self._health_names = names | self._health_names
 
     def poll_stats(self, interval_s: float = 1.0) -> None:
         """Engine stats of every replica into the metrics, every interval (a daemon thread)."""
         while not self.stopped.wait(interval_s):
+            self._set_serving(self.router.accepting)
             for entry in list(self.router.models.values()):
                 for r in entry.replicas:
                     st = r.refresh_status()
@@ -129,12 +147,13 @@ class Controller:
         port = self.server.add_secure_port(addr, creds) if creds else self.server.add_insecure_port(addr)
         if not port:
             raise OSError(f"cannot listen on {addr}")
-        self._set_serving(False)
+        self._set_serving(True)
         self.server.start()
         self.http = HttpServer(c.host, c.http_port, ready=self.router.all_ready, metrics=self.metrics,
                                ssl_context=ssl_ctx)
         self.http.add("GET", "/v1/stats", self._stats_route)
         SageMakerRoutes(self.router, self.router.all_ready, self.record).install(self.http)
+        OpenAIRoutes(self.router, self.record, self.chat_template).install(self.http)
         self.http.start()
         threading.Thread(target=self.poll_stats, daemon=True, name="stats-poll").start()
         scheme = "TLS" if creds else "plaintext"
@@ -199,7 +218,11 @@ def run(args) -> int:
         print(f"shardserve serve: configuration error: {e}", file=sys.stderr)
         return 2
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    ctl = Controller(settings.server, cache_dir, settings.spec)
+    template = Path(args.chat_template) if getattr(args, "chat_template", None) else None
+    if template is not None and not template.is_file():
+        print(f"shardserve serve: configuration error: --chat-template {template}: no such file", file=sys.stderr)
+        return 2
+    ctl = Controller(settings.server, cache_dir, settings.spec, chat_template=template)
     term = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: term.set())
     signal.signal(signal.SIGINT, lambda *a: term.set())
@@ -234,4 +257,6 @@ def _load_initial(ctl: Controller, settings: ServeSettings, term: threading.Even
 def register(sub) -> None:
     p = sub.add_parser("serve", help="run the controller (and its workers)")
     add_serve_flags(p)
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template for /v1/chat/completions, instead of each model's own")
     p.set_defaults(func=run)

@@ -1,4 +1,7 @@
-"""The SageMaker container contract over HTTP: GET /ping, POST /invocations.
+"""The SageMaker container contract over HTTP: GET /ping, POST /invocations, and the paths boto3's
+sagemaker-runtime client posts to (`invoke_endpoint` -> POST /endpoints/NAME/invocations, the same;
+`invoke_endpoint_with_response_stream` -> POST /endpoints/NAME/invocations-response-stream, the jsonlines
+stream framed as AWS event-stream PayloadPart events, controller/api/eventstream.py).
 
 /invocations takes the FasterTransformer-handler JSON users already send:
     {"inputs": "prompt" | ["p1", "p2"], "parameters": {"max_seq_len": 20, "temperature": 0.7, ...}}
@@ -21,11 +24,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import grpc
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
 
+from controller.api import eventstream
+from controller.api.http import BodyTooLarge, events, gather_all, json_response, read_body, until_disconnect
 from controller.api.params import RequestError, parameters_from_dict
-from controller.api.service import STATUS_NAMES, Running, prepare
+from controller.api.service import STATUS_NAMES, Prepared, Running, prepare
 from controller.metrics.stats import RequestRecord
 from shardserve.v1 import generate_pb2 as gpb
 
@@ -42,12 +50,10 @@ HTTP_STATUS = {
 }
 
 
-def _json(status: int, obj) -> tuple[int, str, bytes]:
-    return status, "application/json", json.dumps(obj, ensure_ascii=False).encode()
-
-
-def _error(err: RequestError) -> tuple[int, str, bytes]:
-    return _json(HTTP_STATUS.get(err.code, 500), {"error": err.message, "code": err.code.name})
+def _error(err: RequestError) -> Response:
+    # "message" too: botocore reads it into the ClientError a boto3 caller sees
+    return json_response(HTTP_STATUS.get(err.code, 500),
+                         {"error": err.message, "code": err.code.name, "message": err.message})
 
 
 def _bad(message: str) -> RequestError:
@@ -79,7 +85,7 @@ def parse_body(body: bytes, headers: dict) -> tuple[list[str], gpb.GenerationPar
     if not isinstance(model, str):
         raise _bad("field model: must be a string")
     model = _header(headers, TARGET_MODEL_HEADER) or model
-    accept = _header(headers, "accept").lower()
+    accept = (_header(headers, "accept") + " " + _header(headers, "x-amzn-sagemaker-accept")).lower()
     stream = any(t in accept for t in JSONLINES) or obj.get("stream") is True
     return prompts, parameters_from_dict(params), is_list, model, stream
 
@@ -92,7 +98,8 @@ def _header(headers: dict, name: str) -> str:
 
 
 class SageMakerRoutes:
-    """Adds /ping and /invocations to an HttpServer; requests go through the router like gRPC ones."""
+    """Adds /ping, /invocations and boto3's /endpoints/NAME/... paths to an HttpServer; requests go
+    through the router like gRPC ones."""
 
     def __init__(self, router, ready, record=lambda rec: None, timeout_s: float | None = None):
         self.router = router
@@ -102,60 +109,104 @@ class SageMakerRoutes:
 
     def install(self, http) -> None:
         http.add("GET", "/ping", self.ping)
-        http.add("POST", "/invocations", self.invocations)
+        http.add_endpoint("POST", "/invocations", self.invocations)
+        http.add_endpoint("POST", "/endpoints/{endpoint}/invocations", self.invocations)
+        http.add_endpoint("POST", "/endpoints/{endpoint}/invocations-response-stream", self.response_stream)
 
     def ping(self, body, headers):
         ok = self.ready()
-        return _json(200 if ok else 503, {"status": "ready" if ok else "not ready"})
+        return 200 if ok else 503, "application/json", json.dumps({"status": "ready" if ok else "not ready"}).encode()
 
-    def invocations(self, body: bytes, headers: dict):
+    async def _parse(self, request: Request):
+        """(prepared requests, entry, stream asked for) or an error Response."""
         arrival = time.monotonic()
-        ctype = _header(headers, "content-type").split(";")[0].strip().lower()
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         # curl's default form type and text/plain are read as JSON too; anything else is refused
         if ctype and ctype not in ("application/json", "text/json", "application/x-www-form-urlencoded", "text/plain"):
-            return _json(415, {"error": f"Content-Type {ctype!r} is not supported; send application/json",
-                               "code": "INVALID_ARGUMENT"})
+            return json_response(415, {"error": f"Content-Type {ctype!r} is not supported; send application/json",
+                                       "code": "INVALID_ARGUMENT"})
+        try:
+            body = await read_body(request)
+        except BodyTooLarge as e:
+            return json_response(413, {"error": str(e), "code": "INVALID_ARGUMENT"})
         name = ""
         try:
-            prompts, params, is_list, wanted, stream = parse_body(body, headers)
+            prompts, params, is_list, wanted, stream = parse_body(body, dict(request.headers))
             entry = self.router.get(wanted)  # only a served model's name becomes a metrics label
             name = entry.name
-            if stream and len(prompts) != 1:
-                raise _bad(f"streaming (application/jsonlines) takes one input, got {len(prompts)}")
-            preps = [prepare(entry, p, params, arrival) for p in prompts]
-            if stream:
-                self.router.pick(entry)  # no ready replica: a 503 now rather than an error line later
-                return 200, "application/jsonlines", self._stream(entry, preps[0])
-            with self.router.admit(entry, len(preps)):
-                runs = [Running(p, self.router.pick(entry), self.timeout_s) for p in preps]
-                outputs = [self._collect(r) for r in runs]
+            return [prepare(entry, p, params, arrival) for p in prompts], entry, stream
         except RequestError as e:
             self._fail(name, e, arrival)
             return _error(e)
-        return _json(200, {"outputs": outputs})
 
-    def _collect(self, run: Running) -> str:
+    async def invocations(self, request: Request) -> Response:
+        parsed = await self._parse(request)
+        if isinstance(parsed, Response):
+            return parsed
+        preps, entry, stream = parsed
+        if stream:
+            return self._start_stream(entry, preps, "application/jsonlines", lambda line: line)
         try:
-            text = "".join(ev.text for ev in run.events())
+            with self.router.admit(entry, len(preps)):
+                runs = [Running(p, self.router.pick(entry), self.timeout_s) for p in preps]
+                outputs = await until_disconnect(request, self._collect_all(runs))
         except RequestError as e:
-            self.record(run.record(STATUS_NAMES.get(e.code, "error")))
+            self._fail(entry.name, e, preps[0].arrival)
+            return _error(e)
+        if outputs is None:  # the client left: its runs were cancelled
+            return Response(status_code=499)
+        return json_response(200, {"outputs": outputs})
+
+    async def response_stream(self, request: Request) -> Response:
+        """boto3's invoke_endpoint_with_response_stream: the jsonlines stream, one line a PayloadPart."""
+        parsed = await self._parse(request)
+        if isinstance(parsed, Response):
+            return parsed
+        preps, entry, _ = parsed
+        resp = self._start_stream(entry, preps, eventstream.CONTENT_TYPE, eventstream.payload_part)
+        resp.headers["X-Amzn-SageMaker-Content-Type"] = "application/jsonlines"
+        return resp
+
+    def _start_stream(self, entry, preps: list[Prepared], media_type: str, frame) -> Response:
+        try:
+            if len(preps) != 1:
+                raise _bad(f"streaming (application/jsonlines) takes one input, got {len(preps)}")
+            self.router.pick(entry)  # no ready replica: a 503 now rather than an error line later
+        except RequestError as e:
+            self._fail(entry.name, e, preps[0].arrival)
+            return _error(e)
+        return StreamingResponse(self._stream(entry, preps[0], frame), media_type=media_type)
+
+    async def _collect_all(self, runs: list[Running]) -> list[str]:
+        return await gather_all([self._collect(r) for r in runs])
+
+    async def _collect(self, run: Running) -> str:
+        status = "cancelled"
+        try:
+            text = "".join([ev.text async for ev in events(run)])
+            status = run.status
+        except RequestError as e:
+            status = STATUS_NAMES.get(e.code, "error")
             raise
-        self.record(run.record(run.status))
+        finally:
+            self.record(run.record(status))
         return text
 
     def _fail(self, model: str, err: RequestError, arrival: float) -> None:
         self.record(RequestRecord(model=model, replica="", status=STATUS_NAMES.get(err.code, "error"),
                                   arrival_s=arrival, finished_s=time.monotonic()))
 
-    def _stream(self, entry, prep):
-        """Yields jsonlines; admission is held while the generator runs (closed when the client leaves)."""
-        status = "ok"
+    async def _stream(self, entry, prep: Prepared, frame) -> AsyncIterator[bytes]:
+        """jsonlines (each line through `frame`); admission is held while it runs; a client that leaves
+        cancels the generator, and so the run."""
+        status = "cancelled"
         run = None
         try:
             with self.router.admit(entry):
                 run = Running(prep, self.router.pick(entry), self.timeout_s)
                 text = []
-                for index, ev in enumerate(run.events()):
+                index = 0
+                async for ev in events(run):
                     text.append(ev.text)
                     line = {"token": {"id": ev.token_id, "text": ev.text}, "index": index}
                     if ev.log_prob is not None:
@@ -163,16 +214,12 @@ class SageMakerRoutes:
                     if ev.finish:
                         line["finish_reason"] = FINISH_NAMES[ev.finish]
                         line["generated_text"] = "".join(text)
-                    yield (json.dumps(line, ensure_ascii=False) + "\n").encode()
+                    index += 1
+                    yield frame((json.dumps(line, ensure_ascii=False) + "\n").encode())
                 status = run.status
         except RequestError as e:
             status = STATUS_NAMES.get(e.code, "error")
-            yield (json.dumps({"error": e.message, "code": e.code.name}) + "\n").encode()
-        except GeneratorExit:  # the client went away: free the worker slot now
-            status = "cancelled"
-            if run is not None:
-                run.cancel()
-            raise
+            yield frame((json.dumps({"error": e.message, "code": e.code.name}) + "\n").encode())
         finally:
             if run is not None:
                 self.record(run.record(status))

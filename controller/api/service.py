@@ -8,6 +8,8 @@ stop strings, finish reason) -> record (plain RequestRecord for the metrics modu
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -59,15 +61,69 @@ class Event:
     cum_log_prob: float | None = None
 
 
-def prepare(entry: ModelEntry, prompt: str, params: gpb.GenerationParameters, arrival: float) -> Prepared:
+def prepare(entry: ModelEntry, prompt: str | list[int], params: gpb.GenerationParameters, arrival: float,
+            field: str = "prompt") -> Prepared:
+    """A prompt as text (encoded with the model's tokenizer, special tokens added) or as token ids
+    (taken as they are), validated with its parameters. Raises RequestError naming `field`."""
     if not prompt:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "field prompt: must not be empty")
-    ids = entry.codec.encode(prompt)
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"field {field}: must not be empty")
+    if isinstance(prompt, str):
+        ids = entry.codec.encode(prompt)
+    else:
+        ids = list(prompt)
+        bad = [t for t in ids if not 0 <= t < entry.vocab_size]
+        if bad:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"field {field}: token ids must be in [0, {entry.vocab_size}), got {bad[:5]}")
     sampling = resolve(params, prompt_tokens=len(ids), max_model_len=entry.max_model_len,
                        vocab_size=entry.vocab_size, eos_token_ids=entry.codec.eos_token_ids,
                        encode_plain=entry.codec.encode_plain, encoder_decoder=entry.encoder_decoder,
                        kv_cache=(entry.kv_blocks, entry.block_size))
     return Prepared(entry, ids, sampling, list(params.stop), arrival)
+
+
+def samples(params: gpb.GenerationParameters, n: int) -> list[gpb.GenerationParameters]:
+    """`n` (0 = 1) copies of the parameters; sample i is seeded seed + i (greedy ignores the seed)."""
+    out = [params]
+    for i in range(1, max(n, 1)):
+        p = gpb.GenerationParameters()
+        p.CopyFrom(params)
+        p.seed = (params.seed + i) % (1 << 64)
+        out.append(p)
+    return out
+
+
+def _prompt(p: gpb.Prompt) -> str | list[int]:
+    return list(p.token_ids.token_ids) if p.WhichOneof("kind") == "token_ids" else p.text
+
+
+def _merged(runs: list[Running]) -> Iterator[tuple[int, Event]]:
+    """Events of several runs as they come, tagged with the run's index (a thread per run)."""
+    q: queue.Queue = queue.Queue()
+
+    def pump(i: int, run: Running) -> None:
+        try:
+            for ev in run.events():
+                q.put((i, ev))
+        except BaseException as e:  # noqa: B036 (raised by the consumer)
+            q.put((i, e))
+        q.put((i, None))
+
+    for i, run in enumerate(runs):
+        threading.Thread(target=pump, args=(i, run), daemon=True, name="stream-sample").start()
+    left = len(runs)
+    try:
+        while left:
+            i, item = q.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for run in runs:
+            run.cancel()  # a no-op on finished calls; stops the others when the client left or one failed
 
 
 class Running:
@@ -159,9 +215,14 @@ class GenerationService(gpb_grpc.GenerationServicer):
         try:
             entry = self.router.get(request.model)
             name = entry.name
-            if not request.prompts:
+            if request.prompts and request.inputs:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "fields prompts and inputs: give one of them (inputs takes text or token ids)")
+            prompts = list(request.prompts) or [_prompt(p) for p in request.inputs]
+            if not prompts:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "field prompts: at least one prompt is required")
-            preps = [prepare(entry, p, request.parameters, arrival) for p in request.prompts]
+            preps = [prepare(entry, p, params, arrival)
+                     for p in prompts for params in samples(request.parameters, request.n)]
             with self.router.admit(entry, len(preps)):
                 runs = [self._start(p, context) for p in preps]
                 outputs = [self._collect(r) for r in runs]
@@ -192,23 +253,76 @@ class GenerationService(gpb_grpc.GenerationServicer):
         try:
             entry = self.router.get(request.model)
             name = entry.name
-            prep = prepare(entry, request.prompt, request.parameters, arrival)
-            with self.router.admit(entry):
-                run = self._start(prep, context)
-                for index, ev in enumerate(run.events()):
-                    msg = gpb.GenerateStreamResponse(token_id=ev.token_id, text=ev.text, index=index,
-                                                     finish_reason=ev.finish)
+            prompt = list(request.prompt_token_ids.token_ids) if request.HasField("prompt_token_ids") \
+                else request.prompt
+            preps = [prepare(entry, prompt, params, arrival) for params in samples(request.parameters, request.n)]
+            with self.router.admit(entry, len(preps)):
+                runs = [self._start(p, context) for p in preps]
+                events = _merged(runs) if len(runs) > 1 else ((0, ev) for ev in runs[0].events())
+                index = [0] * len(runs)
+                for sample, ev in events:
+                    run = runs[sample]
+                    msg = gpb.GenerateStreamResponse(token_id=ev.token_id, text=ev.text, index=index[sample],
+                                                     finish_reason=ev.finish, sample=sample)
+                    index[sample] += 1
                     if ev.log_prob is not None:
                         msg.log_prob = ev.log_prob
                     if ev.finish:
-                        msg.prompt_tokens = len(prep.prompt_ids)
+                        msg.prompt_tokens = len(run.prep.prompt_ids)
                         msg.generated_tokens = run.generated
-                        if ev.cum_log_prob is not None and prep.sampling.return_log_probs:
+                        if ev.cum_log_prob is not None and run.prep.sampling.return_log_probs:
                             msg.cum_log_prob = ev.cum_log_prob
                     yield msg
-                self.record(run.record(run.status if context.is_active() else "cancelled"))
+                for run in runs:
+                    self.record(run.record(run.status if context.is_active() else "cancelled"))
         except RequestError as e:
             self._fail(context, name, e, arrival)
+
+    def Tokenize(self, request: gpb.TokenizeRequest, context):
+        try:
+            entry = self.router.get(request.model)
+        except RequestError as e:
+            context.abort(e.code, e.message)
+        special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        ids = entry.codec.encode(request.text) if special else entry.codec.encode_plain(request.text)
+        return gpb.TokenizeResponse(token_ids=ids, model=entry.name)
+
+    def Detokenize(self, request: gpb.DetokenizeRequest, context):
+        try:
+            entry = self.router.get(request.model)
+        except RequestError as e:
+            context.abort(e.code, e.message)
+        bad = [t for t in request.token_ids if t >= entry.vocab_size]
+        if bad:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"field token_ids: must be < vocab_size {entry.vocab_size}, got {bad[:5]}")
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        text = entry.codec.tok.decode(list(request.token_ids), skip_special_tokens=skip,
+                                      clean_up_tokenization_spaces=False)
+        return gpb.DetokenizeResponse(text=text, model=entry.name)
+
+    def Load(self, request: gpb.LoadRequest, context):
+        resp = gpb.LoadResponse()
+        for entry in list(self.router.models.values()):
+            if request.model and request.model != entry.name:
+                continue
+            m = resp.models.add(name=entry.name, in_flight=entry.in_flight, capacity=entry.capacity,
+                                ready_replicas=len(entry.ready_replicas()))
+            used = total = 0
+            for r in list(entry.replicas):
+                st = r.status.stats if r.status is not None and r.ready else None  # polled each second
+                rl = m.replicas.add(name=r.name, state=r.state, outstanding=r.outstanding)
+                if st is not None:
+                    rl.running, rl.waiting = st.running, st.waiting
+                    rl.kv_blocks_used, rl.kv_blocks_total = st.kv_blocks_used, st.kv_blocks_total
+                    rl.kv_usage = st.kv_blocks_used / st.kv_blocks_total if st.kv_blocks_total else 0.0
+                    m.running += st.running
+                    m.waiting += st.waiting
+                    used, total = used + st.kv_blocks_used, total + st.kv_blocks_total
+            m.kv_usage = used / total if total else 0.0
+        if request.model and not resp.models:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served")
+        return resp
 
     def ModelInfo(self, request, context):
         resp = gpb.ModelInfoResponse()

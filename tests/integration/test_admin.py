@@ -259,6 +259,9 @@ def test_drain_and_resume(server):
     with pytest.raises(grpc.RpcError) as err:
         generate(server)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()
+    status, raw = server.http("/v1/completions", json.dumps({"model": "demo", "prompt": "x"}).encode(),
+                              {"Content-Type": "application/json"})  # OpenAI's shape, over HTTPS
+    assert status == 503 and "draining" in json.loads(raw)["error"]["message"]
     assert "(server drained" in cli(server, "list").stdout  # admin calls still work
     cli(server, "drain", "--resume")
     assert server.http("/ping")[0] == 200

@@ -129,3 +129,27 @@ def test_cli_accepts_every_parameter_name(busy):
         cmd += ["--param", p]
     out = subprocess.run(cmd + ["hello"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
+
+
+def test_openai_route_refused_with_429_when_admission_is_full(busy):
+    """Capacity 3 (batch 1 + queue 2): three held streams, then a fourth request gets OpenAI's 429."""
+    import socket
+
+    body = json.dumps({"model": "demo", "prompt": "hold", "max_tokens": 500, "ignore_eos": True,
+                       "stream": True}).encode()
+    held = []
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", busy.http_port), timeout=60)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # admitted: the status line comes after admission
+        held.append(sock)
+    try:
+        status, raw = busy.http("/v1/completions", json.dumps({"model": "demo", "prompt": "x", "max_tokens": 2}).encode(),
+                                {"Content-Type": "application/json"})
+        err = json.loads(raw)["error"]
+        assert status == 429 and err["type"] == "rate_limit_error" and "limit is 3" in err["message"], err
+    finally:
+        for sock in held:
+            sock.close()
+    wait_idle(busy)

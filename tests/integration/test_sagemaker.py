@@ -191,3 +191,46 @@ def test_a_startup_model_that_cannot_load_ends_the_process(tmp_path):
                         str(free_port()), "--http-port", str(free_port()), "--cache-dir", str(tmp_path / "cache")],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 1 and "config.json is missing" in r.stderr
+
+
+def runtime(server):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("sagemaker-runtime", endpoint_url=f"http://127.0.0.1:{server.http_port}",
+                        region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing",
+                        config=Config(retries={"max_attempts": 1}))  # fake credentials: loopback only
+
+
+def test_boto3_invoke_endpoint(server):
+    body = {"inputs": ["Licensed under the", "two"], "parameters": {"max_new_tokens": 8}}
+    resp = runtime(server).invoke_endpoint(EndpointName="any", ContentType="application/json", Body=json.dumps(body),
+                                           TargetModel="model")
+    assert resp["ContentType"] == "application/json"
+    assert json.loads(resp["Body"].read()) == {"outputs": grpc_texts(server, body["inputs"], max_new_tokens=8)}
+    import botocore.exceptions
+
+    with pytest.raises(botocore.exceptions.ClientError) as err:
+        runtime(server).invoke_endpoint(EndpointName="any", ContentType="application/json",
+                                        Body=json.dumps({"inputs": "x", "parameters": {"top_p": 7}}))
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400 and "top_p" in str(err.value)
+
+
+def test_boto3_invoke_endpoint_with_response_stream(server):
+    body = {"inputs": "stream me", "parameters": {"max_new_tokens": 10}}
+    resp = runtime(server).invoke_endpoint_with_response_stream(EndpointName="any", ContentType="application/json",
+                                                                Body=json.dumps(body))
+    assert resp["ContentType"] == "application/jsonlines"
+    events = list(resp["Body"])
+    assert events and all(set(e) == {"PayloadPart"} for e in events)
+    lines = [json.loads(line) for line in b"".join(e["PayloadPart"]["Bytes"] for e in events).splitlines()]
+    assert [x["index"] for x in lines] == list(range(10)) and lines[-1]["finish_reason"] == "length"
+    assert lines[-1]["generated_text"] == grpc_texts(server, ["stream me"], max_new_tokens=10)[0]
+
+
+def test_openai_chat_on_a_model_without_a_chat_template_is_400(server):
+    status, raw = server.http("/v1/chat/completions", json.dumps(
+        {"model": "model", "messages": [{"role": "user", "content": "hi"}]}).encode(), JSON)
+    err = json.loads(raw)["error"]
+    assert status == 400 and "no chat template" in err["message"] and "--chat-template" in err["message"]
+    assert err["param"] == "messages"
