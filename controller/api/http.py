@@ -165,7 +165,8 @@ class HttpServer:
         self.add("GET", "/metrics", self._metrics)
         self.sock = _listen(host, port)  # bound now: errors surface here
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off", http="h11",
+        config = uvicorn.Config(self.app, log_config=None, log_level="warning", access_log=False, lifespan="off",
+                                http="h11",
                                 ssl_context_factory=(lambda cfg, default: ssl_context) if ssl_context else None,
                                 timeout_graceful_shutdown=2)
         self.uvicorn = uvicorn.Server(config)
