@@ -63,6 +63,7 @@ async def events(run: Running) -> AsyncIterator[Event]:
     per request: a stream may wait minutes for its next token, so a bounded pool would stall others);
     events cross to the loop through a queue. Leaving early (the consumer was cancelled because the client
     disconnected, or it stopped reading) cancels the worker call."""
+    run.consumed = True
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
