@@ -55,9 +55,15 @@ class Doors:
         self.conns = [http.client.HTTPConnection("127.0.0.1", self.port, timeout=600) for _ in range(n)]
 
     def _post(self, i: int, path: str, body: dict, headers=None):
-        conn = self.conns[i]
-        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
-        return conn.getresponse()
+        for attempt in (0, 1):  # uvicorn closes a keep-alive connection idle for 5 s: reconnect once
+            conn = self.conns[i]
+            try:
+                conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
+                return conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionError):
+                conn.close()
+                if attempt:
+                    raise
 
     # one request, one new token: seconds
     def grpc_unary(self, i: int) -> float:

@@ -63,6 +63,7 @@ async def events(run: Running) -> AsyncIterator[Event]:
     per request: a stream may wait minutes for its next token, so a bounded pool would stall others);
     events cross to the loop through a queue. Leaving early (the consumer was cancelled because the client
     disconnected, or it stopped reading) cancels the worker call."""
+    run.consumed = True
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -165,7 +166,8 @@ class HttpServer:
         self.add("GET", "/metrics", self._metrics)
         self.sock = _listen(host, port)  # bound now: errors surface here
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off", http="h11",
+        config = uvicorn.Config(self.app, log_config=None, log_level="warning", access_log=False, lifespan="off",
+                                http="h11",
                                 ssl_context_factory=(lambda cfg, default: ssl_context) if ssl_context else None,
                                 timeout_graceful_shutdown=2)
         self.uvicorn = uvicorn.Server(config)

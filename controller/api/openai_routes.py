@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -263,9 +262,8 @@ class OpenAIRoutes:
             for c in choices:
                 if not c.started:
                     c.started = True
-                    c.run.cancel()
                     self.record(c.run.record("cancelled"))
-                    threading.Thread(target=lambda r=c.run: list(r.events()), daemon=True).start()
+                    c.run.abandon()
             admission.__exit__(None, None, None)
 
         return close
@@ -279,8 +277,7 @@ class OpenAIRoutes:
                 choices.append(_Choice(i, Running(p, self.router.pick(entry), self.timeout_s)))
         except RequestError:  # the replica went away between two picks: release what started
             for c in choices:
-                c.run.cancel()
-                threading.Thread(target=lambda r=c.run: list(r.events()), daemon=True).start()
+                c.run.abandon()
             raise
         return choices
 

@@ -149,7 +149,13 @@ class SageMakerRoutes:
         try:
             with self.router.admit(entry, len(preps)):
                 runs = [Running(p, self.router.pick(entry), self.timeout_s) for p in preps]
-                outputs = await until_disconnect(request, self._collect_all(runs))
+                try:
+                    outputs = await until_disconnect(request, self._collect_all(runs))
+                finally:
+                    for r in runs:  # the client left before a run's consumer started
+                        if not r.consumed:
+                            self.record(r.record("cancelled"))
+                            r.abandon()
         except RequestError as e:
             self._fail(entry.name, e, preps[0].arrival)
             return _error(e)

@@ -136,6 +136,7 @@ class Running:
         self.queue_s: float | None = None
         self.generated = 0
         self.status = "ok"
+        self.consumed = False  # events() handed to a consumer (the HTTP side drains a run nobody took)
         with replica.lock:
             replica.outstanding += 1
         self.call = replica.generate(wpb.WorkerGenerateRequest(
@@ -143,6 +144,14 @@ class Running:
 
     def cancel(self) -> None:
         self.call.cancel()
+
+    def abandon(self) -> None:
+        """A run whose events nobody will read: cancel it and drain it in a thread (which releases the
+        replica's count of outstanding requests)."""
+        if not self.consumed:
+            self.consumed = True
+            self.cancel()
+            threading.Thread(target=lambda: list(self.events()), daemon=True, name="abandon").start()
 
     def events(self) -> Iterator[Event]:
         detok = IncrementalDetokenizer(self.prep.entry.codec, self.prep.prompt_ids)
