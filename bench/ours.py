@@ -132,6 +132,8 @@ def drive(channel, prompts, new_tokens: int) -> Streams:
     from shardserve.v1 import generate_pb2 as gpb
     from shardserve.v1 import generate_pb2_grpc as gpb_grpc
 
+    # the client's own 32 blocked iterators would otherwise wake 10x a second each (see controller/serve.py)
+    grpc._common.MAXIMUM_WAIT_TIMEOUT = max(grpc._common.MAXIMUM_WAIT_TIMEOUT, 2.0)
     stub = gpb_grpc.GenerationStub(channel)
     params = gpb.GenerationParameters(max_new_tokens=new_tokens, ignore_eos=True)
     times: list[list[float]] = [[] for _ in prompts]

@@ -133,6 +133,14 @@ class Controller:
 
     def start_servers(self) -> None:
         c = self.config
+        # gRPC's blocking iterators (each controller->worker stream, one thread each) wake every
+        # grpc._common.MAXIMUM_WAIT_TIMEOUT (0.1 s) only so that signal handlers can run; at 32 streams
+        # that polling was most of the controller's CPU (bench/profile.py: Python threads 25.7 of 30.4 CPU s,
+        # blocked in that loop in nearly every py-spy sample).
+        # Signals here reach the main thread, which waits on an Event, so waking every 2 s loses nothing;
+        # a message or a cancellation still wakes the waiting thread at once.
+        if hasattr(grpc, "_common") and getattr(grpc._common, "MAXIMUM_WAIT_TIMEOUT", 0) < 2.0:
+            grpc._common.MAXIMUM_WAIT_TIMEOUT = 2.0
         creds, ssl_ctx = self._tls()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=c.grpc_threads),
                                   maximum_concurrent_rpcs=c.grpc_threads * 4)
