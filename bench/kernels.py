@@ -105,6 +105,10 @@ def run_linear_bench(n_layers: int, reps: int, tokens: list[int]) -> list[dict]:
         1,
         lambda T, dt: chain(lambda k, x: ops.int8_linear(x, *q8[k]), T, torch.bfloat16),
     )
+    variants["ours w8a8 (fp32 x, int8 activations)"] = (
+        1,
+        lambda T, dt: chain(lambda k, x: ops.w8a8_linear(x, *q8[k]), T, torch.float32),
+    )
     s8b = [s.to(torch.bfloat16) for (_, s) in q8]
     variants["torch _weight_int8pack_mm (bf16 x)"] = (
         1,

@@ -127,7 +127,7 @@ def test_int4_linear(nat, dtype, tokens, group_size, symmetric):
 W8A8_SHAPES = [(203, 320), (203, 200), (64, 1024), (37, 31), (5, 16), (9, 1)]  # rows % 4, in % 16 tails
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 3, 6, 7, 13, 32, 64, 70])  # tiles of 6 tokens (x 4 / 2 rows), tails
+@pytest.mark.parametrize("tokens", [1, 2, 3, 6, 7, 13, 32, 64, 70])  # tiles of 4 tokens (x 2 rows; 2 tokens x 4 rows), tails
 @pytest.mark.parametrize("out_features,in_features", W8A8_SHAPES)
 def test_w8a8_matches_reference_bit_for_bit(nat, tokens, out_features, in_features):
     """Integer codes and int32 accumulators are exact, so the fp32 result is identical too."""
