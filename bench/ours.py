@@ -27,15 +27,15 @@ def _free_port() -> int:
 
 class Server:
     def __init__(self, model_dir: Path, cache: Path, max_batch_size: int, log_path: Path, threads: int,
-                 extra: list[str] = ()):
+                 extra: list[str] = (), root: Path = ROOT):
         self.port, self.http_port = _free_port(), _free_port()
         self.log = open(log_path, "w")
         cmd = [sys.executable, "-m", "controller.cli", "serve", "--model", str(model_dir), "--name", "bench",
                "--port", str(self.port), "--http-port", str(self.http_port), "--cache-dir", str(cache),
                "--max-batch-size", str(max_batch_size), "--max-queued-requests", "1024", "--threads", str(threads),
                *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONPATH": str(root)})
         deadline = time.monotonic() + 600
         while not self._ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
