@@ -41,7 +41,7 @@ def kv_cache_mb(model_dir: Path, work: Workload, block_size: int = 16) -> int:
 
 class Server:
     def __init__(self, model_dir: Path, cache: Path, max_batch_size: int, log_path: Path, threads: int,
-                 extra: list[str] = ()):
+                 extra: list[str] = (), root: Path = ROOT):
         self.port, self.http_port = _free_port(), _free_port()
         self.log = open(log_path, "w")
         self.log_path = log_path
@@ -49,8 +49,8 @@ class Server:
                "--port", str(self.port), "--http-port", str(self.http_port), "--cache-dir", str(cache),
                "--max-batch-size", str(max_batch_size), "--max-queued-requests", "1024", "--threads", str(threads),
                *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONPATH": str(root)})
         deadline = time.monotonic() + 600
         while not self._ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -50,10 +50,12 @@ def percentiles(xs: list[float]) -> dict:
 class OurServer:
     """One Generate of every prompt per round through the real server."""
 
-    def __init__(self, model_dir: Path, cache: Path, tp: int, threads: int):
-        self.name = f"shardserve tp={tp}"
-        self.server = Server(model_dir, cache, max_batch_size=8, log_path=cache / f"bench-t5-tp{tp}.log",
-                             threads=threads, extra=["--tp", str(tp)] if tp > 1 else [])
+    def __init__(self, model_dir: Path, cache: Path, tp: int, threads: int, tree: Path | None = None):
+        self.name = f"shardserve tp={tp}" + (f" ({tree})" if tree else "")
+        kw = {"root": tree} if tree else {}
+        self.server = Server(model_dir.resolve(), cache, max_batch_size=8,
+                             log_path=cache / f"bench-t5-tp{tp}{'-other' if tree else ''}.log", threads=threads,
+                             extra=["--tp", str(tp)] if tp > 1 else [], **kw)
         from shardserve.v1 import generate_pb2 as gpb
         from shardserve.v1 import generate_pb2_grpc as gpb_grpc
 
@@ -93,8 +95,9 @@ class CT2Translator:
         del self.tr
 
 
-def engine_steps(model_dir: Path, ids: list[list[int]], threads: int, rounds: int = 3) -> dict:
-    """In-process engine: CPU and wall ms of one decode step of the 4 (median over the steps of `rounds`)."""
+def engine_steps(model_dir: Path, ids: list[list[int]], threads: int, rounds: int) -> dict:
+    """In-process engine: CPU and wall ms of one decode step of the 4 (median over the steps of `rounds`
+    after one warm-up round)."""
     import torch
 
     from worker.engine.build import build_engine
@@ -126,11 +129,16 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=100)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for every system (0 = all cores)")
     p.add_argument("--no-tp2", action="store_true", help="skip the tp=2 server")
+    p.add_argument("--engine-rounds", type=int, default=2, help="in-process engine rounds timed (0: skip)")
+    p.add_argument("--engine-threads", type=int, default=1,
+                   help="threads of the in-process engine timing (1: its CPU time is not inflated by thread spin)")
+    p.add_argument("--also-tree", default=None,
+                   help="also serve from this checkout (e.g. the main branch), tp=1, for before/after in one run")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="bench/results/cpu-t5.json")
     args = p.parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
-    cache = Path(args.cache_dir).expanduser() if args.cache_dir else Path.home() / ".cache" / "shardserve" / "bench"
+    cache = (Path(args.cache_dir).expanduser() if args.cache_dir else Path.home() / ".cache" / "shardserve" / "bench").resolve()
     cache.mkdir(parents=True, exist_ok=True)
     model_dir = models.flan_t5_like(cache)
     from transformers import AutoTokenizer
@@ -139,11 +147,13 @@ def main(argv=None) -> int:
     ids = [tok(t)["input_ids"] for t in PROMPTS]
     load_before = os.getloadavg()[0]
     t_start = time.monotonic()
-    engine = engine_steps(model_dir, ids, threads)
+    engine = engine_steps(model_dir, ids, args.engine_threads, args.engine_rounds) if args.engine_rounds else {}
     systems = [CT2Translator(ct2.convert(model_dir, cache), [tok.convert_ids_to_tokens(i) for i in ids], threads),
                OurServer(model_dir, cache, 1, threads)]
     if not args.no_tp2:
         systems.append(OurServer(model_dir, cache, 2, threads))
+    if args.also_tree:
+        systems.append(OurServer(model_dir, cache, 1, threads, Path(args.also_tree)))
     try:
         outputs = {}
         for s in systems:  # warm-up, and each system's tokens
@@ -170,13 +180,14 @@ def main(argv=None) -> int:
     if "shardserve tp=2" in by:
         ratios["tp2_p50_over_tp1_p50"] = by["shardserve tp=2"]["p50_ms"] / ours1["p50_ms"]
         ratios["tp2_p99_over_p50"] = by["shardserve tp=2"]["p99_over_p50"]
-    lines = [f"{'system':34} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'p99/p50':>8} {'= ct2 tokens':>12}"]
+    lines = [f"{'system':44} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'p99/p50':>8} {'= ct2 tokens':>12}"]
     for r in rows:
-        lines.append(f"{r['system']:34} {r['p50_ms']:9.1f} {r['p90_ms']:9.1f} {r['p99_ms']:9.1f} "
+        lines.append(f"{r['system']:44} {r['p50_ms']:9.1f} {r['p90_ms']:9.1f} {r['p99_ms']:9.1f} "
                      f"{r['p99_over_p50']:8.2f} {r['same_tokens_as_ct2']:>10}/4")
     lines.append("  ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
-    lines.append(f"in-process engine, one decode step of the 4: {engine['engine_step_cpu_ms']:.1f} ms CPU, "
-                 f"{engine['engine_step_wall_ms']:.1f} ms wall")
+    if engine:
+        lines.append(f"in-process engine, one decode step of the 4 ({engine['threads']} thread): "
+                     f"{engine['engine_step_cpu_ms']:.1f} ms CPU, {engine['engine_step_wall_ms']:.1f} ms wall")
     lines.append(f"[{args.rounds} rounds, prompts of {[len(i) for i in ids]} tokens, {NEW_TOKENS} new; "
                  f"{os.cpu_count()} cores, {threads} threads per system; load average {load_before:.1f} before, "
                  f"{os.getloadavg()[0]:.1f} after; {time.monotonic() - t_start:.0f}s]")
