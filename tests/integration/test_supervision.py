@@ -16,6 +16,7 @@ import pytest
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
 from tests.integration.server import ServerProcess
+from worker.config import WorkerConfig
 
 CLIENT_DEADLINE_S = 60.0  # a stream still open after this would be the hang we must never have
 
@@ -34,8 +35,8 @@ def rank_pids(controller_pid: int) -> dict[int, int]:
             args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
         except OSError:
             continue
-        if b"--rank" in args:
-            ranks[int(args[args.index(b"--rank") + 1])] = int(pid)
+        if b"--config" in args:  # python -m worker ROLE --config JSON (worker/config.py)
+            ranks[WorkerConfig.from_json(args[args.index(b"--config") + 1].decode()).rank] = int(pid)
     return ranks
 
 
