@@ -34,7 +34,7 @@ class WorkerConfig:
     dtype: str = "fp32"  # fp32 | fp16 | bf16
     device: str = "cpu"  # cpu | cuda | cuda:N
     block_size: int = 16  # tokens per KV block
-    kv_cache_bytes: int = 512 << 20  # per rank, upper bound
+    kv_cache_bytes: int = 0  # per rank, upper bound; 0 = sized to the machine (engine/build.py auto_kv_cache_bytes)
     num_kv_blocks: int = 0  # 0 = derived from kv_cache_bytes
     max_batch_size: int = 32  # rows (sequences, beams) in one step
     max_batch_tokens: int = 2048  # tokens in one step (prefill chunks + decodes)
@@ -72,10 +72,9 @@ class WorkerConfig:
         _check(self.device == "cpu" or self.device == "cuda" or
                (self.device.startswith("cuda:") and self.device[5:].isdigit()), "device", self.device,
                "expected cpu, cuda or cuda:N")
-        for name in ("block_size", "max_batch_size", "max_batch_tokens", "tensor_parallel", "pipeline_parallel",
-                     "kv_cache_bytes"):
+        for name in ("block_size", "max_batch_size", "max_batch_tokens", "tensor_parallel", "pipeline_parallel"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        for name in ("num_kv_blocks", "max_model_len", "threads", "master_port", "parent_pid", "rank"):
+        for name in ("kv_cache_bytes", "num_kv_blocks", "max_model_len", "threads", "master_port", "parent_pid", "rank"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         _check(self.collective_timeout_s > 0, "collective_timeout_s", self.collective_timeout_s, "must be > 0")
         _check(self.rank < self.world_size, "rank", self.rank, f"must be < world size {self.world_size}")

@@ -163,7 +163,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help=f"admitted beyond the batch before RESOURCE_EXHAUSTED (default {DEFAULT_MAX_QUEUED_REQUESTS})")
     p.add_argument("--max-model-len", type=int, default=0, help="context limit (0 = the model's)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per rank, MiB (upper bound)")
+    p.add_argument("--kv-cache-mb", type=int, default=0,
+                   help="KV cache per rank, MiB (upper bound; default 0: sized to the machine, see README)")
     p.add_argument("--num-kv-blocks", type=int, default=0, help="exact KV block count (overrides --kv-cache-mb)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--admin-token", default=None, help=f"enables the admin API (default: ${TOKEN_ENV}; none: disabled)")

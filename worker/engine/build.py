@@ -107,7 +107,7 @@ def build_engine(config: EngineConfig) -> Engine:
     return engine
 
 
-CPU_KV_SHARE = 0.5  # of the memory available after the weights are loaded
+CPU_KV_SHARE = 0.5  # of the memory available after the weights are loaded, split over the local ranks
 CPU_KV_CAP = 16 << 30  # bytes, at most (the explicit kv_cache_bytes overrides)
 GPU_KV_FRACTION = 0.9  # of the device memory free after the weights and the step's activations
 
@@ -136,7 +136,8 @@ def activation_bytes(config: EngineConfig, model_config) -> int:
 
 def auto_kv_cache_bytes(config: EngineConfig, model_config, available: int | None = None) -> int:
     """The KV cache budget when none is configured (kv_cache_bytes == 0), called after the weights
-    are loaded. CPU: CPU_KV_SHARE of MemAvailable, at most CPU_KV_CAP. GPU: GPU_KV_FRACTION of the
+    are loaded. CPU: CPU_KV_SHARE of MemAvailable divided by the replica's world size (its ranks share
+    the host's memory and measure it at about the same time), at most CPU_KV_CAP. GPU: GPU_KV_FRACTION of the
     free device memory less one step's activations. `available` overrides the measured free bytes."""
     dev = torch.device(config.device)
     if dev.type == "cuda":
@@ -145,7 +146,7 @@ def auto_kv_cache_bytes(config: EngineConfig, model_config, available: int | Non
         where = f"{free / 2**30:.1f} GiB free on {dev}"
     else:
         free = mem_available() if available is None else available
-        budget = min(int(free * CPU_KV_SHARE), CPU_KV_CAP) if free else 512 << 20
+        budget = min(int(free * CPU_KV_SHARE / config.world_size), CPU_KV_CAP) if free else 512 << 20
         where = f"{free / 2**30:.1f} GiB available" if free else "available memory unknown"
     budget = max(budget, 1 << 20)
     log.info("KV cache sized to the machine: %.0f MiB (%s)", budget / 2**20, where)
