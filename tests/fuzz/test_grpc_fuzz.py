@@ -19,7 +19,7 @@ from shardserve.v1 import generate_pb2_grpc as gpb_grpc
 from tests.integration.server import ServerProcess
 
 EXAMPLES = int(os.environ.get("SHARDSERVE_FUZZ_EXAMPLES", "30"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("SHARDSERVE_FUZZ_RANDOM"),
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
 TOKEN = "fuzz-admin-token"
