@@ -246,3 +246,20 @@ def test_after_fuzzing_the_worker_is_the_same_and_serves(server):
     assert out.outputs[0].generated_tokens == 3
     server.bystander.stop()
     assert server.bystander.ok > 0 and not server.bystander.failures, server.bystander.failures
+
+
+def test_admin_load_of_a_truncated_checkpoint_is_failed_naming_the_file(server, tmp_path):
+    import shutil
+
+    a = apb_grpc.AdminStub(server.channel)
+    demo = a.DescribeModel(apb.DescribeModelRequest(name="demo"), metadata=AUTH).path
+    model = tmp_path / "cut"
+    shutil.copytree(demo, model)
+    (model / "DEMO_MODEL").unlink(missing_ok=True)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    call(a.LoadModel, apb.LoadModelRequest(name="cut", source=str(model), wait=True), metadata=AUTH, timeout=120)
+    d = a.DescribeModel(apb.DescribeModelRequest(name="cut"), metadata=AUTH)
+    assert d.state == "failed" and str(weights) in d.error and "truncated" in d.error, d
+    assert all(r.pid == 0 for r in d.replicas)  # no rank was started
+    a.UnloadModel(apb.UnloadModelRequest(name="cut"), metadata=AUTH, timeout=60)
