@@ -72,7 +72,7 @@ class Controller:
         self.cache_dir = cache_dir
         self.base_spec = spec or ReplicaSpec(model_dir=Path())
         self.router = ServingRouter()
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="shardserve-"))
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="shardserve-"))  # mode 0700: the worker sockets
         self.metrics = Metrics()
         self.health = health.HealthServicer()
         self.models = ModelManager(self.router, self.metrics, self.runtime_dir,

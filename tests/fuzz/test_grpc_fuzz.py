@@ -263,3 +263,31 @@ def test_admin_load_of_a_truncated_checkpoint_is_failed_naming_the_file(server, 
     assert d.state == "failed" and str(weights) in d.error and "truncated" in d.error, d
     assert all(r.pid == 0 for r in d.replicas)  # no rank was started
     a.UnloadModel(apb.UnloadModelRequest(name="cut"), metadata=AUTH, timeout=60)
+
+
+def test_the_worker_socket_is_private_and_refuses_callers_without_the_launch_token(server):
+    import json
+    import stat
+    from pathlib import Path
+
+    from shardserve.v1 import worker_pb2 as wpb
+    from shardserve.v1 import worker_pb2_grpc as wpb_grpc
+
+    pid = worker_state(server)[0][1]
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    config = json.loads(argv[argv.index(b"--config") + 1])
+    assert "auth_token" not in config  # the token is not on the command line (ps shows it to every user)
+    sock = Path(config["socket"])
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700 and sock.parent.stat().st_uid == os.getuid()
+    with grpc.insecure_channel(f"unix:{sock}") as ch:
+        w = wpb_grpc.WorkerStub(ch)
+        for metadata in ((), (("x-shardserve-worker-token", "guess"),)):
+            with pytest.raises(grpc.RpcError) as e:
+                w.Status(wpb.WorkerStatusRequest(), timeout=10, metadata=metadata)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as e:
+                list(w.Generate(wpb.WorkerGenerateRequest(request_id="x", prompt_token_ids=[1],
+                                                          sampling=wpb.SamplingParams(max_new_tokens=1)),
+                                timeout=10, metadata=metadata))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    idle(server)
