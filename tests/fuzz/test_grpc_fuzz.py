@@ -291,4 +291,3 @@ def test_the_worker_socket_is_private_and_refuses_callers_without_the_launch_tok
                                 timeout=10, metadata=metadata))
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     idle(server)
-

@@ -4,6 +4,7 @@ and neither SIGTERM nor SIGKILL of the controller leaves a worker process behind
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -34,8 +35,8 @@ def rank_pids(controller_pid: int) -> dict[int, int]:
             args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
         except OSError:
             continue
-        if b"--rank" in args:
-            ranks[int(args[args.index(b"--rank") + 1])] = int(pid)
+        if b"--config" in args:  # python -m worker ROLE --config JSON (worker/config.py WorkerConfig)
+            ranks[int(json.loads(args[args.index(b"--config") + 1]).get("rank", 0))] = int(pid)
     return ranks
 
 
