@@ -72,7 +72,7 @@ class Controller:
         self.cache_dir = cache_dir
         self.base_spec = spec or ReplicaSpec(model_dir=Path())
         self.router = ServingRouter()
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="shardserve-"))
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="shardserve-"))  # mode 0700: the worker sockets
         self.metrics = Metrics()
         self.health = health.HealthServicer()
         self.models = ModelManager(self.router, self.metrics, self.runtime_dir,
@@ -142,9 +142,13 @@ class Controller:
         if hasattr(grpc, "_common") and getattr(grpc._common, "MAXIMUM_WAIT_TIMEOUT", 0) < 2.0:
             grpc._common.MAXIMUM_WAIT_TIMEOUT = 2.0
         creds, ssl_ctx = self._tls()
+        size = c.limits.max_message_bytes  # larger messages: RESOURCE_EXHAUSTED from gRPC itself
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=c.grpc_threads),
-                                  maximum_concurrent_rpcs=c.grpc_threads * 4)
-        generate_pb2_grpc.add_GenerationServicer_to_server(GenerationService(self.router, self.record), self.server)
+                                  maximum_concurrent_rpcs=c.grpc_threads * 4,
+                                  options=[("grpc.max_receive_message_length", size),
+                                           ("grpc.max_send_message_length", size)])
+        generate_pb2_grpc.add_GenerationServicer_to_server(
+            GenerationService(self.router, self.record, c.limits), self.server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.models, c.admin_token, c.device), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,

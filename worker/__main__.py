@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import importlib
 import logging
 import os
@@ -24,7 +25,8 @@ from concurrent import futures
 import grpc
 import torch
 
-from worker.config import COLLECTIVE, NATIVE_WARMUP, ConfigError, WorkerConfig, WorkerReport
+from worker.auth import TokenCheck
+from worker.config import COLLECTIVE, NATIVE_WARMUP, TOKEN_ENV, ConfigError, WorkerConfig, WorkerReport
 
 log = logging.getLogger("shardserve.worker")
 
@@ -35,9 +37,11 @@ def parse_args(argv=None) -> WorkerConfig:
     p.add_argument("--config", required=True, help="this rank's WorkerConfig as JSON (worker/config.py)")
     args = p.parse_args(argv)
     try:
-        return WorkerConfig.from_json(args.config)
+        config = WorkerConfig.from_json(args.config)
     except ConfigError as e:
         p.error(str(e))
+    token = os.environ.pop(TOKEN_ENV, "")  # not inherited by anything this process starts
+    return dataclasses.replace(config, auth_token=token) if token else config
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -146,7 +150,8 @@ def main(argv=None) -> int:
     # one thread per request the controller has routed here (each Generate stream holds one to its end);
     # threads start on demand, so the cap costs nothing until that many requests are in flight
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max(1024, 8 * args.max_batch_size)),
-                         options=[("grpc.max_receive_message_length", 64 << 20)])
+                         options=[("grpc.max_receive_message_length", 64 << 20)],
+                         interceptors=[TokenCheck(args.auth_token)] if args.auth_token else [])
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(engine, info), server)
     server.add_insecure_port(f"unix:{args.socket}")
     server.start()

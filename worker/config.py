@@ -20,6 +20,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 DTYPES = ("fp32", "fp16", "bf16")
+# The per-launch token travels in this environment variable, not in the --config argument: a process's
+# argv is readable by every user (ps), its environment only by its own user.
+TOKEN_ENV = "SHARDSERVE_WORKER_TOKEN"
+TOKEN_METADATA = "x-shardserve-worker-token"  # sent by the controller on every worker call
 QUANTIZE_METHODS = ("int8", "int4", "w8a8")
 
 
@@ -55,6 +59,8 @@ class WorkerConfig:
     native_kernels: bool = True  # False: the torch path only (SHARDSERVE_NATIVE=0)
     report_path: str = ""  # where the rank writes its WorkerReport before a failure exit
     test_hooks: tuple[str, ...] = ()  # modules imported before the engine is built: tests only, () in production
+    # random per launch (controller); the worker refuses calls without it; "" = no check. Not in to_json
+    auth_token: str = dataclasses.field(default="", repr=False)
 
     def __post_init__(self) -> None:
         def fix(name, value):
@@ -99,6 +105,7 @@ class WorkerConfig:
 
     def to_json(self) -> str:
         values = self.worker_fields()
+        values.pop("auth_token")  # in TOKEN_ENV: see there
         values["model_dir"] = str(self.model_dir)
         for name in ("stage_layers", "cpus", "test_hooks"):
             values[name] = list(values[name])

@@ -13,10 +13,12 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
 
+from controller.api.limits import RequestLimits, check_count, check_parameters, check_prompt
 from controller.api.params import RequestError, resolve
 from controller.fleet.replica import Replica
 from controller.fleet.router import ModelEntry, Router
@@ -126,6 +128,14 @@ def _merged(runs: list[Running]) -> Iterator[tuple[int, Event]]:
             run.cancel()  # a no-op on finished calls; stops the others when the client left or one failed
 
 
+@contextmanager
+def _ending(end, runs):
+    try:
+        yield
+    finally:
+        end(runs)
+
+
 class Running:
     """A started worker call plus its detokenizer; iterate for events."""
 
@@ -137,10 +147,16 @@ class Running:
         self.generated = 0
         self.status = "ok"
         self.consumed = False  # events() handed to a consumer (the HTTP side drains a run nobody took)
+
+        self._held = True  # this run counts in replica.outstanding until release()
         with replica.lock:
             replica.outstanding += 1
-        self.call = replica.generate(wpb.WorkerGenerateRequest(
-            request_id=uuid.uuid4().hex, prompt_token_ids=prep.prompt_ids, sampling=prep.sampling), timeout)
+        try:
+            self.call = replica.generate(wpb.WorkerGenerateRequest(
+                request_id=uuid.uuid4().hex, prompt_token_ids=prep.prompt_ids, sampling=prep.sampling), timeout)
+        except BaseException:
+            self.release()
+            raise
 
     def cancel(self) -> None:
         self.call.cancel()
@@ -152,6 +168,14 @@ class Running:
             self.consumed = True
             self.cancel()
             threading.Thread(target=lambda: list(self.events()), daemon=True, name="abandon").start()
+
+    def release(self) -> None:
+        """Give back this run's count in replica.outstanding: exactly once, whoever calls first
+        (the events generator when it ends, or the request handler when the request ends)."""
+        with self.replica.lock:
+            if self._held:
+                self._held = False
+                self.replica.outstanding -= 1
 
     def events(self) -> Iterator[Event]:
         detok = IncrementalDetokenizer(self.prep.entry.codec, self.prep.prompt_ids)
@@ -191,8 +215,7 @@ class Running:
                                f"replica {self.replica.name} failed during generation ({code.name}): "
                                f"{e.details()}") from None
         finally:
-            with self.replica.lock:
-                self.replica.outstanding -= 1
+            self.release()
 
     def record(self, status: str) -> RequestRecord:
         return RequestRecord(model=self.prep.entry.name, replica=self.replica.name, status=status,
@@ -202,16 +225,25 @@ class Running:
 
 
 class GenerationService(gpb_grpc.GenerationServicer):
-    def __init__(self, router: Router, record=lambda rec: None):
+    def __init__(self, router: Router, record=lambda rec: None, limits: RequestLimits = RequestLimits()):
         self.router = router
+        self.limits = limits  # checked before anything is tokenized (api/limits.py)
         self.record = record  # sink for RequestRecord (the metrics module)
 
-    def _start(self, prep: Prepared, context) -> Running:
+    def _start(self, prep: Prepared, context, runs: list[Running]) -> None:
+        """Start one run and append it to `runs`; the caller releases every run in `runs` when the
+        request ends (a later run failing to start, or an earlier one failing, leaks nothing)."""
         replica = self.router.pick(prep.entry)
         remaining = context.time_remaining()  # huge when the client set no deadline
         running = Running(prep, replica, remaining if remaining is not None and remaining < 1e6 else None)
+        runs.append(running)
         context.add_callback(running.cancel)
-        return running
+
+    @staticmethod
+    def _end(runs: list[Running]) -> None:
+        for run in runs:
+            run.cancel()  # a no-op on finished calls
+            run.release()
 
     def _fail(self, context, entry_name: str, err: RequestError, arrival: float):
         self.record(RequestRecord(model=entry_name, replica="", status=STATUS_NAMES.get(err.code, "error"),
@@ -227,14 +259,24 @@ class GenerationService(gpb_grpc.GenerationServicer):
             if request.prompts and request.inputs:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                    "fields prompts and inputs: give one of them (inputs takes text or token ids)")
+            check_count(len(request.prompts) or len(request.inputs), request.n, self.limits,
+                        "prompts" if request.prompts else "inputs")
+            check_parameters(request.parameters, self.limits)
             prompts = list(request.prompts) or [_prompt(p) for p in request.inputs]
             if not prompts:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "field prompts: at least one prompt is required")
+            for i, p in enumerate(prompts):
+                check_prompt(p, self.limits, f"prompts[{i}]")
             preps = [prepare(entry, p, params, arrival)
                      for p in prompts for params in samples(request.parameters, request.n)]
+            runs: list[Running] = []
             with self.router.admit(entry, len(preps)):
-                runs = [self._start(p, context) for p in preps]
-                outputs = [self._collect(r) for r in runs]
+                try:
+                    for p in preps:
+                        self._start(p, context, runs)
+                    outputs = [self._collect(r) for r in runs]
+                finally:
+                    self._end(runs)
         except RequestError as e:
             return self._fail(context, name, e, arrival)
         return gpb.GenerateResponse(outputs=outputs, model=entry.name)
@@ -262,11 +304,16 @@ class GenerationService(gpb_grpc.GenerationServicer):
         try:
             entry = self.router.get(request.model)
             name = entry.name
+            check_count(1, request.n, self.limits, "prompt")
+            check_parameters(request.parameters, self.limits)
             prompt = list(request.prompt_token_ids.token_ids) if request.HasField("prompt_token_ids") \
                 else request.prompt
+            check_prompt(prompt, self.limits)
             preps = [prepare(entry, prompt, params, arrival) for params in samples(request.parameters, request.n)]
-            with self.router.admit(entry, len(preps)):
-                runs = [self._start(p, context) for p in preps]
+            runs: list[Running] = []
+            with self.router.admit(entry, len(preps)), _ending(self._end, runs):
+                for p in preps:
+                    self._start(p, context, runs)
                 events = _merged(runs) if len(runs) > 1 else ((0, ev) for ev in runs[0].events())
                 index = [0] * len(runs)
                 for sample, ev in events:
@@ -290,6 +337,7 @@ class GenerationService(gpb_grpc.GenerationServicer):
     def Tokenize(self, request: gpb.TokenizeRequest, context):
         try:
             entry = self.router.get(request.model)
+            check_prompt(request.text, self.limits, "text")
         except RequestError as e:
             context.abort(e.code, e.message)
         special = request.add_special_tokens if request.HasField("add_special_tokens") else True

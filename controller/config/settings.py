@@ -13,6 +13,7 @@ from pathlib import Path
 
 from controller.acquire.resolver import model_name
 from controller.api.auth import TOKEN_ENV
+from controller.api.limits import RequestLimits
 from controller.config.properties import ServingProperties, cli_overrides, load_properties
 from controller.fleet.placement import Layout, visible_gpus
 from controller.fleet.replica import ReplicaSpec
@@ -49,6 +50,7 @@ class ServerConfig:
     admin_token: str | None = field(default=None, repr=False)  # None: the admin API refuses every call
     tls_cert: Path | None = None  # PEM; with tls_key, gRPC and HTTP are served over TLS only
     tls_key: Path | None = None
+    limits: RequestLimits = RequestLimits()  # per-request input limits (README "Limits")
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ def settings_from_args(args, env: Mapping[str, str]) -> ServeSettings:
             raise ConfigError(f"{flag} {path}: no such file")
     if args.replicas < 1:
         raise ConfigError(f"--replicas {args.replicas}: must be >= 1")
+    limits = limits_from_args(args)
     # One gRPC thread per admitted stream (a GenerateStream holds its thread to the end) plus room for
     # health, admin and ModelInfo calls, so that admitted requests never wait for a thread and a full
     # server still answers probes. Threads start on demand: an idle server holds few.
@@ -119,7 +122,8 @@ def settings_from_args(args, env: Mapping[str, str]) -> ServeSettings:
     server = ServerConfig(host=args.host, port=args.port, http_port=args.http_port, max_queued_requests=max_queued,
                           grpc_threads=max(ServerConfig.grpc_threads, admitted + 32),
                           shutdown_grace_s=args.shutdown_grace, device=device, admin_token=token or None,
-                          tls_cert=Path(cert) if cert else None, tls_key=Path(key) if key else None)
+                          tls_cert=Path(cert) if cert else None, tls_key=Path(key) if key else None,
+                          limits=limits)
     try:  # the launch contract validates its fields (worker/config.py), naming the one that is wrong
         spec = ReplicaSpec(model_dir=Path(), block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb << 20,
                            num_kv_blocks=args.num_kv_blocks, max_batch_size=max_batch,
@@ -132,6 +136,23 @@ def settings_from_args(args, env: Mapping[str, str]) -> ServeSettings:
     return ServeSettings(server=server, spec=spec, layout=layout, source=props.model_source,
                          name=args.name or default_name(props.model_source, env), replicas=args.replicas,
                          properties=props)
+
+
+LIMIT_FLAGS = {  # flag -> RequestLimits field (defaults: RequestLimits)
+    "--max-prompt-bytes": "max_prompt_bytes", "--max-prompts": "max_prompts",
+    "--max-stop-strings": "max_stop_strings", "--max-stop-bytes": "max_stop_bytes",
+    "--max-bad-words": "max_bad_words", "--max-bad-word-bytes": "max_bad_word_bytes",
+    "--max-message-bytes": "max_message_bytes",
+}
+
+
+def limits_from_args(args) -> RequestLimits:
+    kw = {f: getattr(args, f, None) for f in LIMIT_FLAGS.values()}
+    try:
+        return RequestLimits(**{k: v for k, v in kw.items() if v is not None})
+    except ValueError as e:
+        flag = next((fl for fl, f in LIMIT_FLAGS.items() if str(e).startswith(f + "=")), "")
+        raise ConfigError(f"{flag} {e}" if flag else str(e)) from None
 
 
 def default_name(source: str | None, env: Mapping[str, str] = os.environ) -> str:
@@ -175,6 +196,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage-layers", type=_layer_counts, default=(), help="layers per stage, e.g. 3,1 (default balanced)")
     p.add_argument("--collective-timeout", type=float, default=60.0, help="seconds a collective may wait before the group restarts")
     p.add_argument("--step-watchdog", type=float, default=120.0, help="seconds without an engine step (requests waiting) before the group restarts")
+    defaults = RequestLimits()
+    for flag, attr in LIMIT_FLAGS.items():
+        p.add_argument(flag, type=int, default=None, dest=attr,
+                       help=f"request input limit (default {getattr(defaults, attr)}; README 'Limits')")
     p.add_argument("--max-restarts", type=int, default=5, help="group restarts before the model is marked failed")
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 
 from controller.acquire.prepare import prepare_resolved
+from controller.acquire.verify import check_weights
 from controller.api.params import RequestError
 from controller.fleet.placement import Layout
 from controller.fleet.replica import Replica, ReplicaSpec
@@ -165,12 +166,16 @@ class ModelManager:
             res = self.resolve(rec.source or None, progress)
             rec.download_seconds = res.download_seconds
             self.metrics.add_download_bytes(rec.name, res.downloaded_bytes)
+            rec.phase = "checking the weights"
+            check_weights(res.path)  # a truncated or corrupt file is refused here, named, before any rank starts
             rec.phase = "partitioning (or reusing a cached partition)"
             lay = rec.layout
             custom_split = bool(getattr(self.spec_for(res.path, lay), "stage_layers", ()))
             prep = prepare_resolved(res, self.cache_dir, tp=lay.tensor_parallel, pp=lay.pipeline_parallel,
                                     dtype=lay.resolved_dtype, partition_ahead=not custom_split, quantize=lay.quantize)
             path = rec.path = prep.path
+            if Path(path) != Path(res.path):
+                check_weights(path)  # the partition (cached ones too)
             rec.partition_seconds = prep.phases.get("partition", 0.0)
             rec.phase = "reading the tokenizer"
             codec = Codec(path, background=True)  # read while the workers start; requests wait for it

@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -30,7 +31,7 @@ import grpc
 from controller.fleet.placement import Placement, RankPlacement, check_layout, place
 from shardserve.v1 import worker_pb2 as wpb
 from shardserve.v1 import worker_pb2_grpc as wpb_grpc
-from worker.config import NATIVE_WARMUP, WorkerConfig, WorkerReport
+from worker.config import NATIVE_WARMUP, TOKEN_ENV, TOKEN_METADATA, WorkerConfig, WorkerReport
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,12 @@ class ReplicaSpec(WorkerConfig):
     restart_backoff_s: float = 0.5  # first restart delay; doubles per restart, at most 30 s
 
     def rank_config(self, rank: RankPlacement, socket_path: str, master_port: int = 0, report_path: str = "",
-                    native_kernels: bool = True) -> WorkerConfig:
+                    native_kernels: bool = True, auth_token: str = "") -> WorkerConfig:
         """The WorkerConfig one rank is launched with."""
         return dataclasses.replace(
             WorkerConfig(**self.worker_fields()), rank=rank.rank, device=rank.device, threads=rank.threads,
             cpus=rank.cpus, socket=socket_path, master_port=master_port, parent_pid=os.getpid(),
-            report_path=report_path, native_kernels=native_kernels and self.native_kernels)
+            report_path=report_path, native_kernels=native_kernels and self.native_kernels, auth_token=auth_token)
 
     def worker_args(self, socket_path: str, rank: RankPlacement | None = None, master_port: int = 0,
                     report_path: str = "", native_kernels: bool = True) -> list[str]:
@@ -88,6 +89,7 @@ class Replica:
         self.stopping = False
         self._stop_event = threading.Event()
         self.on_event = on_event or (lambda *a: None)  # (event, replica) for metrics/logs
+        self.metadata: tuple = ()  # the launch token as gRPC metadata (set by _launch)
         self.torch_only = False  # set when native kernels failed a warm-up: ranks start on the torch path
 
     @property
@@ -126,7 +128,9 @@ class Replica:
             os.unlink(self.socket_path)
         spec = self.spec
         self.placement = place(spec.tp, spec.pp, spec.device, spec.threads)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.token = secrets.token_urlsafe(32)  # per launch: the ranks refuse callers without it
+        self.metadata = ((TOKEN_METADATA, self.token),)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", TOKEN_ENV: self.token}
         self.procs = []
         for rank in self.placement.ranks:
             report = self._report_path(rank.rank)
@@ -162,7 +166,7 @@ class Replica:
                 raise WorkerStartError(f"worker for {self.name} not ready after {spec.start_timeout_s:.0f}s")
             if os.path.exists(self.socket_path):
                 try:
-                    self.status = self.stub.Status(wpb.WorkerStatusRequest(), timeout=5)
+                    self.status = self.stub.Status(wpb.WorkerStatusRequest(), timeout=5, metadata=self.metadata)
                     break
                 except grpc.RpcError:
                     pass
@@ -205,7 +209,7 @@ class Replica:
             if now >= next_poll:
                 next_poll = now + 1.0
                 try:
-                    st = self.stub.Status(wpb.WorkerStatusRequest(), timeout=2)
+                    st = self.stub.Status(wpb.WorkerStatusRequest(), timeout=2, metadata=self.metadata)
                     self.status, last_ok = st, now
                     pending = st.stats.running + st.stats.waiting
                     if st.stats.steps_total != last_steps or not pending:
@@ -282,10 +286,10 @@ class Replica:
         if not self.ready:
             return None
         try:
-            self.status = self.stub.Status(wpb.WorkerStatusRequest(), timeout=2)
+            self.status = self.stub.Status(wpb.WorkerStatusRequest(), timeout=2, metadata=self.metadata)
         except grpc.RpcError:
             return None
         return self.status
 
     def generate(self, request: wpb.WorkerGenerateRequest, timeout: float | None):
-        return self.stub.Generate(request, timeout=timeout)
+        return self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
