@@ -1,6 +1,6 @@
 """Prefix caching: requests sharing a long system prompt, TTFT and throughput with the cache on and off.
 
-    python -m bench.prefix [--requests 32] [--system 1000] [--question 30] [--new 16] [--out JSON]
+    python -m bench.prefix [--requests 32] [--system 970] [--question 30] [--new 16] [--out JSON]
 
 All requests arrive at once through the in-process engine (greedy, exactly --new tokens each): one
 ~1,000-token system prompt shared by all, each followed by its own ~30-token question. The same engine
@@ -42,9 +42,11 @@ def run(engine, prompts: list[list[int]], new: int, caching: bool, tag: str) -> 
     q0, h0, p0 = bm.queries, bm.hits, engine.stats.steps_total
     first: dict[int, float] = {}
     done: list[int] = []
+    generated = [0]
 
     def emit(toks, lps, fin, err, i):
         first.setdefault(i, time.perf_counter())
+        generated[0] += len(toks)
         if fin is not None:
             done.append(i)
 
@@ -58,7 +60,7 @@ def run(engine, prompts: list[list[int]], new: int, caching: bool, tag: str) -> 
     ttft = sorted(first[i] - t0 for i in first)
     queried, hits = bm.queries - q0, bm.hits - h0
     return {"prefix_caching": caching, "steps": engine.stats.steps_total - p0, "wall_s": wall,
-            "tokens_per_s": len(prompts) * new / wall, "ttft_p50_s": statistics.median(ttft),
+            "generated_tokens": generated[0], "tokens_per_s": generated[0] / wall, "ttft_p50_s": statistics.median(ttft),
             "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
             "prompt_tokens": queried, "cache_hit_tokens": hits, "prefilled_tokens": queried - hits}
 
@@ -66,7 +68,8 @@ def run(engine, prompts: list[list[int]], new: int, caching: bool, tag: str) -> 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--system", type=int, default=1000, help="shared system-prompt tokens")
+    p.add_argument("--system", type=int, default=970, help="shared system-prompt tokens (with the question and the "
+                   "new tokens within the model's 1,024 positions)")
     p.add_argument("--question", type=int, default=30, help="tokens of each request's own question")
     p.add_argument("--new", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
@@ -84,8 +87,11 @@ def main(argv=None) -> None:
     from worker.engine.engine import EngineConfig
 
     length = args.system + args.question + args.new
+    if length > cfg["max_position_embeddings"]:
+        raise SystemExit(f"--system + --question + --new = {length} exceeds the model's "
+                         f"{cfg['max_position_embeddings']} positions")
     engine = build_engine(EngineConfig(model_dir=model_dir, max_batch_size=args.requests,
-                                       max_model_len=min(length + 16, cfg["max_position_embeddings"]),
+                                       max_model_len=min(length + 8, cfg["max_position_embeddings"]),
                                        kv_cache_bytes=args.kv_cache_mb << 20))
     prompts = make_workload(args.requests, args.system, args.question, cfg["vocab_size"])
     run(engine, [q[-40:] for q in prompts[:2]], 2, False, "warm")  # warm-up, nothing shared
