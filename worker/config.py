@@ -43,6 +43,7 @@ class WorkerConfig:
     max_batch_size: int = 32  # rows (sequences, beams) in one step
     max_batch_tokens: int = 2048  # tokens in one step (prefill chunks + decodes)
     max_model_len: int = 0  # 0 = the model config's max_position_embeddings
+    prefix_caching: bool = True  # reuse the KV blocks of cached prompt prefixes (block_manager.py)
     quantize: str | None = None  # None | "int8" | "int4" (weight-only) | "w8a8" (int8 weights and per-token activations)
     # ---- the replica's layout -------------------------------------------------------------------
     tensor_parallel: int = 1  # ranks per pipeline stage

@@ -125,6 +125,8 @@ class WorkerService(pb_grpc.WorkerServicer):
                 kv_blocks_total=st.kv_blocks_total, kv_blocks_used=st.kv_blocks_used,
                 preemptions_total=st.preemptions_total, steps_total=st.steps_total,
                 prompt_tokens_total=st.prompt_tokens_total, generated_tokens_total=st.generated_tokens_total,
+                kv_blocks_cached=st.kv_blocks_cached, prefix_cache_queries_total=st.prefix_cache_queries_total,
+                prefix_cache_hits_total=st.prefix_cache_hits_total,
             ),
         )
         for phase, secs in st.load_phases.items():

@@ -76,6 +76,7 @@ class ServingProperties:
     job_queue_size: int = 1000  # requests queued per model before RESOURCE_EXHAUSTED
     batch_size: int = 1  # DJLServing dynamic batch size (non-rolling mode)
     max_batch_delay: int = 100  # milliseconds, DJLServing dynamic batching
+    enable_prefix_caching: bool = True  # reuse the KV cache of shared prompt prefixes (--no-prefix-caching)
     trust_remote_code: bool = False  # invariant: always False (True is refused at load)
     entry_point: str | None = None  # accepted for compatibility, ignored
     # field name -> where its value came from ("default", "file.properties:3 option.dtype", "env X", ...)
@@ -216,6 +217,7 @@ KEYS: tuple[_Key, ...] = (
     _Key("max_rolling_batch_size", "option.max_rolling_batch_size", _positive_int, ("MAX_BATCH_SIZE",)),
     _Key("max_input_len", "option.max_input_len", _positive_int),
     _Key("max_output_len", "option.max_output_len", _positive_int),
+    _Key("enable_prefix_caching", "option.enable_prefix_caching", _bool),
     _Key("trust_remote_code", "option.trust_remote_code", _bool, ("HF_MODEL_TRUST_REMOTE_CODE",)),
     _Key("job_queue_size", "job_queue_size", _positive_int, ("MAX_CONCURRENT_REQUESTS",)),
     _Key("batch_size", "batch_size", _positive_int),
@@ -239,6 +241,7 @@ CLI_FLAGS = {
     "quantize": "quantize",
     "max_batch_size": "max_rolling_batch_size",
     "max_queued_requests": "job_queue_size",
+    "prefix_caching": "enable_prefix_caching",
 }
 
 

@@ -128,6 +128,7 @@ def settings_from_args(args, env: Mapping[str, str]) -> ServeSettings:
         spec = ReplicaSpec(model_dir=Path(), block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb << 20,
                            num_kv_blocks=args.num_kv_blocks, max_batch_size=max_batch,
                            max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len, threads=args.threads,
+                           prefix_caching=props.enable_prefix_caching,
                            stage_layers=args.stage_layers, collective_timeout_s=args.collective_timeout,
                            watchdog_s=args.step_watchdog, max_restarts=args.max_restarts)
         replica_spec(spec, Path(), layout)
@@ -187,6 +188,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-mb", type=int, default=0,
                    help="KV cache per rank, MiB (upper bound; default 0: sized to the machine, see README)")
     p.add_argument("--num-kv-blocks", type=int, default=0, help="exact KV block count (overrides --kv-cache-mb)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_const", const=False, default=None,
+                   help="do not reuse the KV cache of shared prompt prefixes (default: option.enable_prefix_caching, on)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--admin-token", default=None, help=f"enables the admin API (default: ${TOKEN_ENV}; none: disabled)")
     p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve gRPC and HTTP over TLS (with --tls-key)")

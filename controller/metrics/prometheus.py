@@ -13,9 +13,11 @@ Series (all labelled `model`; `replica` where a replica applies):
                  requests), shardserve_prompt_length_tokens, shardserve_generated_length_tokens
   engine         shardserve_requests_running, shardserve_requests_waiting, shardserve_batch_size,
                  shardserve_batch_tokens, shardserve_kv_cache_usage_ratio,
-                 shardserve_kv_cache_blocks{state=used|total}, shardserve_preemptions_total,
+                 shardserve_kv_cache_blocks{state=used|total|cached}, shardserve_preemptions_total,
                  shardserve_engine_steps_total, shardserve_engine_prompt_tokens_total,
-                 shardserve_engine_generated_tokens_total (live counts from the worker)
+                 shardserve_engine_generated_tokens_total, shardserve_prefix_cache_queries_total and
+                 shardserve_prefix_cache_hits_total (prompt tokens looked up at admission / found in the
+                 prefix cache), shardserve_kv_cache_blocks{state=cached} (live counts from the worker)
   workers        shardserve_worker_up{rank}, shardserve_worker_restarts_total,
                  shardserve_model_load_seconds{phase} (last load), shardserve_download_bytes_total
 
@@ -70,6 +72,8 @@ _ENGINE_TOTALS = {
     "steps_total": "engine_steps",
     "prompt_tokens_total": "engine_prompt_tokens",
     "generated_tokens_total": "engine_generated_tokens",
+    "prefix_cache_queries_total": "prefix_cache_queries",
+    "prefix_cache_hits_total": "prefix_cache_hits",
 }
 
 
@@ -147,13 +151,20 @@ class Metrics:
             Gauge, "shardserve_kv_cache_usage_ratio", "Used / total KV-cache blocks, 0..1.", mr
         )
         self.kv_blocks = fam(
-            Gauge, "shardserve_kv_cache_blocks", "KV-cache blocks per replica by state (used|total).",
+            Gauge, "shardserve_kv_cache_blocks",
+            "KV-cache blocks per replica by state (used|total|cached: known to the prefix cache).",
             (*mr, "state"),
         )  # fmt: skip
         self.preemptions = fam(
             Counter, "shardserve_preemptions", "Sequences preempted to free KV-cache blocks.", mr
         )
         self.engine_steps = fam(Counter, "shardserve_engine_steps", "Engine steps executed.", mr)
+        self.prefix_cache_queries = fam(
+            Counter, "shardserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache at admission.", mr
+        )
+        self.prefix_cache_hits = fam(
+            Counter, "shardserve_prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled).", mr
+        )
         self.engine_prompt_tokens = fam(
             Counter, "shardserve_engine_prompt_tokens", "Prompt tokens prefilled by the engine.", mr
         )
@@ -227,8 +238,9 @@ class Metrics:
             self.batch_tokens.labels(m, r).set(stats.batch_tokens)
             self.kv_blocks.labels(m, r, "used").set(used)
             self.kv_blocks.labels(m, r, "total").set(total)
+            self.kv_blocks.labels(m, r, "cached").set(int(getattr(stats, "kv_blocks_cached", 0)))
             self.kv_usage.labels(m, r).set(used / total if total > 0 else 0.0)
-            totals = {attr: int(getattr(stats, attr)) for attr in _ENGINE_TOTALS}
+            totals = {attr: int(getattr(stats, attr, 0)) for attr in _ENGINE_TOTALS}
             # All zero: a fresh worker or a report without stats (proto default); either way nothing
             # to add, and keeping the previous totals means a restart is still seen as one next time.
             if not any(totals.values()):

@@ -81,6 +81,8 @@ class SyntheticTraffic:
                 if served:
                     s.prompt_tokens_total += prompt
                     s.generated_tokens_total += gen
+                    s.prefix_cache_queries_total += prompt
+                    s.prefix_cache_hits_total += rng.randint(0, prompt // 16) * 16
             s.steps_total += 7
             s.preemptions_total += rng.random() < 0.2
             s.running, s.waiting = rng.randint(1, 16), rng.randint(0, 5)

@@ -119,3 +119,13 @@ def test_resolve_model_refuses_what_is_not_a_model_folder(tmp_path):
         server.resolve_model(str(tmp_path / "nope"), tmp_path)
     with pytest.raises(ValueError, match="config.json is missing"):
         server.resolve_model(str(tmp_path), tmp_path)
+
+
+def test_prefix_caching_is_on_by_default_and_off_by_flag_or_property(tmp_path, env):
+    assert settings([], env).spec.prefix_caching is True
+    assert settings(["--no-prefix-caching"], env).spec.prefix_caching is False
+    props = write(tmp_path / "serving.properties", "option.enable_prefix_caching=false\n")
+    s = settings(["--properties", str(props)], env)
+    assert s.spec.prefix_caching is False and s.properties.sources["enable_prefix_caching"].endswith(
+        "option.enable_prefix_caching")
+    assert ReplicaSpec.from_json(s.spec.to_json()).prefix_caching is False  # carried to the worker as is

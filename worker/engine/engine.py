@@ -48,6 +48,9 @@ class EngineStats:
     steps_total: int = 0
     prompt_tokens_total: int = 0
     generated_tokens_total: int = 0
+    kv_blocks_cached: int = 0  # blocks whose KV the prefix cache knows by hash (free or in use)
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up at admission
+    prefix_cache_hits_total: int = 0  # of them found in the prefix cache (not prefilled)
     load_phases: dict = field(default_factory=dict)
 
 
@@ -59,7 +62,12 @@ class Engine:
         self.max_model_len = config.max_model_len or max_positions(model_config)
         self.runner = ModelRunner(model, config.block_size, torch.device(config.device))
         self.kv_cache_bytes = self.runner.allocate_kv_cache(num_kv_blocks, config.torch_dtype)
-        self.blocks = BlockManager(num_kv_blocks, config.block_size)
+        # encoder-decoder models: prompts feed the encoder, the decoder starts from this token
+        self.encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
+        # prefix caching is off for encoder-decoder models: a decoder block's KV depends on the
+        # encoder's input, which the hash chain does not cover (and a decoder prompt is one token)
+        self.blocks = BlockManager(num_kv_blocks, config.block_size,
+                                   prefix_caching=config.prefix_caching and not self.encoder_decoder)
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_batch_tokens), self.blocks,
                                    self.max_model_len)
         self.sampler = Sampler()  # keeps the running batch's token counts across steps
@@ -67,8 +75,6 @@ class Engine:
         self.wakeup = threading.Event()
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats(kv_blocks_total=num_kv_blocks)
-        # encoder-decoder models: prompts feed the encoder, the decoder starts from this token
-        self.encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
         self.decoder_start_token_id = getattr(model_config, "decoder_start_token_id", None)
         if self.encoder_decoder and self.decoder_start_token_id is None:
             self.decoder_start_token_id = model_config.pad_token_id  # T5's convention
@@ -149,6 +155,9 @@ class Engine:
         st.waiting = len(self.scheduler.waiting)
         st.kv_blocks_used = self.blocks.num_used
         st.preemptions_total = self.scheduler.preemptions
+        st.kv_blocks_cached = self.blocks.num_cached
+        st.prefix_cache_queries_total = self.blocks.queries
+        st.prefix_cache_hits_total = self.blocks.hits
         return st
 
     def run_forever(self, stop: threading.Event) -> None:

@@ -122,6 +122,12 @@ class Scheduler:
             self.waiting.appendleft(seq)
         self.preemptions += 1
 
+    def _shared(self, unit: list[Sequence]) -> int:
+        """Tokens in the full blocks a beam group's beams have in common (one token left each)."""
+        common = _common_prefix([s.token_ids for s in unit])
+        shared = min(common, min(len(s.token_ids) for s in unit) - 1) // self.blocks.block_size
+        return shared * self.blocks.block_size
+
     def _chunks(self, unit: list[Sequence], budget: int) -> list[int]:
         if len(unit) == 1:
             return [min(unit[0].num_uncomputed, budget)]
@@ -129,15 +135,33 @@ class Scheduler:
         if any(s.num_computed == 0 and not s.block_table for s in unit[1:]):
             # a preempted beam group: the first beam recomputes the common prefix (in chunks) and the
             # others then share its full blocks again, so a group never needs more blocks than it held
-            common = _common_prefix([s.token_ids for s in unit])
-            shared = min(common, min(len(s.token_ids) for s in unit) - 1) // self.blocks.block_size
-            shared *= self.blocks.block_size
+            shared = self._shared(unit)
             if lead.num_computed < shared:
                 return [min(shared - lead.num_computed, budget)] + [0] * (len(unit) - 1)
             for s in unit[1:]:
                 if s.num_computed == 0 and not s.block_table:
                     s.num_computed = self.blocks.fork(lead, s, shared)
         return [s.num_uncomputed for s in unit]  # several beams: all reach their last token together
+
+    def _admit(self, unit: list[Sequence], budget: int) -> list[int] | None:
+        """A waiting unit's first chunks if its blocks fit (None: it waits). A unit holding no blocks
+        (new or preempted) first takes its cached prefix (block_manager.reuse) through its lead, so
+        only the rest is prefilled; a preempted beam group reuses at most its beams' shared full
+        blocks, which the other beams then share again (`_chunks`). Undone when it does not fit."""
+        lead = unit[0]
+        fresh = all(not s.block_table and s.num_computed == 0 for s in unit)
+        if fresh:
+            limit = len(lead.token_ids) if len(unit) == 1 else self._shared(unit)
+            lead.num_computed = self.blocks.reuse(lead, limit)
+        chunks = self._chunks(unit, budget)
+        if self._blocks_needed(unit, chunks) <= self.blocks.num_free:
+            return chunks
+        if fresh:
+            self.blocks.unreuse(lead)
+            for s in unit[1:]:
+                self.blocks.release(s)
+                s.num_computed = 0
+        return None
 
     def _blocks_needed(self, unit: list[Sequence], chunks: list[int]) -> int:
         return sum(self.blocks.blocks_needed(s, s.num_computed + n) for s, n in zip(unit, chunks))
@@ -205,8 +229,8 @@ class Scheduler:
             unit = unit_of(self.waiting[0])
             if rows + width_of(unit) > self.config.max_batch_size and self.running:
                 break
-            chunks = self._chunks(unit, prefill)
-            if self._blocks_needed(unit, chunks) > self.blocks.num_free:
+            chunks = self._admit(unit, prefill)
+            if chunks is None:
                 break
             for s in unit:
                 self.waiting.remove(s)
@@ -261,6 +285,7 @@ class Scheduler:
         now = time.monotonic()
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
+            self.blocks.commit(seq)  # its newly full blocks join the prefix cache
             if seq.first_scheduled is None:
                 seq.first_scheduled = now
         produced = len({id(s.beam) for s in sampled if s.beam is not None})

@@ -66,6 +66,7 @@ class Sequence:
     num_prompt: int = 0
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
+    num_hashed: int = 0  # leading blocks of block_table registered in the prefix cache (block_manager)
     status: Status = Status.WAITING
     finish: Finish | None = None
     arrival: float = field(default_factory=time.monotonic)
