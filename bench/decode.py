@@ -370,7 +370,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=64, help="decode steps timed per variant and batch")
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens per sequence")
     p.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
-    p.add_argument("--model", default="llama-300m", choices=["llama-300m", "demo"])
+    p.add_argument("--model", default="llama-300m", choices=list(models.BY_NAME))
     p.add_argument("--model-dir", default="", help="any Llama-family HF folder instead of --model")
     p.add_argument("--variants", default="fp32,int8,ct2-int8,int4,ct2-float32,bf16,hf",
                    help="any of fp32,bf16,int8,int4,w8a8 (ours), ct2-float32, ct2-int8, hf")
@@ -444,7 +444,7 @@ def main(argv=None) -> int:
     if args.model_dir:
         model_dir = Path(args.model_dir)
     else:
-        model_dir = models.llama_300m(cache) if args.model == "llama-300m" else models.demo(cache)
+        model_dir = models.by_name(args.model, cache)
     cfg = json.loads((model_dir / "config.json").read_text())
     ckpt_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     if args.wait_quiet:

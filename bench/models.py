@@ -54,6 +54,14 @@ FLAN_T5_LIKE = "bench-flan-t5-like-v1"
 T5_VOCAB = 32128  # Flan-T5's
 
 
+BY_NAME = {"llama-300m": llama_300m, "demo": demo}  # the decoder-only models the benches take by --model
+
+
+def by_name(name: str, cache: Path) -> Path:
+    """The folder of bench model `name` (one of BY_NAME), built into `cache` on first use."""
+    return BY_NAME[name](cache)
+
+
 def t5_tokenizer(out: Path):
     """A T5-style tokenizer built offline: byte-level BPE trained on the OS texts the demo model
     uses, pad/eos/unk = 0/1/2, '</s>' appended to every prompt, padded with <extra_id_N> tokens

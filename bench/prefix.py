@@ -74,14 +74,14 @@ def main(argv=None) -> None:
     p.add_argument("--new", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--kv-cache-mb", type=int, default=4096)
-    p.add_argument("--model", default="llama-300m", choices=["llama-300m", "demo"])
+    p.add_argument("--model", default="llama-300m", choices=list(models.BY_NAME))
     p.add_argument("--cache-dir", default="")
     p.add_argument("--out", default="", help="JSON path ('' = none)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cache = Path(args.cache_dir or Path.home() / ".cache" / "shardserve" / "bench")
     cache.mkdir(parents=True, exist_ok=True)
-    model_dir = models.llama_300m(cache) if args.model == "llama-300m" else models.demo(cache)
+    model_dir = models.by_name(args.model, cache)
     cfg = json.loads((model_dir / "config.json").read_text())
     from worker.engine.build import build_engine
     from worker.engine.engine import EngineConfig

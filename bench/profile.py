@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--quantize", default="", choices=["", "int8", "int4"])
-    ap.add_argument("--model", default="llama-300m", choices=["llama-300m", "demo"])
+    ap.add_argument("--model", default="llama-300m", choices=list(models.BY_NAME))
     ap.add_argument("--rate", type=int, default=40, help="py-spy samples per second")
     ap.add_argument("--no-spy", action="store_true", help="timings and CPU only")
     ap.add_argument("--no-decode", action="store_true", help="skip the in-process bench.decode rows")
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
         return 0
     args.cache = cache
     work = Workload(streams=args.streams, prompt_tokens=args.prompt, new_tokens=args.new_tokens)
-    model_dir = models.llama_300m(cache) if args.model == "llama-300m" else models.demo(cache)
+    model_dir = models.by_name(args.model, cache)
     ps = prompts(model_dir, work)
     load_before = os.getloadavg()
     kv = ours.kv_cache_mb(model_dir, work)
