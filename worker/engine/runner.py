@@ -182,7 +182,7 @@ class ModelRunner:
                                        device="cpu").pin_memory()
         plan = host.to(self.device, self.staging)
         ctx = self._context(host, plan)
-        ctx.cross_states = self.cross_states(plan, ctx)
+        ctx.cross_states = self.cross_states(host, plan, ctx)
         with step_context(ctx):
             if self.state.pp_size == 1:
                 hidden = self.model(plan.input_ids, plan.positions)  # [T, hidden]
@@ -220,18 +220,19 @@ class ModelRunner:
             dist.send(logits.float().to(comm).contiguous(), dst=0)
         return None
 
-    def cross_states(self, plan: StepPlan, ctx: StepContext):
+    def cross_states(self, host: StepPlan, plan: StepPlan, ctx: StepContext):
         """Run the encoder for sequences new to it, free finished slots; the step's cross state
         (encdec.StepCross) or None. Every rank runs it (the plan carries the encoder inputs): TP
         ranks their encoder shard, every pipeline stage the whole encoder for its own layers'
-        cross-attention."""
-        for slot in plan.cross_free.tolist():
+        cross-attention. Slots and lengths are read from the host plan (no device sync); only the
+        encoder ids come from the device copy."""
+        for slot in host.cross_free.tolist():
             self.cross.drop(slot)
-        if not plan.cross_slots.numel():
+        if not host.cross_slots.numel():
             return None
-        slots = plan.cross_slots.tolist()
+        slots = host.cross_slots.tolist()
         start = 0
-        for slot, n in zip(slots, plan.enc_lens.tolist()):
+        for slot, n in zip(slots, host.enc_lens.tolist()):
             if n:
                 self.cross.put(slot, self.model.encode(plan.enc_ids[start:start + n]))
                 start += n
