@@ -164,8 +164,8 @@ class Controller:
         self.http = HttpServer(c.host, c.http_port, ready=self.router.all_ready, metrics=self.metrics,
                                ssl_context=ssl_ctx)
         self.http.add("GET", "/v1/stats", self._stats_route)
-        SageMakerRoutes(self.router, self.router.all_ready, self.record).install(self.http)
-        OpenAIRoutes(self.router, self.record, self.chat_template).install(self.http)
+        SageMakerRoutes(self.router, self.router.all_ready, self.record, limits=c.limits).install(self.http)
+        OpenAIRoutes(self.router, self.record, self.chat_template, limits=c.limits).install(self.http)
         self.http.start()
         threading.Thread(target=self.poll_stats, daemon=True, name="stats-poll").start()
         scheme = "TLS" if creds else "plaintext"

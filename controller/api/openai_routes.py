@@ -35,6 +35,7 @@ from controller.api.http import (
     read_body,
     until_disconnect,
 )
+from controller.api.limits import RequestLimits, check_count, check_parameters, check_prompt
 from controller.api.openai_models import ChatRequest, CompletionRequest
 from controller.api.params import RequestError
 from controller.api.service import STATUS_NAMES, Event, Prepared, Running, prepare
@@ -113,9 +114,10 @@ class _Choice:
 
 class OpenAIRoutes:
     def __init__(self, router, record=lambda rec: None, chat_template: Path | None = None,
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, limits: RequestLimits = RequestLimits()):
         self.router = router
         self.record = record
+        self.limits = limits  # the gRPC servicer's limits (api/limits.py), checked before tokenizing
         self.chat_template = chat_template.read_text() if chat_template else None
         self.timeout_s = timeout_s
         self.created = int(time.time())
@@ -157,6 +159,10 @@ class OpenAIRoutes:
         """(entry, [Prepared per prompt x sample]) in choice order; raises RequestError."""
         entry = self.router.get(req.model or "")
         params, seeded = req.parameters(logprobs)
+        check_count(len(prompts), req.n, self.limits, "prompt")
+        check_parameters(params, self.limits)
+        for prompt in prompts:
+            check_prompt(prompt, self.limits)
         preps = []
         for prompt in prompts:
             for i in range(req.n):

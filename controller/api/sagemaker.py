@@ -32,6 +32,7 @@ from starlette.responses import Response, StreamingResponse
 
 from controller.api import eventstream
 from controller.api.http import BodyTooLarge, events, gather_all, json_response, read_body, until_disconnect
+from controller.api.limits import RequestLimits, check_count, check_parameters, check_prompt
 from controller.api.params import RequestError, parameters_from_dict
 from controller.api.service import STATUS_NAMES, Prepared, Running, prepare
 from controller.metrics.stats import RequestRecord
@@ -101,8 +102,10 @@ class SageMakerRoutes:
     """Adds /ping, /invocations and boto3's /endpoints/NAME/... paths to an HttpServer; requests go
     through the router like gRPC ones."""
 
-    def __init__(self, router, ready, record=lambda rec: None, timeout_s: float | None = None):
+    def __init__(self, router, ready, record=lambda rec: None, timeout_s: float | None = None,
+                 limits: RequestLimits = RequestLimits()):
         self.router = router
+        self.limits = limits  # the gRPC servicer's limits (api/limits.py), checked before tokenizing
         self.ready = ready  # () -> bool: every model has a ready replica and the server admits requests
         self.record = record  # RequestRecord sink (the metrics module)
         self.timeout_s = timeout_s
@@ -134,6 +137,10 @@ class SageMakerRoutes:
             prompts, params, is_list, wanted, stream = parse_body(body, dict(request.headers))
             entry = self.router.get(wanted)  # only a served model's name becomes a metrics label
             name = entry.name
+            check_count(len(prompts), 0, self.limits, "inputs")
+            check_parameters(params, self.limits)
+            for p in prompts:
+                check_prompt(p, self.limits, "inputs")
             return [prepare(entry, p, params, arrival) for p in prompts], entry, stream
         except RequestError as e:
             self._fail(name, e, arrival)

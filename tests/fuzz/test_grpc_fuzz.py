@@ -3,6 +3,7 @@ every request ends OK or with a specific status, never INTERNAL/UNKNOWN or a han
 worker neither dies nor restarts, and a bystander's request keeps working. Also: the outstanding
 count of a multi-prompt Generate is released whatever happens, and the input limits (api/limits.py)."""
 
+import json
 import math
 import os
 import threading
@@ -147,6 +148,23 @@ def test_stream_and_tokenize_have_the_same_limits(server):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit" in details
     code, details = call(stub(server).Tokenize, gpb.TokenizeRequest(text="z" * 70000))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "text" in details
+
+
+def test_http_routes_have_the_same_limits(server):
+    """OpenAI and SageMaker requests are checked against the same limits before tokenizing: a 400
+    whose message names the field and the limit, nothing started."""
+    def post(path, body):
+        status, data = server.http(path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        return status, data.decode()
+
+    status, text = post("/v1/completions", {"prompt": "x" * 70000, "max_tokens": 1})
+    assert status == 400 and "prompt" in text and "limit" in text, text
+    status, text = post("/v1/completions", {"prompt": ["x"] * 8, "n": 9, "max_tokens": 1})
+    assert status == 400 and "limit" in text, text
+    status, text = post("/invocations", {"inputs": ["x"] * 65, "parameters": {"max_new_tokens": 1}})
+    assert status == 400 and "inputs" in text and "limit" in text, text
+    status, text = post("/invocations", {"inputs": "x" * 70000})
+    assert status == 400 and "limit" in text, text
 
 
 # ---- fuzzing ----------------------------------------------------------------------------------
