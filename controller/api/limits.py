@@ -47,27 +47,24 @@ def check_count(prompts: int, n: int, limits: RequestLimits, field: str = "promp
                            f"the limit of {limits.max_prompts} per request")
 
 
+def _check_words(words, seqs, max_count: int, max_len: int, field: str, seq_field: str, what: str) -> None:
+    """One kind of word list (stop strings or bad words): how many strings plus token sequences, each
+    string's UTF-8 bytes and each sequence's tokens, against their limits."""
+    count = len(words) + len(seqs)
+    if count > max_count:
+        raise invalid(f"parameter {field}: {count} {what}s/sequences exceeds the limit of {max_count}")
+    for w in words:
+        if len(w) * 4 > max_len and _utf8_len(w) > max_len:
+            raise invalid(f"parameter {field}: a {what} of {_utf8_len(w)} bytes exceeds the limit of "
+                          f"{max_len} bytes")
+    for seq in seqs:
+        if len(seq.token_ids) > max_len:
+            raise invalid(f"parameter {seq_field}: a sequence of {len(seq.token_ids)} tokens exceeds "
+                          f"the limit of {max_len}")
+
+
 def check_parameters(p: gpb.GenerationParameters, limits: RequestLimits) -> None:
-    stops = len(p.stop) + len(p.stop_token_sequences)
-    if stops > limits.max_stop_strings:
-        raise invalid(f"parameter stop: {stops} stop strings/sequences exceeds the limit of "
-                      f"{limits.max_stop_strings}")
-    for s in p.stop:
-        if len(s) * 4 > limits.max_stop_bytes and _utf8_len(s) > limits.max_stop_bytes:
-            raise invalid(f"parameter stop: a stop string of {_utf8_len(s)} bytes exceeds the limit of "
-                          f"{limits.max_stop_bytes} bytes")
-    for seq in p.stop_token_sequences:
-        if len(seq.token_ids) > limits.max_stop_bytes:
-            raise invalid(f"parameter stop_token_sequences: a sequence of {len(seq.token_ids)} tokens exceeds "
-                          f"the limit of {limits.max_stop_bytes}")
-    bad = len(p.bad_words) + len(p.bad_word_token_sequences)
-    if bad > limits.max_bad_words:
-        raise invalid(f"parameter bad_words: {bad} bad words/sequences exceeds the limit of {limits.max_bad_words}")
-    for w in p.bad_words:
-        if len(w) * 4 > limits.max_bad_word_bytes and _utf8_len(w) > limits.max_bad_word_bytes:
-            raise invalid(f"parameter bad_words: a bad word of {_utf8_len(w)} bytes exceeds the limit of "
-                          f"{limits.max_bad_word_bytes} bytes")
-    for seq in p.bad_word_token_sequences:
-        if len(seq.token_ids) > limits.max_bad_word_bytes:
-            raise invalid(f"parameter bad_word_token_sequences: a sequence of {len(seq.token_ids)} tokens exceeds "
-                          f"the limit of {limits.max_bad_word_bytes}")
+    _check_words(p.stop, p.stop_token_sequences, limits.max_stop_strings, limits.max_stop_bytes,
+                 "stop", "stop_token_sequences", "stop string")
+    _check_words(p.bad_words, p.bad_word_token_sequences, limits.max_bad_words, limits.max_bad_word_bytes,
+                 "bad_words", "bad_word_token_sequences", "bad word")
