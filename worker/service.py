@@ -39,7 +39,8 @@ def sampling_from_pb(p: pb.SamplingParams) -> Sampling:
         eos_token_ids=tuple(int(t) for t in p.eos_token_ids),
         stop_token_sequences=seqs(p.stop_token_sequences),
         bad_word_token_sequences=seqs(p.bad_word_token_sequences),
-        return_log_probs=bool(p.return_log_probs),
+        return_log_probs=bool(p.return_log_probs or p.top_log_probs),
+        top_log_probs=int(p.top_log_probs),
         num_beams=max(1, int(p.num_beams)),
         length_penalty=float(p.length_penalty),
         beam_search_diversity_rate=float(p.beam_search_diversity_rate),
@@ -90,12 +91,16 @@ class WorkerService(pb_grpc.WorkerServicer):
         arrival = time.monotonic()
         context.add_callback(lambda: self.engine.abort(request.request_id))
         self.engine.add(seq)
-        first = True
+        first, sent = True, 0  # sent: generated tokens already streamed (indexes seq.top_log_probs)
         while True:
             toks, lps, fin, err = coalesce(out)
             msg = pb.WorkerGenerateResponse(token_ids=toks)
             if seq.sampling.return_log_probs:
                 msg.log_probs.extend(lps)
+            if seq.sampling.top_log_probs and seq.beam is None:
+                for ids, vals in seq.top_log_probs[sent:sent + len(toks)]:
+                    msg.top_log_probs.add(token_ids=ids, log_probs=vals)
+            sent += len(toks)
             if first:
                 msg.prompt_tokens = seq.num_input_tokens
                 msg.queue_seconds = max(0.0, (seq.first_scheduled or arrival) - arrival)

@@ -117,7 +117,13 @@ class _Common(_Strict):
         p.ignore_eos = self.ignore_eos
         if logprobs:
             p.return_log_probs = True
+            if self.top_alternatives():
+                p.top_log_probs = self.top_alternatives()
         return p, p.do_sample
+
+    def top_alternatives(self) -> int:
+        """How many most likely tokens each position's log-probs list (0 = only the chosen one)."""
+        return 0
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -144,16 +150,11 @@ class CompletionRequest(_Common):
             raise ValueError("suffix is not supported")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _top(cls, v):
-        if v:  # the worker returns the chosen token's log-probability, not the alternatives
-            raise ValueError("top alternatives are not available; logprobs: 0 returns the chosen tokens' "
-                             "log-probabilities")
-        return v
-
     def max_new(self) -> int | None:
         return self.max_tokens
+
+    def top_alternatives(self) -> int:
+        return self.logprobs or 0
 
     def prompts(self) -> list[str | list[int]]:
         v = self.prompt
@@ -197,11 +198,13 @@ class ChatRequest(_Common):
 
     @field_validator("top_logprobs")
     @classmethod
-    def _top(cls, v):
-        if v:  # the worker returns the chosen token's log-probability, not the alternatives
-            raise ValueError("top alternatives are not available; logprobs: true returns the chosen tokens' "
-                             "log-probabilities (top_logprobs must be 0 or absent)")
+    def _top_needs_logprobs(cls, v, info):
+        if v and not info.data.get("logprobs"):  # logprobs is declared (so validated) before it
+            raise ValueError("needs logprobs: true")
         return v
+
+    def top_alternatives(self) -> int:
+        return self.top_logprobs or 0
 
     @field_validator("response_format")
     @classmethod

@@ -99,6 +99,14 @@ def _sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
 
+def _best_first(alt: list[tuple[str, float]]) -> dict[str, float]:
+    """{text: log-prob}, best first; of tokens that decode to the same text the best is kept."""
+    out: dict[str, float] = {}
+    for text, lp in alt:
+        out.setdefault(text, lp)
+    return out
+
+
 class _Choice:
     """What one run (a prompt x sample) has produced so far."""
 
@@ -108,6 +116,7 @@ class _Choice:
         self.text: list[str] = []
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.tops: list = []  # gpb.TopLogProbs per token, when top alternatives are asked for
         self.finish: str | None = None
         self.started = False  # its events are being consumed (else close() drains them)
 
@@ -312,6 +321,8 @@ class OpenAIRoutes:
         c.tokens.append(ev.token_id)
         if ev.log_prob is not None:
             c.logprobs.append(ev.log_prob)
+        if ev.top is not None:
+            c.tops.append(ev.top)
         if ev.finish:
             c.finish = FINISH.get(ev.finish, "stop")
 
@@ -320,23 +331,28 @@ class OpenAIRoutes:
         completion = sum(len(c.tokens) for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _logprobs(self, entry, kind: str, tokens: list[int], lps: list[float], offset: int = 0):
+    def _logprobs(self, entry, kind: str, tokens: list[int], lps: list[float], offset: int = 0, tops=()):
+        """OpenAI's logprobs object for `tokens`; `tops`: their gpb.TopLogProbs (empty when the request
+        asked for no alternatives)."""
         pieces = [entry.codec.decode([t]) for t in tokens]
+        alts = [list(zip(t.texts, t.log_probs)) for t in tops] if tops else [[] for _ in tokens]
         if kind.startswith("chat"):
-            return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
-                                for s, lp in zip(pieces, lps)]}
+            return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()),
+                                 "top_logprobs": [{"token": a, "logprob": v, "bytes": list(a.encode())} for a, v in alt]}
+                                for s, lp, alt in zip(pieces, lps, alts)]}
         offsets = []
         for s in pieces:
             offsets.append(offset)
             offset += len(s)
-        return {"tokens": pieces, "token_logprobs": list(lps), "top_logprobs": None, "text_offset": offsets}
+        top = [_best_first(alt) for alt in alts] if tops else None
+        return {"tokens": pieces, "token_logprobs": list(lps), "top_logprobs": top, "text_offset": offsets}
 
     def _unary(self, req, entry, preps, choices, kind, meta, echo) -> dict:
         out = []
         want_lp = req.logprobs is not None if kind == "text_completion" else req.logprobs
         for c in choices:
             text = "".join(c.text)
-            lp = self._logprobs(entry, kind, c.tokens, c.logprobs) if want_lp else None
+            lp = self._logprobs(entry, kind, c.tokens, c.logprobs, 0, c.tops) if want_lp else None
             if kind == "chat.completion":
                 out.append({"index": c.index, "message": {"role": "assistant", "content": text},
                             "logprobs": lp, "finish_reason": c.finish})
@@ -366,7 +382,7 @@ class OpenAIRoutes:
             lp = None
             if want_lp and ev.log_prob is not None:
                 lp = self._logprobs(entry, kind, [ev.token_id], [ev.log_prob],
-                                    sum(len(t) for t in c.text[:-1]))
+                                    sum(len(t) for t in c.text[:-1]), [ev.top] if ev.top is not None else ())
             finish = FINISH.get(ev.finish, "stop") if ev.finish else None
             if chat:
                 queue.put_nowait(chunk({"index": c.index, "delta": {"content": ev.text} if ev.text else {},

@@ -22,6 +22,7 @@ from shardserve.v1 import worker_pb2 as wpb
 
 DEFAULT_MAX_NEW_TOKENS = 200
 MAX_BEAMS = 16
+MAX_TOP_LOG_PROBS = 20  # as OpenAI's top_logprobs
 UINT32_MAX = (1 << 32) - 1
 UINT64_MAX = (1 << 64) - 1
 
@@ -45,6 +46,7 @@ ALIASES = {
     "return_log_probs": "return_log_probs", "is_return_output_log_probs": "return_log_probs",
     "return_cum_log_probs": "return_cum_log_probs", "is_return_cum_log_probs": "return_cum_log_probs",
     "ignore_eos": "ignore_eos",
+    "top_log_probs": "top_log_probs", "top_logprobs": "top_log_probs", "top_n_tokens": "top_log_probs",
 }
 
 
@@ -206,6 +208,10 @@ def resolve(p: gpb.GenerationParameters, *, prompt_tokens: int, max_model_len: i
     if beams > 1:
         sampling = False  # beam search is deterministic (FT ignores top_k/top_p with beam_width > 1)
         _check_beams_fit(beams, prompt_tokens, max_new, *kv_cache)
+    top_lps = p.top_log_probs if has("top_log_probs") else 0
+    _range("top_log_probs", top_lps, 0, MAX_TOP_LOG_PROBS)
+    if top_lps and beams > 1:
+        raise invalid("parameter top_log_probs: not available with beam search (num_beams > 1)")
     for name in ("stop_token_sequences", "bad_word_token_sequences"):
         for seq in getattr(p, name):
             bad = [t for t in seq.token_ids if t >= vocab_size]
@@ -225,7 +231,8 @@ def resolve(p: gpb.GenerationParameters, *, prompt_tokens: int, max_model_len: i
         num_beams=beams,
         length_penalty=length_penalty,
         beam_search_diversity_rate=diversity,
-        return_log_probs=p.return_log_probs or p.return_cum_log_probs,
+        return_log_probs=p.return_log_probs or p.return_cum_log_probs or top_lps > 0,
+        top_log_probs=top_lps,
     )
     if not p.ignore_eos:
         out.eos_token_ids.extend(eos_token_ids)

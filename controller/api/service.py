@@ -61,6 +61,7 @@ class Event:
     log_prob: float | None
     finish: int  # gpb.FinishReason; UNSPECIFIED until the last event
     cum_log_prob: float | None = None
+    top: gpb.TopLogProbs | None = None  # with parameters.top_log_probs: the most likely tokens here
 
 
 def prepare(entry: ModelEntry, prompt: str | list[int], params: gpb.GenerationParameters, arrival: float,
@@ -195,15 +196,16 @@ class Running:
                     final = last and i == len(msg.token_ids) - 1
                     text = stops.feed(detok.push([tok]) + (detok.flush() if final else ""))
                     lp = msg.log_probs[i] if want_lp and i < len(msg.log_probs) else None
+                    top = self._top(msg.top_log_probs[i]) if i < len(msg.top_log_probs) else None
                     if stops.matched:
                         self.call.cancel()
-                        yield Event(tok, text, lp, gpb.FINISH_REASON_STOP, msg.cum_log_prob if final else None)
+                        yield Event(tok, text, lp, gpb.FINISH_REASON_STOP, msg.cum_log_prob if final else None, top)
                         return
                     if final:
                         text += stops.flush()
-                        yield Event(tok, text, lp, FINISH[msg.finish_reason], msg.cum_log_prob)
+                        yield Event(tok, text, lp, FINISH[msg.finish_reason], msg.cum_log_prob, top)
                         return
-                    yield Event(tok, text, lp, gpb.FINISH_REASON_UNSPECIFIED)
+                    yield Event(tok, text, lp, gpb.FINISH_REASON_UNSPECIFIED, None, top)
         except grpc.RpcError as e:
             code = e.code()
             if code == grpc.StatusCode.CANCELLED:
@@ -216,6 +218,11 @@ class Running:
                                f"{e.details()}") from None
         finally:
             self.release()
+
+    def _top(self, alt: wpb.WorkerAlternatives) -> gpb.TopLogProbs:
+        decode = self.prep.entry.codec.decode
+        return gpb.TopLogProbs(token_ids=alt.token_ids, log_probs=alt.log_probs,
+                               texts=[decode([t]) for t in alt.token_ids])
 
     def record(self, status: str) -> RequestRecord:
         return RequestRecord(model=self.prep.entry.name, replica=self.replica.name, status=status,
@@ -289,6 +296,8 @@ class GenerationService(gpb_grpc.GenerationServicer):
             text.append(ev.text)
             if ev.log_prob is not None:
                 out.log_probs.append(ev.log_prob)
+            if ev.top is not None:
+                out.top_log_probs.append(ev.top)
             if ev.finish:
                 out.finish_reason = ev.finish
                 if ev.cum_log_prob is not None and run.prep.sampling.return_log_probs:
@@ -323,6 +332,8 @@ class GenerationService(gpb_grpc.GenerationServicer):
                     index[sample] += 1
                     if ev.log_prob is not None:
                         msg.log_prob = ev.log_prob
+                    if ev.top is not None:
+                        msg.top_log_probs.CopyFrom(ev.top)
                     if ev.finish:
                         msg.prompt_tokens = len(run.prep.prompt_ids)
                         msg.generated_tokens = run.generated

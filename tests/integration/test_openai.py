@@ -140,16 +140,37 @@ def test_n_samples_seeds_stop_and_logprobs(server, client):
     assert len(content) == 4 and all(t.logprob <= 0 for t in content)
 
 
+def test_top_logprobs_list_the_most_likely_tokens(server, client):
+    """Greedy: the chosen token is the first alternative, with the same log-prob; alternatives are
+    best first; completions' logprobs: N and chat's top_logprobs agree with gRPC's top_log_probs."""
+    out = grpc_generate(server, ["Licensed under the"], max_new_tokens=4, top_log_probs=3)[0]
+    assert len(out.top_log_probs) == 4
+    for tok, lp, top in zip(out.token_ids, out.log_probs, out.top_log_probs):
+        assert len(top.token_ids) == len(top.texts) == 3 and top.token_ids[0] == tok
+        assert top.log_probs[0] == pytest.approx(lp, abs=1e-5) and list(top.log_probs) == sorted(top.log_probs)[::-1]
+    comp = client.completions.create(model="demo", prompt="Licensed under the", max_tokens=4, temperature=0,
+                                     logprobs=3).choices[0].logprobs
+    assert [max(d.values()) for d in comp.top_logprobs] == pytest.approx([t.log_probs[0] for t in out.top_log_probs],
+                                                                         abs=1e-5)
+    chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5)
+               for t in chat)
+    sampled = list(client.completions.create(model="demo", prompt="x", max_tokens=3, temperature=0.8, logprobs=4, stream=True, extra_body={"top_k": 2}))
+    tops = [c.choices[0].logprobs.top_logprobs[0] for c in sampled if c.choices[0].logprobs]
+    assert tops and all(1 <= len(t) <= 2 for t in tops)  # top_k=2 leaves at most two tokens
+
+
 @pytest.mark.parametrize("call, status, param, needle", [
     (lambda c: c.completions.create(model="nope", prompt="x"), 404, None, "nope"),
     (lambda c: c.completions.create(model="demo", prompt="x", top_p=1.5), 400, "top_p", "top_p"),
     (lambda c: c.completions.create(model="demo", prompt="x", max_tokens=5000), 400, "max_tokens", "1024"),
-    (lambda c: c.completions.create(model="demo", prompt="x", logprobs=3), 400, "logprobs", "alternatives"),
+    (lambda c: c.completions.create(model="demo", prompt="x", logprobs=6), 400, "logprobs", "5"),
     (lambda c: c.completions.create(model="demo", prompt="", max_tokens=3), 400, "prompt", "empty"),
     (lambda c: c.completions.create(model="demo", prompt=[[5, 99999]], max_tokens=3), 400, "prompt", "token ids"),
     (lambda c: c.completions.create(model="demo", prompt="x", extra_body={"bogus": 1}), 400, "bogus", "unknown"),
-    (lambda c: c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], logprobs=True,
-                                         top_logprobs=2), 400, "top_logprobs", "top_logprobs"),
+    (lambda c: c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}],
+                                         top_logprobs=2), 400, "top_logprobs", "logprobs: true"),
     (lambda c: c.chat.completions.create(model="demo", messages=[]), 400, "messages", "messages"),
     (lambda c: c.chat.completions.create(model="demo", messages=[{"role": "wizard", "content": "x"}]), 400,
      "messages.0.role", "role"),

@@ -2,6 +2,7 @@
 per-row reference they replaced (tests/unit/reference_sampler.py): random mixes of parameters in one
 batch, several steps with the token counts kept incrementally, and beam groups side by side."""
 
+import math
 import random
 
 import pytest
@@ -84,6 +85,30 @@ def test_a_row_does_not_depend_on_its_neighbours():
     alone = [sample(logits[i:i + 1], [s]) for i, s in enumerate(seqs)]
     assert together[0] == [a[0][0] for a in alone]
     assert together[1] == [a[1][0] for a in alone]
+
+
+def test_top_log_probs_are_the_best_of_each_rows_own_distribution():
+    """Greedy rows: the k best of log_softmax(processed logits), the chosen token first; sampled rows:
+    of the temperature-scaled top-k-filtered distribution (never more than top_k alternatives); rows
+    that ask for none get none; a row's alternatives do not depend on its neighbours."""
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(3)) * 2
+    kinds = [Sampling(top_log_probs=3, return_log_probs=True), Sampling(),
+             Sampling(temperature=0.7, top_k=2, top_log_probs=5, return_log_probs=True, seed=4),
+             Sampling(top_log_probs=20, return_log_probs=True)]
+    seqs = [Sequence(f"r{i}", [1, 2], s) for i, s in enumerate(kinds)]
+    with_generators(seqs)
+    toks, lps = sample(logits.clone(), seqs)
+    (ids0, v0), = seqs[0].top_log_probs
+    want = torch.log_softmax(logits[0], -1).topk(3)
+    assert ids0 == want.indices.tolist() and v0 == pytest.approx(want.values.tolist(), abs=1e-6)
+    assert ids0[0] == toks[0] and v0[0] == pytest.approx(lps[0], abs=1e-6)
+    assert seqs[1].top_log_probs == []
+    (ids2, v2), = seqs[2].top_log_probs
+    assert len(ids2) == 2 and toks[2] in ids2 and sum(math.exp(v) for v in v2) == pytest.approx(1.0, abs=1e-5)
+    assert len(seqs[3].top_log_probs[0][0]) == 20
+    alone = Sequence("a", [1, 2], kinds[0])
+    sample(logits[:1].clone(), [alone])
+    assert alone.top_log_probs == seqs[0].top_log_probs
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -179,15 +179,19 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], counts: TokenCounts | Non
     log_softmax. Sampled rows go through one batched top-k/top-p call (native/ops: the kernel
     where built, its float64 torch twin otherwise), each row drawing one uniform from its own
     generator; their log-prob (under the top-k/top-p filtered, temperature-scaled distribution) is
-    computed only for requests that return log-probs, 0.0 otherwise. `counts`: the running
-    batch's token counts (a fresh table when None). One host sync."""
+    computed only for requests that return log-probs, 0.0 otherwise. Rows whose request asks for
+    `top_log_probs` k also get the k most likely tokens of the same distribution as their chosen
+    token's log-prob, appended to `seq.top_log_probs` as (ids, log-probs), best first (fewer when
+    fewer tokens survive top-k/top-p). `counts`: the running batch's token counts (a fresh table
+    when None). One host sync."""
     B = logits.shape[0]
     if B == 0:
         return [], []
     dev = logits.device
     x = process(logits, seqs, counts)
     tokens = torch.argmax(x, -1)  # [B]
-    logprobs = torch.log_softmax(x, -1).gather(1, tokens[:, None])[:, 0]  # [B]
+    dist = torch.log_softmax(x, -1)  # [B, V]: the distribution each row's log-prob is read from
+    logprobs = dist.gather(1, tokens[:, None])[:, 0]  # [B]
     drawn = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
     if drawn:
         params = [seqs[i].sampling for i in drawn]
@@ -204,7 +208,23 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], counts: TokenCounts | Non
             temp = torch.tensor([s.temperature for s in wp], dtype=rows.dtype, device=dev)
             kept = filter_top_k_top_p(rows[w] / temp[:, None],  # keeps a superset of the kernel's kept set
                                       [s.top_k for s in wp], [s.top_p for s in wp])
-            lps = lps.index_copy(0, w, torch.log_softmax(kept, -1).gather(1, chosen[w][:, None])[:, 0])
+            kept_lp = torch.log_softmax(kept, -1)  # [W, V]
+            lps = lps.index_copy(0, w, kept_lp.gather(1, chosen[w][:, None])[:, 0])
+            if any(s.top_log_probs for s in wp):
+                dist = dist.index_copy(0, idx[w], kept_lp)
         logprobs = logprobs.index_copy(0, idx, lps)
-    host = torch.stack([tokens.to(torch.float64), logprobs.to(torch.float64)]).tolist()  # the one sync
-    return [int(t) for t in host[0]], host[1]
+    flat = [tokens.to(torch.float64), logprobs.to(torch.float64)]
+    top = [i for i, s in enumerate(seqs) if s.sampling.top_log_probs]
+    if top:
+        k = min(max(seqs[i].sampling.top_log_probs for i in top), dist.shape[1])
+        alt = dist[torch.tensor(top, dtype=torch.long, device=dev)].topk(k, dim=1)  # [T, k] each
+        flat += [alt.indices.flatten().to(torch.float64), alt.values.flatten().to(torch.float64)]
+    host = torch.cat(flat).tolist()  # the one sync (ids are exact in float64)
+    toks, lps = [int(t) for t in host[:B]], host[B:2 * B]
+    if top:
+        ids, vals = host[2 * B:2 * B + len(top) * k], host[2 * B + len(top) * k:]
+        for j, i in enumerate(top):
+            want = seqs[i].sampling.top_log_probs
+            pairs = [(int(t), v) for t, v in zip(ids[j * k:j * k + want], vals[j * k:j * k + want]) if v > NEG_INF]
+            seqs[i].top_log_probs.append(([t for t, _ in pairs], [v for _, v in pairs]))
+    return toks, lps

@@ -45,6 +45,7 @@ class Sampling:
     stop_token_sequences: tuple[tuple[int, ...], ...] = ()
     bad_word_token_sequences: tuple[tuple[int, ...], ...] = ()
     return_log_probs: bool = False
+    top_log_probs: int = 0  # > 0: also the k most likely tokens per step (Sequence.top_log_probs)
     num_beams: int = 1  # > 1: beam search (worker.engine.beam); sampling fields are then unused
     length_penalty: float = 0.0  # FT default; finished beam score = sum(log-probs) / generated_len ** length_penalty
     beam_search_diversity_rate: float = 0.0  # FT: rank-k sibling candidate of a beam scored -rate * k
@@ -73,6 +74,9 @@ class Sequence:
     first_scheduled: float | None = None
     generator: torch.Generator | None = None
     cum_log_prob: float = 0.0
+    # per generated token, with sampling.top_log_probs: (ids, log-probs) of the most likely tokens,
+    # best first (appended by the sampler before the token is emitted)
+    top_log_probs: list[tuple[list[int], list[float]]] = field(default_factory=list)
     beam: BeamGroup | None = None  # the beam group this sequence is a beam of (or whose handle it is)
     # encoder-decoder models: the prompt feeds the encoder (token_ids starts with the decoder
     # start token); cross_slot names the request's cross-attention state in the model runner
