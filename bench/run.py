@@ -89,7 +89,7 @@ def overhead_lines(results: list[Result], steps: list[dict], streams: int) -> li
     for r in results:
         if r.system != "shardserve" or not r.inter_token_p50_s:
             continue
-        weights = r.scenario.rsplit(" ", 1)[-1] if r.scenario.endswith(("int8", "int4")) else "fp32"
+        weights = r.scenario.rsplit(" ", 1)[-1] if r.scenario.endswith(("int8", "int4", "w8a8")) else "fp32"
         for s in steps:
             if s["model"] == r.model and s["weights"] == weights and s["batch"] == streams:
                 lines.append(f"{r.model} {weights}: server inter-token p50 {1e3 * r.inter_token_p50_s:.0f} ms / "

@@ -58,6 +58,7 @@ class WorkerConfig:
     socket: str = ""  # unix socket for worker.proto (rank 0)
     parent_pid: int = 0  # the controller: the rank exits when it goes away
     native_kernels: bool = True  # False: the torch path only (SHARDSERVE_NATIVE=0)
+    prepack_linear: bool = True  # CPU fp32: linear layers through oneDNN, weights reordered at load
     report_path: str = ""  # where the rank writes its WorkerReport before a failure exit
     test_hooks: tuple[str, ...] = ()  # modules imported before the engine is built: tests only, () in production
     # random per launch (controller); the worker refuses calls without it; "" = no check. Not in to_json

@@ -13,7 +13,7 @@ from worker.distributed import get_parallel_state
 from worker.engine.engine import Engine, EngineConfig
 from worker.engine.pipeline import agree_num_blocks, prune_for_stage
 from worker.engine.sequence import Sampling
-from worker.layers.linear import quantize_model
+from worker.layers.linear import prepack_model, quantize_model
 from worker.loader import load_config, load_partition, load_weights
 from worker.manifest import check_layout, is_partition
 from worker.models.registry import max_positions, model_class
@@ -55,6 +55,10 @@ def build_engine(config: EngineConfig) -> Engine:
         before, param_bytes, layers = quantize_model(model, quantize)
         log.info("quantized %d linear layers to %s: %.2f MB -> %.2f MB of parameters (this rank)",
                  layers, quantize, before / 1e6, param_bytes / 1e6)
+    if config.prepack_linear:
+        packed = prepack_model(model)
+        if packed:
+            log.info("%d fp32 linear layers multiply through oneDNN with prepacked weights", packed)
     phases["load"] = time.monotonic() - t0
     max_len = config.max_model_len or max_positions(model_config)
     per_block = kv_bytes_per_block(model, config.block_size, dtype)

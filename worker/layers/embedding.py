@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.distributed import tp_all_gather_last_dim, tp_all_reduce, tp_rank, tp_size
-from worker.layers.linear import check_shape, copy_into, materialize
+from worker.layers.linear import check_shape, copy_into, materialize, prepacked_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -39,6 +39,8 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """hidden [B, hidden] -> logits [B, vocab]; tied heads share the embedding's parameter."""
 
+    packed: torch.Tensor | None = None  # CPU fp32 after linear.prepack_model: replaces `weight`
+
     def __init__(self, vocab_size: int, hidden_size: int, bias: bool = False):
         super().__init__(vocab_size, hidden_size)
         if bias:
@@ -56,6 +58,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight, self.bias)
+        if self.packed is not None:
+            logits = prepacked_linear(hidden, self.packed, self.bias)
+        else:
+            logits = F.linear(hidden, self.weight, self.bias)
         logits = tp_all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]
