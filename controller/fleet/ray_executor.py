@@ -41,7 +41,10 @@ _actor_class = None
 def connect(address: str = "") -> None:
     """Join the Ray cluster (once per process; later calls do nothing)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
+    try:
+        import ray
+    except ImportError as e:
+        raise RuntimeError(f"--executor ray needs Ray: pip install 'shardserve[ray]' ({e})") from None
 
     with _lock:
         if ray.is_initialized():
