@@ -213,7 +213,7 @@ def main(spec_path: str, out_path: str) -> int:
         server = ServerProcess("--executor", "ray", "--ray-address", cluster.address, "--placement-strategy",
                                "strict-spread", "--tp", "2", "--model", model_dir, "--name", "tiny", "--threads", "1",
                                "--max-model-len", "512", "--num-kv-blocks", "96", "--admin-token", TOKEN,
-                               "--max-batch-size", "4", cache_dir=Path(cache), timeout=240)
+                               "--max-batch-size", "4", cache_dir=Path(cache), timeout=400)
         result["server_ready_s"] = time.monotonic() - t1
         tp2 = greedy(server, "tiny", prompts, n)
         result["tp2"] = {"tokens": tp2, "describe": describe(server, "tiny")}
@@ -249,7 +249,7 @@ def main(spec_path: str, out_path: str) -> int:
             t2 = time.monotonic()
             stub.LoadModel(apb.LoadModelRequest(name="tiny4", source=model_dir, wait=True,
                                                 layout=apb.Layout(tensor_parallel=2, pipeline_parallel=2)),
-                           metadata=AUTH, timeout=240)
+                           metadata=AUTH, timeout=400)
             result["tp2pp2"] = {"ready_s": time.monotonic() - t2, "describe": describe(server, "tiny4"),
                                 "tokens": greedy(server, "tiny4", prompts, n)}
             result["steps"].append("tp2pp2")
