@@ -204,6 +204,10 @@ class Controller:
         if self.server:
             self.server.stop(grace=1.0).wait()
         self.models.stop_all()
+        if self.base_spec.executor == "ray":  # every actor is killed and placement group removed by now
+            from controller.fleet.ray_executor import disconnect
+
+            disconnect()
         if self.http:
             self.http.stop()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
@@ -234,6 +238,16 @@ def run(args) -> int:
     if template is not None and not template.is_file():
         print(f"shardserve serve: configuration error: --chat-template {template}: no such file", file=sys.stderr)
         return 2
+    if settings.spec.executor == "ray":
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports unless asked for
+        from controller.fleet.ray_executor import connect
+
+        try:  # here, on the main thread, before our signal handlers: Ray's start-up must not replace them
+            connect(settings.spec.ray_address)
+        except Exception as e:  # noqa: BLE001 - any failure to reach the cluster stops the start
+            print(f"shardserve serve: cannot join the Ray cluster ({settings.spec.ray_address or 'auto/local'}): "
+                  f"{e}", file=sys.stderr)
+            return 2
     ctl = Controller(settings.server, cache_dir, settings.spec, chat_template=template)
     term = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: term.set())

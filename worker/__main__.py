@@ -3,7 +3,8 @@ one worker/config.py WorkerConfig, this rank's copy, validated here once).
 
 One process per rank. Every rank joins the replica's process group (with --master-port), loads
 its own slice of the weights and runs its part of every step. Rank 0 (the leader) also owns the
-scheduler and KV block manager, serves worker.proto on a unix socket, and broadcasts each step's
+scheduler and KV block manager, serves worker.proto on a unix socket (or, placed by Ray on another
+host, on its node's address: TCP, same token check), and broadcasts each step's
 plan; the other ranks only follow (no gRPC). Every rank exits when its parent (the controller)
 goes away, even if the parent was SIGKILLed, and when a collective fails or times out.
 """
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
             torch.cuda.set_device(torch.device(args.device))
         init_distributed(args.rank, args.tp, args.pp, args.master_port,
                          backend="nccl" if args.device.startswith("cuda") else "gloo",
-                         timeout_s=args.collective_timeout_s, stage_layers=args.stage_layers, device=args.device)
+                         timeout_s=args.collective_timeout_s, stage_layers=args.stage_layers, device=args.device,
+                         master_addr=args.master_addr)
     try:
         engine = build_engine(EngineConfig(**args.worker_fields()))
     except NativeWarmupError as e:
@@ -149,13 +151,18 @@ def main(argv=None) -> int:
     loop.start()
     # one thread per request the controller has routed here (each Generate stream holds one to its end);
     # threads start on demand, so the cap costs nothing until that many requests are in flight
+    # over TCP the controller pings every few seconds (a vanished host shows as a broken call): allow it
+    pings = [("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+             ("grpc.http2.max_ping_strikes", 0)] if args.address else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max(1024, 8 * args.max_batch_size)),
-                         options=[("grpc.max_receive_message_length", 64 << 20)],
+                         options=[("grpc.max_receive_message_length", 64 << 20), *pings],
                          interceptors=[TokenCheck(args.auth_token)] if args.auth_token else [])
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(engine, info), server)
-    server.add_insecure_port(f"unix:{args.socket}")
+    where = args.address or f"unix:{args.socket}"
+    if not server.add_insecure_port(where):
+        fail(COLLECTIVE, f"cannot listen on {where}")
     server.start()
-    log.info("serving on unix:%s", args.socket)
+    log.info("serving on %s", where)
 
     def on_term(signum, frame):
         stop.set()

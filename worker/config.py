@@ -54,8 +54,10 @@ class WorkerConfig:
     rank: int = 0  # global rank = pp_rank * tp + tp_rank; 0 leads
     threads: int = 0  # torch intra-op threads; 0 = torch's default (the controller gives each rank its share)
     cpus: tuple[int, ...] = ()  # cores this rank may use; () = all
-    master_port: int = 0  # rendezvous on 127.0.0.1; 0 = no process group
+    master_port: int = 0  # rendezvous on master_addr:master_port; 0 = no process group
+    master_addr: str = "127.0.0.1"  # rank 0's node address (the Ray executor: another host's)
     socket: str = ""  # unix socket for worker.proto (rank 0)
+    address: str = ""  # host:port: rank 0 serves worker.proto over TCP here instead (Ray executor); "" = socket
     parent_pid: int = 0  # the controller: the rank exits when it goes away
     native_kernels: bool = True  # False: the torch path only (SHARDSERVE_NATIVE=0)
     prepack_linear: bool = True  # CPU fp32: linear layers through oneDNN, weights reordered at load
@@ -84,6 +86,8 @@ class WorkerConfig:
             _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         for name in ("kv_cache_bytes", "num_kv_blocks", "max_model_len", "threads", "master_port", "parent_pid", "rank"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        _check(not self.address or self.address.rpartition(":")[2].isdigit(), "address", self.address,
+               "expected host:port")
         _check(self.collective_timeout_s > 0, "collective_timeout_s", self.collective_timeout_s, "must be > 0")
         _check(self.rank < self.world_size, "rank", self.rank, f"must be < world size {self.world_size}")
         _check(all(n >= 1 for n in self.stage_layers), "stage_layers", self.stage_layers,
@@ -188,7 +192,15 @@ class WorkerReport:
     def read(cls, path: str | Path) -> WorkerReport | None:
         """The report at `path`, or None when there is none (or it is not one)."""
         try:
-            raw = json.loads(Path(path).read_text())
+            return cls.parse(Path(path).read_text())
+        except OSError:
+            return None
+
+    @classmethod
+    def parse(cls, text: str) -> WorkerReport | None:
+        """A report from its JSON text (a remote rank's, read on its node), or None."""
+        try:
+            raw = json.loads(text)
             return cls(rank=int(raw["rank"]), failure=str(raw["failure"]), message=str(raw["message"]))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             return None

@@ -7,7 +7,12 @@ the same code path as world size 8.
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
 import logging
+import os
+import socket
+import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -146,8 +151,8 @@ class CollectiveError(RuntimeError):
 
 def init_distributed(rank: int, tp: int, pp: int, port: int, *, backend: str = "gloo",
                      timeout_s: float = 60.0, stage_layers: tuple[int, ...] = (),
-                     device: str = "cpu") -> ParallelState:
-    """Join the replica's process group (rendezvous on 127.0.0.1:port), build the tensor-parallel
+                     device: str = "cpu", master_addr: str = "127.0.0.1") -> ParallelState:
+    """Join the replica's process group (rendezvous on master_addr:port, rank 0's node), build the tensor-parallel
     group of this rank's stage, and set the process-global ParallelState.
 
     Global rank = pp_rank * tp + tp_rank; rank 0 is the leader. Every rank creates every tp group
@@ -155,8 +160,9 @@ def init_distributed(rank: int, tp: int, pp: int, port: int, *, backend: str = "
     world = tp * pp
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside world size {world}")
+    pick_interface(master_addr)
     timeout = timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{port}", rank=rank, world_size=world,
                             timeout=timeout)
     pp_rank, my_tp_rank = divmod(rank, tp)
     tp_group, tp_ranks = None, ()
@@ -172,6 +178,41 @@ def init_distributed(rank: int, tp: int, pp: int, port: int, *, backend: str = "
     logging.getLogger(__name__).info("rank %d/%d joined (%s): tp_rank %d/%d, pp_rank %d/%d, timeout %.0fs",
                                      rank, world, backend, my_tp_rank, tp, pp_rank, pp, timeout_s)
     return state
+
+
+def interface_of(address: str) -> str | None:
+    """The name of this host's network interface that holds IPv4 `address` (Linux), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+            except OSError:
+                continue
+            if socket.inet_ntoa(raw[20:24]) == address:
+                return name
+    return None
+
+
+def pick_interface(master_addr: str) -> None:
+    """Across hosts, gloo and NCCL must talk over the interface that reaches rank 0, not the one this
+    host's name resolves to (often 127.0.1.1): unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME are set,
+    they get the interface of the local address on the route to master_addr. Nothing is sent (a UDP
+    socket's connect only chooses the route). Loopback rendezvous (one machine): left as is."""
+    try:
+        addr = socket.gethostbyname(master_addr)
+        if ipaddress.ip_address(addr).is_loopback:
+            return
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((addr, 9))
+            local = s.getsockname()[0]
+    except OSError:
+        return
+    name = interface_of(local)
+    if name:
+        for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(var, name)
+        logging.getLogger(__name__).info("collectives over %s (%s, the route to rank 0 at %s)",
+                                         os.environ["GLOO_SOCKET_IFNAME"], local, master_addr)
 
 
 def destroy_distributed() -> None:

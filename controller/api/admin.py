@@ -93,9 +93,12 @@ def detail(rec: ModelRecord) -> apb.ModelDetail:
             d.progress = r.stderr_tail[-1][-300:]
         if r.status is not None:
             d.kernel_path = r.status.kernel_path
+            procs = list(r.procs)
             for k in r.status.ranks:
+                where = procs[k.rank] if k.rank < len(procs) else None
                 d.ranks.add(rank=k.rank, device=k.device, parameter_bytes=k.parameter_bytes,
-                            kv_cache_bytes=k.kv_cache_bytes)
+                            kv_cache_bytes=k.kv_cache_bytes, node=getattr(where, "node", ""),
+                            node_id=getattr(where, "node_id", ""))
             if rec.download_seconds:  # the controller's phase, before the worker's own
                 d.load_phases.add(phase="download", seconds=rec.download_seconds)
             if rec.partition_seconds:

@@ -74,9 +74,9 @@ def show_detail(d: apb.ModelDetail) -> str:
             rows.append([r.name, r.state, r.pid or "-", r.outstanding, r.restarts, r.kernel_path or "-",
                          f"{r.seconds_since_launch:.1f}s"])
         lines += ["", table(rows)]
-        ranks = [["REPLICA", "RANK", "DEVICE", "PARAMETERS", "KV CACHE"]]
+        ranks = [["REPLICA", "RANK", "NODE", "DEVICE", "PARAMETERS", "KV CACHE"]]
         for r in d.replicas:
-            ranks += [[r.name, k.rank, k.device, _size(k.parameter_bytes), _size(k.kv_cache_bytes)] for k in r.ranks]
+            ranks += [[r.name, k.rank, k.node or "-", k.device, _size(k.parameter_bytes), _size(k.kv_cache_bytes)] for k in r.ranks]
         if len(ranks) > 1:
             lines += ["", table(ranks)]
         for r in d.replicas:

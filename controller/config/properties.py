@@ -57,6 +57,8 @@ _QUANTIZE = {"int8": "int8", "int4": "int4", "none": None, "w8a8": "w8a8"}
 # LMI rolling-batch backends: all mean "continuous batching", which is what shardserve always does.
 _ROLLING_ON = ("auto", "true", "vllm", "lmi-dist", "trtllm", "tensorrtllm", "deepspeed", "scheduler")
 _ROLLING_OFF = ("disable", "false")
+_EXECUTORS = {"local": "local", "ray": "ray"}
+_STRATEGIES = {"pack": "pack", "spread": "spread", "strict-spread": "strict-spread", "strict_spread": "strict-spread"}
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -77,6 +79,8 @@ class ServingProperties:
     batch_size: int = 1  # DJLServing dynamic batch size (non-rolling mode)
     max_batch_delay: int = 100  # milliseconds, DJLServing dynamic batching
     enable_prefix_caching: bool = True  # reuse the KV cache of shared prompt prefixes (--no-prefix-caching)
+    executor: Literal["local", "ray"] = "local"  # where ranks run: children of the server, or Ray actors
+    placement_strategy: Literal["pack", "spread", "strict-spread"] = "pack"  # Ray placement group strategy
     trust_remote_code: bool = False  # invariant: always False (True is refused at load)
     entry_point: str | None = None  # accepted for compatibility, ignored
     # field name -> where its value came from ("default", "file.properties:3 option.dtype", "env X", ...)
@@ -218,6 +222,8 @@ KEYS: tuple[_Key, ...] = (
     _Key("max_input_len", "option.max_input_len", _positive_int),
     _Key("max_output_len", "option.max_output_len", _positive_int),
     _Key("enable_prefix_caching", "option.enable_prefix_caching", _bool),
+    _Key("executor", "option.executor", _choice(_EXECUTORS)),
+    _Key("placement_strategy", "option.placement_strategy", _choice(_STRATEGIES)),
     _Key("trust_remote_code", "option.trust_remote_code", _bool, ("HF_MODEL_TRUST_REMOTE_CODE",)),
     _Key("job_queue_size", "job_queue_size", _positive_int, ("MAX_CONCURRENT_REQUESTS",)),
     _Key("batch_size", "batch_size", _positive_int),
@@ -242,6 +248,8 @@ CLI_FLAGS = {
     "max_batch_size": "max_rolling_batch_size",
     "max_queued_requests": "job_queue_size",
     "prefix_caching": "enable_prefix_caching",
+    "executor": "executor",
+    "placement_strategy": "placement_strategy",
 }
 
 

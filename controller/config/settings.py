@@ -130,7 +130,9 @@ def settings_from_args(args, env: Mapping[str, str]) -> ServeSettings:
                            max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len, threads=args.threads,
                            prefix_caching=props.enable_prefix_caching,
                            stage_layers=args.stage_layers, collective_timeout_s=args.collective_timeout,
-                           watchdog_s=args.step_watchdog, max_restarts=args.max_restarts)
+                           watchdog_s=args.step_watchdog, max_restarts=args.max_restarts,
+                           executor=props.executor, placement_strategy=props.placement_strategy,
+                           ray_address=getattr(args, "ray_address", None) or "")
         replica_spec(spec, Path(), layout)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -204,6 +206,15 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, type=int, default=None, dest=attr,
                        help=f"request input limit (default {getattr(defaults, attr)}; README 'Limits')")
     p.add_argument("--max-restarts", type=int, default=5, help="group restarts before the model is marked failed")
+    p.add_argument("--executor", default=None, choices=["local", "ray"],
+                   help="where ranks run: local child processes, or Ray actors across nodes (default: "
+                   "option.executor, local; README 'Multi-node')")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --executor ray: the cluster (host:port or auto; default: RAY_ADDRESS or this "
+                   "machine's cluster, else a local Ray on 127.0.0.1)")
+    p.add_argument("--placement-strategy", default=None, choices=["pack", "spread", "strict-spread"],
+                   help="with --executor ray: how a replica's ranks spread over nodes (default: "
+                   "option.placement_strategy, pack; strict-spread = one rank per node)")
 
 
 def _layer_counts(raw: str) -> tuple[int, ...]:

@@ -1,13 +1,15 @@
 """One model replica: its worker processes (TP x PP ranks), the channel to its leader, and its
 supervision.
 
-The controller talks only to the leader (rank 0) over a unix socket; the ranks talk among
-themselves over torch.distributed. The layout is checked before any process starts.
+The controller talks only to the leader (rank 0): over a unix socket when the ranks are its children
+(the local executor), over TCP to the leader's node when Ray placed them (controller/fleet/executor.py);
+the ranks talk among themselves over torch.distributed. The layout is checked before any process starts.
 
 Supervision (one thread per replica, which also launches the ranks, so that the workers'
 parent-death signal stays armed for the replica's life): every rank is watched. A rank that exits,
 or an engine that completes no step for `watchdog_s` while requests wait, brings the whole group
-down at once: every rank is SIGKILLed, so the leader's socket closes and in-flight calls fail with
+down at once: every rank is SIGKILLed (with Ray: its actor killed, its placement group removed, a
+dead node's ranks counted dead), so the leader's socket closes and in-flight calls fail with
 UNAVAILABLE within seconds; readiness drops; the group is relaunched with exponential backoff, up
 to `max_restarts`, after which the replica is marked failed with the reason.
 """
@@ -28,10 +30,19 @@ from pathlib import Path
 
 import grpc
 
-from controller.fleet.placement import Placement, RankPlacement, check_layout, place
+from controller.fleet.executor import (
+    EXECUTORS,
+    PLACEMENT_STRATEGIES,
+    RankGroup,
+    WorkerStartError,
+    executor_for,
+)
+from controller.fleet.placement import Placement, RankPlacement, check_layout
 from shardserve.v1 import worker_pb2 as wpb
 from shardserve.v1 import worker_pb2_grpc as wpb_grpc
-from worker.config import NATIVE_WARMUP, TOKEN_ENV, TOKEN_METADATA, WorkerConfig, WorkerReport
+from worker.config import NATIVE_WARMUP, TOKEN_METADATA, ConfigError, WorkerConfig, WorkerReport
+
+__all__ = ["Replica", "ReplicaSpec", "WorkerStartError"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +57,16 @@ class ReplicaSpec(WorkerConfig):
     max_restarts: int = 5
     watchdog_s: float = 120.0  # no engine step for this long while requests wait = hung group
     restart_backoff_s: float = 0.5  # first restart delay; doubles per restart, at most 30 s
+    executor: str = "local"  # local (children of the controller) | ray (a placement group across nodes)
+    placement_strategy: str = "pack"  # ray: pack | spread | strict-spread (one rank per node)
+    ray_address: str = ""  # ray: host:port or "auto"; "" = this machine's cluster, else a local Ray
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, value, allowed in (("executor", self.executor, EXECUTORS),
+                                     ("placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)):
+            if value not in allowed:
+                raise ConfigError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
 
     def rank_config(self, rank: RankPlacement, socket_path: str, master_port: int = 0, report_path: str = "",
                     native_kernels: bool = True, auth_token: str = "") -> WorkerConfig:
@@ -57,14 +78,11 @@ class ReplicaSpec(WorkerConfig):
 
     def worker_args(self, socket_path: str, rank: RankPlacement | None = None, master_port: int = 0,
                     report_path: str = "", native_kernels: bool = True) -> list[str]:
+        from controller.fleet.executor import worker_argv
+
         rank = rank or RankPlacement(rank=0, tp_rank=0, pp_rank=0, device=self.device, threads=self.threads)
         config = self.rank_config(rank, socket_path, master_port, report_path, native_kernels)
-        role = "shardserve-worker" if rank.rank == 0 else f"shardserve-rank{rank.rank}"
-        return [sys.executable, "-m", "worker", role, "--config", config.to_json()]
-
-
-class WorkerStartError(RuntimeError):
-    pass
+        return [sys.executable, *worker_argv(config.to_json(), rank.rank)]
 
 
 class Replica:
@@ -73,8 +91,10 @@ class Replica:
         self.spec = spec
         self.runtime_dir = runtime_dir
         self.socket_path = str(runtime_dir / f"{name}.sock")
-        self.procs: list[subprocess.Popen] = []  # index = global rank
+        self.procs: list = []  # executor.RankProcess per global rank
+        self.group: RankGroup | None = None
         self.placement: Placement | None = None
+        self.executor = executor_for(spec.executor, spec)
         self.channel: grpc.Channel | None = None
         self.stub: wpb_grpc.WorkerStub | None = None
         self.status: wpb.WorkerStatusResponse | None = None
@@ -93,7 +113,7 @@ class Replica:
         self.torch_only = False  # set when native kernels failed a warm-up: ranks start on the torch path
 
     @property
-    def proc(self) -> subprocess.Popen | None:
+    def proc(self):
         """The leader's process."""
         return self.procs[0] if self.procs else None
 
@@ -124,27 +144,17 @@ class Replica:
 
     def _launch(self) -> None:
         """Start every rank (from the supervising thread) and wait for the leader."""
-        if os.path.exists(self.socket_path):
-            os.unlink(self.socket_path)
         spec = self.spec
-        self.placement = place(spec.tp, spec.pp, spec.device, spec.threads)
         self.token = secrets.token_urlsafe(32)  # per launch: the ranks refuse callers without it
         self.metadata = ((TOKEN_METADATA, self.token),)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", TOKEN_ENV: self.token}
-        self.procs = []
-        for rank in self.placement.ranks:
-            report = self._report_path(rank.rank)
-            if os.path.exists(report):
-                os.unlink(report)
-            proc = subprocess.Popen(spec.worker_args(self.socket_path, rank, self.placement.master_port, report,
-                                                     native_kernels=not self.torch_only),
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    text=True, env=env)
-            self.procs.append(proc)
-            threading.Thread(target=self._pump_stderr, args=(proc, rank.rank), daemon=True).start()
+        self.procs, self.group = [], None  # a failed launch leaves nothing to close twice
+        self.group = self.executor.launch(self, self.token, native_kernels=not self.torch_only)
+        self.procs, self.placement = self.group.ranks, self.group.placement
+        for rank, proc in enumerate(self.procs):
+            threading.Thread(target=self._pump_stderr, args=(proc, rank), daemon=True).start()
         if self.channel is not None:
             self.channel.close()
-        self.channel = grpc.insecure_channel(f"unix:{self.socket_path}")
+        self.channel = grpc.insecure_channel(self.group.target, options=self.group.channel_options)
         self.stub = wpb_grpc.WorkerStub(self.channel)
         deadline = time.monotonic() + spec.start_timeout_s
         while True:
@@ -164,7 +174,7 @@ class Replica:
                 raise WorkerStartError(f"{self.name} stopped while starting")
             if time.monotonic() > deadline:
                 raise WorkerStartError(f"worker for {self.name} not ready after {spec.start_timeout_s:.0f}s")
-            if os.path.exists(self.socket_path):
+            if self.group.leader_listening():
                 try:
                     self.status = self.stub.Status(wpb.WorkerStatusRequest(), timeout=5, metadata=self.metadata)
                     break
@@ -174,21 +184,20 @@ class Replica:
         self.ready, self.state = True, "ready"
         self.on_event("up", self)
         sizes = ", ".join(f"rank {r.rank}: {r.parameter_bytes / 1e6:.1f} MB" for r in self.status.ranks)
-        log.info("replica %s ready (tp=%d pp=%d, leader pid %d, %s, kernels: %s; parameters %s)", self.name,
-                 spec.tp, spec.pp, self.procs[0].pid, self.status.architecture, self.status.kernel_path, sizes)
-
-    def _report_path(self, rank: int) -> str:
-        return str(self.runtime_dir / f"{self.name}-rank{rank}.report.json")
+        where = "" if self.executor.name == "local" else f" via {self.executor.name}, leader at {self.group.target}"
+        log.info("replica %s ready (tp=%d pp=%d, leader pid %d%s, %s, kernels: %s; parameters %s)", self.name,
+                 spec.tp, spec.pp, self.procs[0].pid, where, self.status.architecture, self.status.kernel_path, sizes)
 
     def _reports(self) -> list[WorkerReport]:
         """What the ranks that stopped said about why (worker/config.py WorkerReport)."""
-        found = (WorkerReport.read(self._report_path(r)) for r in range(len(self.procs)))
+        found = (p.report() for p in self.procs)
         return [rep for rep in found if rep is not None]
 
-    def _pump_stderr(self, proc: subprocess.Popen, rank: int) -> None:
-        for line in proc.stderr:
-            self.stderr_tail.append(line.rstrip())
-            sys.stderr.write(f"[{self.name}/{rank}] {line}")
+    def _pump_stderr(self, proc, rank: int) -> None:
+        for line in proc.lines():
+            line = line.rstrip()
+            self.stderr_tail.append(line)
+            sys.stderr.write(f"[{self.name}/{rank}] {line}\n")
 
     def _dead_rank(self) -> tuple[int, int] | None:
         for r, p in enumerate(self.procs):
@@ -204,7 +213,8 @@ class Replica:
         while not self.stopping:
             dead = self._dead_rank()
             if dead is not None:
-                return f"rank {dead[0]} exited with code {dead[1]}"
+                lost = getattr(self.procs[dead[0]], "lost", "")  # Ray: the actor or its node is gone
+                return f"rank {dead[0]} exited with code {dead[1]}" + (f" ({lost})" if lost else "")
             now = time.monotonic()
             if now >= next_poll:
                 next_poll = now + 1.0
@@ -255,14 +265,11 @@ class Replica:
                     self._kill_all()
 
     def _kill_all(self) -> None:
+        if self.group is not None:
+            self.group.close(10)
         for p in self.procs:
             if p.poll() is None:
-                p.kill()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                log.error("rank pid %d did not exit after SIGKILL", p.pid)
+                log.error("rank pid %d on %s did not exit after SIGKILL", p.pid, p.node)
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM the leader (it tells the other ranks to stop), then make sure every rank is gone."""

@@ -156,8 +156,10 @@ def test_cli_list_and_describe_tables_and_json(server):
     assert rep["state"] == "ready" and rep["pid"] > 0
     assert rep["ranks"][0]["device"] == "cpu" and int(rep["ranks"][0]["parameter_bytes"]) > 0
     assert int(rep["ranks"][0]["kv_cache_bytes"]) > 0 and rep["load_phases"]
+    assert rep["ranks"][0]["node"] == "local"  # the local executor; with Ray: the rank's node address and id
     human = cli(server, "describe", "demo").stdout
     assert "state:        ready" in human and "PARAMETERS" in human and "load phases demo-0" in human
+    assert "NODE" in human
 
 
 def test_bad_loads_are_refused_with_the_reason(server, tmp_path):

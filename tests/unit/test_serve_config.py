@@ -11,6 +11,7 @@ from controller import server
 from controller.cli import build_parser, main
 from controller.config import settings as cfg
 from controller.config.properties import PropertiesError
+from controller.fleet.placement import RankPlacement
 from controller.fleet.replica import ReplicaSpec
 
 
@@ -129,3 +130,19 @@ def test_prefix_caching_is_on_by_default_and_off_by_flag_or_property(tmp_path, e
     assert s.spec.prefix_caching is False and s.properties.sources["enable_prefix_caching"].endswith(
         "option.enable_prefix_caching")
     assert ReplicaSpec.from_json(s.spec.to_json()).prefix_caching is False  # carried to the worker as is
+
+
+def test_executor_is_local_by_default_and_ray_by_flag_property_or_environment(tmp_path, env):
+    s = settings([], env)
+    assert (s.spec.executor, s.spec.placement_strategy, s.spec.ray_address) == ("local", "pack", "")
+    s = settings(["--executor", "ray", "--ray-address", "10.0.0.1:6379", "--placement-strategy", "strict-spread"], env)
+    assert (s.spec.executor, s.spec.placement_strategy, s.spec.ray_address) == ("ray", "strict-spread", "10.0.0.1:6379")
+    props = write(tmp_path / "serving.properties", "option.executor=ray\noption.placement_strategy=spread\n")
+    s = settings(["--properties", str(props)], env)
+    assert (s.spec.executor, s.spec.placement_strategy) == ("ray", "spread")
+    assert settings(["--properties", str(props), "--executor", "local"], env).spec.executor == "local"
+    assert settings([], {**env, "OPTION_EXECUTOR": "ray"}).spec.executor == "ray"
+    with pytest.raises(PropertiesError, match="option.executor='mpi' is not valid; expected one of local, ray"):
+        settings(["--properties", str(write(tmp_path / "bad.properties", "option.executor=mpi\n"))], env)
+    # the supervisor's settings stay in the controller: a rank's JSON has neither
+    assert "executor" not in s.spec.rank_config(RankPlacement(0, 0, 0, "cpu", 1), "/s").to_json()

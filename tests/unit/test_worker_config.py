@@ -56,3 +56,15 @@ def test_reports_round_trip(tmp_path):
     WorkerReport(rank=1, failure="native-warmup", message="boom").write(tmp_path / "r.json")
     assert WorkerReport.read(tmp_path / "r.json") == WorkerReport(1, "native-warmup", "boom")
     assert WorkerReport.read(tmp_path / "absent.json") is None
+
+
+def test_a_remote_leader_gets_its_tcp_address_and_the_rendezvous_host(tmp_path):
+    spec = ReplicaSpec(model_dir=tmp_path, tensor_parallel=2)
+    cfg = dataclasses.replace(spec.rank_config(RankPlacement(0, 0, 0, "cpu", 1), "", 1234),
+                              master_addr="10.1.2.3", address="10.1.2.3:5000")
+    back = WorkerConfig.from_json(cfg.to_json())
+    assert (back.master_addr, back.address, back.socket) == ("10.1.2.3", "10.1.2.3:5000", "")
+    with pytest.raises(ConfigError, match="WorkerConfig.address='nowhere': expected host:port"):
+        dataclasses.replace(cfg, address="nowhere")
+    assert WorkerReport.parse('{"rank": 1, "failure": "collective", "message": "m"}') == WorkerReport(1, "collective", "m")
+    assert WorkerReport.parse("") is None
