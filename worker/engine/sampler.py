@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from native import ops
+from worker.engine import constraints
 from worker.engine.sequence import Sequence, Status
 
 NEG_INF = float("-inf")
@@ -168,7 +169,9 @@ class Sampler:
         self.counts = TokenCounts()
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-        return sample(logits, seqs, self.counts)
+        tokens, logprobs = sample(logits, seqs, self.counts)
+        constraints.advance(seqs, tokens)  # structured output: matchers take their row's token
+        return tokens, logprobs
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], counts: TokenCounts | None = None
@@ -179,13 +182,15 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], counts: TokenCounts | Non
     log_softmax. Sampled rows go through one batched top-k/top-p call (native/ops: the kernel
     where built, its float64 torch twin otherwise), each row drawing one uniform from its own
     generator; their log-prob (under the top-k/top-p filtered, temperature-scaled distribution) is
-    computed only for requests that return log-probs, 0.0 otherwise. `counts`: the running
-    batch's token counts (a fresh table when None). One host sync."""
+    computed only for requests that return log-probs, 0.0 otherwise. Rows with a grammar
+    (structured output) are first masked to the tokens it allows (worker/engine/constraints.py),
+    so their log-probs are under the constrained distribution. `counts`: the running batch's token
+    counts (a fresh table when None). One host sync."""
     B = logits.shape[0]
     if B == 0:
         return [], []
     dev = logits.device
-    x = process(logits, seqs, counts)
+    x = constraints.apply_masks(process(logits, seqs, counts), seqs)  # structured output: grammar masks
     tokens = torch.argmax(x, -1)  # [B]
     logprobs = torch.log_softmax(x, -1).gather(1, tokens[:, None])[:, 0]  # [B]
     drawn = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
