@@ -8,8 +8,8 @@ repetition_penalty, min_tokens, ignore_eos, use_beam_search + best_of (beam widt
 Unknown fields are refused (400 naming them); fields OpenAI has that we cannot honour are refused with
 the reason rather than silently dropped. Structured output: `response_format` ({"type": "json_schema",
 "json_schema": {"name", "schema", "strict"}} or {"type": "json_object"}) and vLLM's guided_json,
-guided_regex, guided_choice, guided_grammar (Lark), at most one of them; each is validated here
-(controller/api/constraints.py), so a bad one is a 400 naming its field.
+guided_regex, guided_choice, guided_grammar (Lark), at most one of them; `check_constraint` compiles it
+(controller/api/constraints.py) where the route tokenizes, so a bad one is a 400 naming its field.
 """
 
 from __future__ import annotations
@@ -18,23 +18,16 @@ import json
 import secrets
 from typing import Annotated, Literal
 
+import grpc
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from controller.api.constraints import ConstraintError, grammar_for
+from controller.api.params import RequestError
 from shardserve.v1 import generate_pb2 as gpb
 
 MAX_N = 16  # samples per prompt
 MAX_STOPS = 16
 UINT64 = (1 << 64) - 1
-
-
-def _constraint(kind: str, value):
-    """Validate a constraint (cached: the request's resolve finds it compiled); ValueError for pydantic."""
-    try:
-        grammar_for(kind, value)
-    except ConstraintError as e:
-        raise ValueError(e.detail) from None
-    return value
 
 
 def _response_format(v: dict | None) -> tuple[str, object] | None:
@@ -112,30 +105,8 @@ class _Common(_Strict):
     @field_validator("response_format")
     @classmethod
     def _format(cls, v):
-        fmt = _response_format(v)
-        if fmt is not None:
-            _constraint(*fmt)
+        _response_format(v)  # its shape; the schema itself is compiled in check_constraint, off the event loop
         return v
-
-    @field_validator("guided_json")
-    @classmethod
-    def _guided_json(cls, v):
-        return v if v is None else _constraint("json_schema", v if isinstance(v, str) else json.dumps(v))
-
-    @field_validator("guided_regex")
-    @classmethod
-    def _guided_regex(cls, v):
-        return v if v is None else _constraint("regex", v)
-
-    @field_validator("guided_choice")
-    @classmethod
-    def _guided_choice(cls, v):
-        return v if v is None else _constraint("choice", v)
-
-    @field_validator("guided_grammar")
-    @classmethod
-    def _guided_grammar(cls, v):
-        return v if v is None else _constraint("grammar", v)
 
     def constraint(self) -> tuple[str, str, object] | None:
         """(the field it came from, constraint kind, value), or None."""
@@ -153,6 +124,16 @@ class _Common(_Strict):
             raise ValueError(f"{given[1][0]}: give one of response_format, guided_json, guided_regex, "
                              f"guided_choice, guided_grammar (also got {given[0][0]})")
         return given[0] if given else None
+
+    def check_constraint(self) -> None:
+        """Compile the constraint (cached, so the request's resolve finds it done); RequestError naming
+        the field it came from."""
+        c = self.constraint()
+        if c is not None:
+            try:
+                grammar_for(c[1], c[2])
+            except ConstraintError as e:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"field {c[0]}: {e.detail}") from None
 
     @model_validator(mode="after")
     def _beams(self):
