@@ -184,3 +184,15 @@ def test_a_bad_constraint_is_a_400_in_openai_shape_naming_the_field(client, body
         client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                        extra_body=body)
     assert e.value.status_code == 400 and e.value.body["param"] == param, e.value.body
+
+
+def test_sagemaker_invocations_take_the_same_constraint_names(server):
+    schema = SCHEMAS["enums"]
+    body = {"inputs": PROMPTS, "parameters": {"json_schema": schema, "max_new_tokens": 64}}
+    status, raw = server.http("/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    assert status == 200, raw
+    for text in json.loads(raw)["outputs"]:
+        jsonschema.validate(json.loads(text), schema)
+    bad = {"inputs": "x", "parameters": {"guided_regex": "(["}}
+    status, raw = server.http("/invocations", json.dumps(bad).encode(), {"Content-Type": "application/json"})
+    assert status == 400 and "regex" in json.loads(raw)["error"], raw
