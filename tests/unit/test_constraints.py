@@ -100,3 +100,19 @@ def test_controller_validation_names_the_field():
         with pytest.raises(ConstraintError) as e:
             grammar_for(kind, value)
         assert e.value.field == kind and str(e.value).startswith(f"parameter {kind}: ")
+
+
+def test_parameters_carry_one_resolved_grammar_to_the_worker():
+    from controller.api.params import RequestError, parameters_from_dict, resolve
+
+    kw = dict(prompt_tokens=3, max_model_len=64, vocab_size=300, eos_token_ids=(1,), encode_plain=lambda s: [])
+    out = resolve(parameters_from_dict({"guided_json": {"type": "object", "properties": {"a": {"type": "integer"}}}}),
+                  **kw)
+    assert out.grammar == grammar_for("json_schema", '{"type": "object", "properties": {"a": {"type": "integer"}}}')
+    assert resolve(parameters_from_dict({"json_object": False}), **kw).grammar == ""
+    assert resolve(parameters_from_dict({"max_new_tokens": 4}), **kw).grammar == ""
+    for params, field in [({"choice": ["a"], "num_beams": 2}, "choice"), ({"regex": 3}, "regex"),
+                          ({"json_schema": 5}, "json_schema"), ({"guided_choice": "ab"}, "guided_choice")]:
+        with pytest.raises(RequestError) as e:
+            resolve(parameters_from_dict(params), **kw)
+        assert e.value.message.startswith(f"parameter {field}"), e.value.message
