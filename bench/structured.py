@@ -17,8 +17,10 @@ cached in ~/.cache/shardserve/bench/), it measures:
   (xgrammar BatchGrammarMatcher, llguidance LLExecutor; outlines-core has none: one
   write_mask_into per row), then every matcher advanced by its row's token; median and p90 of the
   fill, and the advance, per step, at each thread count;
-- apply: the bitmask unpacked and applied to fp32 logits [batch, V] with torch (the engine's own
-  function, worker/engine/constraints.py, library-independent).
+- apply: the bitmask applied to fp32 logits [batch, V] with torch (the engine's own function,
+  worker/engine/constraints.py, library-independent);
+- engine: the demo model's engine in-process at batch `--batch`, every row unconstrained or every row
+  under the schema (llguidance, as served), rounds alternating: ms per step and the ratio.
 
 The whole run takes about two minutes on 2 busy cores (outlines-core's 128k index is most of it).
 """
@@ -346,6 +348,45 @@ def measure_apply(V: int, batch: int, reps: int = 30) -> dict:
     return _ms(times)
 
 
+def measure_engine(batch: int, new: int, rounds: int) -> dict:
+    """The demo model's engine in-process: `batch` requests of `new` tokens (greedy, no EOS), all
+    unconstrained or all under SCHEMA (none completes it in `new` tokens, so both run every step at
+    full batch); rounds alternate. ms per engine step (prefill included) and the ratio."""
+    from bench import models
+    from controller.api.constraints import grammar_for
+    from worker.engine.build import build_engine
+    from worker.engine.constraints import Grammars
+    from worker.engine.engine import EngineConfig
+    from worker.engine.sequence import Sampling
+
+    model_dir = models.demo(CACHE)
+    engine = build_engine(EngineConfig(model_dir=model_dir, max_batch_size=batch, max_model_len=256,
+                                       kv_cache_bytes=256 << 20))
+    grammars = Grammars(model_dir, engine.runner.vocab_size)
+    grammar = grammar_for("json_schema", json.dumps(SCHEMA))
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randrange(3, 4096) for _ in range(15)] for _ in range(batch)]
+    times: dict[str, list[float]] = {"plain": [], "constrained": []}
+    for r in range(2 * rounds + 1):
+        kind = "constrained" if r % 2 else "plain"
+        done = []
+        for i, p in enumerate(prompts):
+            seq = engine.new_sequence(f"{kind}-{r}-{i}", p, Sampling(max_new_tokens=new),
+                                      emit=lambda t, lp, fin, err, done=done: fin is not None and done.append(fin))
+            if kind == "constrained":
+                seq.matcher = grammars.matcher(grammar)
+            engine.add(seq)
+        steps, t0 = 0, time.perf_counter()
+        while len(done) < batch:
+            engine.step()
+            steps += 1
+        if r:  # the first round warms up
+            times[kind].append(1e3 * (time.perf_counter() - t0) / steps)
+    plain, cons = statistics.median(times["plain"]), statistics.median(times["constrained"])
+    return {"batch": batch, "new_tokens": new, "rounds": rounds, "step_ms_plain": plain,
+            "step_ms_constrained": cons, "ratio": cons / plain, "runs_ms": times}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.structured", description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=32)
@@ -354,11 +395,17 @@ def main(argv=None) -> int:
     ap.add_argument("--libraries", default=",".join(LIBRARIES))
     ap.add_argument("--vocab", type=int, default=128000, help="size of the large vocabulary")
     ap.add_argument("--out", type=Path, default=Path("bench/results/structured.json"))
+    ap.add_argument("--engine-only", action="store_true", help="only the in-process engine rows")
+    ap.add_argument("--engine-rounds", type=int, default=3)
     a = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    toks = {"demo": tokenizer_demo(), f"bpe{a.vocab // 1000}k": tokenizer_128k(a.vocab)}
+    engine = measure_engine(a.batch, 32, a.engine_rounds)
+    print(f"engine step, demo model, batch {a.batch}: {engine['step_ms_plain']:.1f} ms unconstrained, "
+          f"{engine['step_ms_constrained']:.1f} ms with every row under the schema ({engine['ratio']:.2f}x)",
+          flush=True)
+    toks = {} if a.engine_only else {"demo": tokenizer_demo(), f"bpe{a.vocab // 1000}k": tokenizer_128k(a.vocab)}
     results, rows = [], []
     for vname, tok in toks.items():
         apply = measure_apply(len(tok), a.batch)
@@ -400,8 +447,10 @@ def main(argv=None) -> int:
         print(f"| {r['library']} | {r['vocab']} ({r['vocab_size']}) | {r['threads']} | {r['tokenizer_setup_s']:.2f} | "
               f"{1e3 * r['compile_s']:.1f} | {r['first_mask_ms']:.2f} | {r['fill']['p50_ms']:.3f} | "
               f"{r['fill']['p90_ms']:.3f} | {r['advance']['p50_ms']:.3f} | {r['apply']['p50_ms']:.3f} |")
-    meta = {"host": platform.node(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
+    meta = {"host": platform.node(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "engine": engine,
             "versions": _versions(), "schema": SCHEMA, "batch": a.batch, "steps": a.steps}
+    if a.engine_only and a.out == Path("bench/results/structured.json"):
+        a.out = Path("bench/results/structured-engine.json")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     print(f"\nwrote {a.out}")
