@@ -114,6 +114,10 @@ def test_regex_choice_and_lark_grammar(stub):
                     max_new_tokens=16)
     assert all(o.text in choices and o.finish_reason == gpb.FINISH_REASON_STOP for o in outs), [o.text for o in outs]
     lark = 'start: "(" num (" + " num){1,3} ")"\nnum: /[1-9][0-9]?/'
+    stream = list(stub.GenerateStream(gpb.GenerateStreamRequest(
+        prompt=PROMPTS[0], parameters=gpb.GenerationParameters(grammar=lark, max_new_tokens=48)), timeout=120))
+    assert stream[-1].finish_reason == gpb.FINISH_REASON_STOP
+    assert re.fullmatch(r"\([1-9][0-9]?( \+ [1-9][0-9]?){1,3}\)", "".join(m.text for m in stream))
     for o in generate(stub, PROMPTS, grammar=lark, max_new_tokens=48):
         assert o.finish_reason == gpb.FINISH_REASON_STOP
         assert re.fullmatch(r"\([1-9][0-9]?( \+ [1-9][0-9]?){1,3}\)", o.text), o.text
