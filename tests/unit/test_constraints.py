@@ -4,6 +4,8 @@ allowed tokens, rows without a grammar are untouched (batch invariance), matcher
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -116,3 +118,42 @@ def test_parameters_carry_one_resolved_grammar_to_the_worker():
         with pytest.raises(RequestError) as e:
             resolve(parameters_from_dict(params), **kw)
         assert e.value.message.startswith(f"parameter {field}"), e.value.message
+
+
+def test_an_encoder_decoder_engine_runs_constrained_and_plain_requests_together(tokenizer, tmp_path):
+    """T5 (tiny, random weights) with the tiny tokenizer in its folder: the decoder's output obeys
+    the grammar and ends with STOP; the unconstrained request beside it keeps its greedy tokens."""
+    from transformers import T5Config
+
+    from tests.oracle import make_random_model
+    from worker.engine.build import build_engine
+    from worker.engine.engine import EngineConfig
+    from worker.engine.sequence import Finish
+
+    hf, _ = tokenizer
+    config = T5Config(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                      architectures=["T5ForConditionalGeneration"])
+    model_dir = make_random_model(config, tmp_path / "t5", std=0.4)
+    hf.save_pretrained(str(model_dir))
+    engine = build_engine(EngineConfig(model_dir=model_dir, max_model_len=64, num_kv_blocks=64))
+
+    def run(constrained: bool) -> dict:
+        out: dict[str, list] = {}
+        for name, grammar in [("plain", ""), ("json", grammar_for("json_schema", json.dumps(
+                {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+                 "required": ["n"], "additionalProperties": False})))][:1 + constrained]:
+            seq = engine.new_sequence(name, [5, 9, 200, 17, 1], Sampling(max_new_tokens=24),
+                                      emit=lambda t, lp, fin, err, name=name: out.setdefault(name, []).append((t, fin)))
+            if grammar:
+                seq.matcher = engine.grammars.matcher(grammar)
+            engine.add(seq)
+        while sum(1 for v in out.values() if v[-1][1] is not None) < 1 + constrained:
+            engine.step()
+        return {k: ([t for ts, _ in v for t in ts], v[-1][1]) for k, v in out.items()}
+
+    alone = run(False)
+    both = run(True)
+    assert both["plain"] == alone["plain"]
+    tokens, finish = both["json"]
+    assert finish is Finish.STOP and json.loads(hf.decode(tokens))["n"] in range(100)
