@@ -44,6 +44,7 @@ def sampling_from_pb(p: pb.SamplingParams) -> Sampling:
         num_beams=max(1, int(p.num_beams)),
         length_penalty=float(p.length_penalty),
         beam_search_diversity_rate=float(p.beam_search_diversity_rate),
+        grammar=p.grammar,
     )
 
 
@@ -88,6 +89,13 @@ class WorkerService(pb_grpc.WorkerServicer):
         seq = self.engine.new_sequence(request.request_id, list(request.prompt_token_ids),
                                        sampling_from_pb(request.sampling),
                                        emit=lambda toks, lps, fin, err: out.put((toks, lps, fin, err)))
+        if seq.sampling.grammar:
+            if seq.sampling.num_beams > 1:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "parameter grammar: not available with beam search")
+            try:  # compiled here, on the request's thread, never on the engine's (cached per grammar)
+                seq.matcher = self.engine.grammars.matcher(seq.sampling.grammar)
+            except ValueError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"parameter grammar: {e}")
         arrival = time.monotonic()
         context.add_callback(lambda: self.engine.abort(request.request_id))
         self.engine.add(seq)

@@ -6,21 +6,45 @@ at temperature 1 unless temperature is 0 (greedy); an absent seed is a fresh ran
 completions default to 16 new tokens. Extras as vLLM takes them: top_k (-1 or 0 = no limit),
 repetition_penalty, min_tokens, ignore_eos, use_beam_search + best_of (beam width) + length_penalty.
 Unknown fields are refused (400 naming them); fields OpenAI has that we cannot honour are refused with
-the reason rather than silently dropped.
+the reason rather than silently dropped. Structured output: `response_format` ({"type": "json_schema",
+"json_schema": {"name", "schema", "strict"}} or {"type": "json_object"}) and vLLM's guided_json,
+guided_regex, guided_choice, guided_grammar (Lark), at most one of them; `check_constraint` compiles it
+(controller/api/constraints.py) where the route tokenizes, so a bad one is a 400 naming its field.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Annotated, Literal
 
+import grpc
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from controller.api.constraints import ConstraintError, grammar_for
+from controller.api.params import RequestError
 from shardserve.v1 import generate_pb2 as gpb
 
 MAX_N = 16  # samples per prompt
 MAX_STOPS = 16
 UINT64 = (1 << 64) - 1
+
+
+def _response_format(v: dict | None) -> tuple[str, object] | None:
+    """response_format -> (constraint kind, value), None for text; ValueError naming what is wrong."""
+    kind = (v or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json_object", True
+    if kind != "json_schema":
+        raise ValueError(f"type must be \"text\", \"json_object\" or \"json_schema\", got {kind!r}")
+    spec = v.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict | bool):
+        raise ValueError("json_schema: expected {\"name\": ..., \"schema\": {...}, \"strict\": ...}")
+    if "schema" not in spec:  # as vLLM: no schema is any JSON object
+        return "json_object", True
+    return "json_schema", json.dumps(spec["schema"])
 
 
 class _Strict(BaseModel):
@@ -53,6 +77,12 @@ class _Common(_Strict):
     use_beam_search: bool = False
     best_of: Annotated[int, Field(ge=1, le=16)] | None = None
     length_penalty: Annotated[float, Field(ge=-10.0, le=10.0)] | None = None
+    # structured output (OpenAI's response_format; vLLM's guided_* extras)
+    response_format: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
     # accepted, no effect here
     service_tier: str | None = None
     metadata: dict[str, str] | None = None
@@ -72,8 +102,44 @@ class _Common(_Strict):
             raise ValueError("logit_bias is not supported")
         return v
 
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, v):
+        _response_format(v)  # its shape; the schema itself is compiled in check_constraint, off the event loop
+        return v
+
+    def constraint(self) -> tuple[str, str, object] | None:
+        """(the field it came from, constraint kind, value), or None."""
+        given = []
+        fmt = _response_format(self.response_format)
+        if fmt is not None:
+            given.append(("response_format", *fmt))
+        if self.guided_json is not None:
+            v = self.guided_json
+            given.append(("guided_json", "json_schema", v if isinstance(v, str) else json.dumps(v)))
+        for name, kind in (("guided_regex", "regex"), ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                given.append((name, kind, getattr(self, name)))
+        if len(given) > 1:
+            raise ValueError(f"{given[1][0]}: give one of response_format, guided_json, guided_regex, "
+                             f"guided_choice, guided_grammar (also got {given[0][0]})")
+        return given[0] if given else None
+
+    def check_constraint(self) -> None:
+        """Compile the constraint (cached, so the request's resolve finds it done); RequestError naming
+        the field it came from."""
+        c = self.constraint()
+        if c is not None:
+            try:
+                grammar_for(c[1], c[2])
+            except ConstraintError as e:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"field {c[0]}: {e.detail}") from None
+
     @model_validator(mode="after")
     def _beams(self):
+        c = self.constraint()
+        if c is not None and self.use_beam_search:
+            raise ValueError(f"{c[0]}: structured output is not available with beam search")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed with stream: true")
         if self.best_of is not None and self.best_of > 1 and not self.use_beam_search:
@@ -119,6 +185,13 @@ class _Common(_Strict):
             p.return_log_probs = True
             if self.top_alternatives():
                 p.top_log_probs = self.top_alternatives()
+        c = self.constraint()
+        if c is not None:
+            _, kind, value = c
+            if kind == "choice":
+                p.choice.choices.extend(value)
+            else:
+                setattr(p, kind, value)
         return p, p.do_sample
 
     def top_alternatives(self) -> int:
@@ -191,7 +264,6 @@ class ChatRequest(_Common):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True  # vLLM's extra
-    response_format: dict | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
@@ -205,13 +277,6 @@ class ChatRequest(_Common):
 
     def top_alternatives(self) -> int:
         return self.top_logprobs or 0
-
-    @field_validator("response_format")
-    @classmethod
-    def _format(cls, v):
-        if v and v.get("type") not in (None, "text"):
-            raise ValueError("only {\"type\": \"text\"} is supported (no structured output yet)")
-        return v
 
     @field_validator("tools")
     @classmethod

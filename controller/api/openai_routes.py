@@ -167,6 +167,7 @@ class OpenAIRoutes:
     def _prepare(self, req, prompts: list[str | list[int]], logprobs: bool, arrival: float):
         """(entry, [Prepared per prompt x sample]) in choice order; raises RequestError."""
         entry = self.router.get(req.model or "")
+        req.check_constraint()  # structured output: a bad schema is a 400 naming its field
         params, seeded = req.parameters(logprobs)
         check_count(len(prompts), req.n, self.limits, "prompt")
         check_parameters(params, self.limits)

@@ -15,8 +15,11 @@ Semantics (FasterTransformer defaults where a parameter is absent):
 
 from __future__ import annotations
 
+import json
+
 import grpc
 
+from controller.api.constraints import ConstraintError, from_parameters
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import worker_pb2 as wpb
 
@@ -47,6 +50,12 @@ ALIASES = {
     "return_cum_log_probs": "return_cum_log_probs", "is_return_cum_log_probs": "return_cum_log_probs",
     "ignore_eos": "ignore_eos",
     "top_log_probs": "top_log_probs", "top_logprobs": "top_log_probs", "top_n_tokens": "top_log_probs",
+    # structured output (the constraint oneof; vLLM's guided_* names too)
+    "json_schema": "json_schema", "guided_json": "json_schema",
+    "regex": "regex", "guided_regex": "regex",
+    "choice": "choice", "guided_choice": "choice",
+    "grammar": "grammar", "guided_grammar": "grammar",
+    "json_object": "json_object",
 }
 
 
@@ -72,6 +81,10 @@ def _coerce(field, name: str, value):
             if field.message_type is not None:  # TokenSequence: a list of ints
                 return [gpb.TokenSequence(token_ids=[int(t) for t in seq]) for seq in items]
             return [str(v) for v in items]
+        if want == field.TYPE_STRING:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
         if want == field.TYPE_BOOL:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0"):
@@ -90,7 +103,7 @@ def _coerce(field, name: str, value):
             raise invalid(f"parameter {name}: {v} is out of range [0, {top}]")
         return v
     except (TypeError, ValueError):
-        kind = {field.TYPE_BOOL: "a boolean", field.TYPE_FLOAT: "a number"}.get(want, "a non-negative integer")
+        kind = {field.TYPE_BOOL: "a boolean", field.TYPE_FLOAT: "a number", field.TYPE_STRING: "a string"}.get(want, "a non-negative integer")
         if field.is_repeated:
             kind = "a list of token-id lists" if field.message_type is not None else "a string or list of strings"
         raise invalid(f"parameter {name}: expected {kind}, got {value!r}") from None
@@ -105,6 +118,9 @@ def parameters_from_dict(params: dict) -> gpb.GenerationParameters:
         canonical = ALIASES.get(name)
         if canonical is None:
             raise invalid(f"unknown parameter {name!r}; known: {', '.join(sorted(ALIASES))}")
+        if canonical in ("json_schema", "choice"):  # a schema as a JSON object; choices as a list of strings
+            _constraint(msg, canonical, name, value)
+            continue
         if canonical in ("stop", "bad_words") and isinstance(value, list) and any(
                 isinstance(v, (list, int)) and not isinstance(v, bool) for v in value):  # FT style: token ids
             if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -123,6 +139,17 @@ def parameters_from_dict(params: dict) -> gpb.GenerationParameters:
     msg.stop_token_sequences.extend(stop_ids)
     msg.bad_word_token_sequences.extend(bad_ids)
     return msg
+
+
+def _constraint(msg: gpb.GenerationParameters, canonical: str, name: str, value) -> None:
+    if canonical == "json_schema":
+        if not isinstance(value, str | dict | bool):
+            raise invalid(f"parameter {name}: expected a JSON Schema (an object, or its JSON text), got {value!r}")
+        msg.json_schema = value if isinstance(value, str) else json.dumps(value)
+        return
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise invalid(f"parameter {name}: expected a list of strings, got {value!r}")
+    msg.choice.choices.extend(value)
 
 
 def _range(name: str, value, lo, hi, lo_open=False) -> None:
@@ -217,6 +244,13 @@ def resolve(p: gpb.GenerationParameters, *, prompt_tokens: int, max_model_len: i
             bad = [t for t in seq.token_ids if t >= vocab_size]
             if bad or not seq.token_ids:
                 raise invalid(f"parameter {name}: token ids must be non-empty and < vocab_size {vocab_size}")
+    try:
+        grammar = from_parameters(p)
+    except ConstraintError as e:
+        raise invalid(str(e)) from None
+    if grammar and beams > 1:
+        raise invalid(f"parameter {p.WhichOneof('constraint')}: structured output is not available with beam "
+                      f"search (num_beams {beams}); use num_beams=1")
     seed = p.seed if has("seed") else 0
     out = wpb.SamplingParams(
         max_new_tokens=max_new,
@@ -233,6 +267,7 @@ def resolve(p: gpb.GenerationParameters, *, prompt_tokens: int, max_model_len: i
         beam_search_diversity_rate=diversity,
         return_log_probs=p.return_log_probs or p.return_cum_log_probs or top_lps > 0,
         top_log_probs=top_lps,
+        grammar=grammar,
     )
     if not p.ignore_eos:
         out.eos_token_ids.extend(eos_token_ids)

@@ -213,6 +213,8 @@ class Running:
                 return
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise RequestError(code, "deadline exceeded while generating") from None
+            if code == grpc.StatusCode.INVALID_ARGUMENT:  # the worker refused the request (its grammar)
+                raise RequestError(code, e.details()) from None
             raise RequestError(grpc.StatusCode.UNAVAILABLE,
                                f"replica {self.replica.name} failed during generation ({code.name}): "
                                f"{e.details()}") from None

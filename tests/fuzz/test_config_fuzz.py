@@ -49,7 +49,9 @@ param_values = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 
                                                         max_size=5), st.dictionaries(st.text(max_size=3), st.none()))
 param_names = st.one_of(st.sampled_from(["max_new_tokens", "max_seq_len", "temperature", "top_k", "top_p",
                                          "do_sample", "seed", "stop", "bad_words", "num_beams", "ignore_eos",
-                                         "stop_words_list", "bad_words_list", "min_length"]), st.text(max_size=8))
+                                         "stop_words_list", "bad_words_list", "min_length", "json_schema", "regex",
+                                         "choice", "grammar", "json_object", "guided_json", "guided_choice"]),
+                        st.text(max_size=8))
 
 
 @FUZZ

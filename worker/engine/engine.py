@@ -16,6 +16,7 @@ import torch
 
 from worker.config import WorkerConfig
 from worker.engine.block_manager import BlockManager
+from worker.engine.constraints import Grammars
 from worker.engine.runner import ModelRunner, build_plan
 from worker.engine.sampler import Sampler
 from worker.engine.scheduler import Scheduler, SchedulerConfig
@@ -71,6 +72,9 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_batch_tokens), self.blocks,
                                    self.max_model_len)
         self.sampler = Sampler()  # keeps the running batch's token counts across steps
+        # structured output: compiled grammars against the model's tokenizer (read on first use)
+        self.grammars = Grammars(config.model_dir, int(getattr(model_config, "vocab_size", 0) or 0)
+                                 or self.runner.vocab_size)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wakeup = threading.Event()
         self.seqs: dict[str, Sequence] = {}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from native import ops
+from worker.engine import constraints
 from worker.engine.sequence import Sequence, Status
 
 NEG_INF = float("-inf")
@@ -168,7 +169,9 @@ class Sampler:
         self.counts = TokenCounts()
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-        return sample(logits, seqs, self.counts)
+        tokens, logprobs = sample(logits, seqs, self.counts)
+        constraints.advance(seqs, tokens)  # structured output: matchers take their row's token
+        return tokens, logprobs
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], counts: TokenCounts | None = None
@@ -179,16 +182,18 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], counts: TokenCounts | Non
     log_softmax. Sampled rows go through one batched top-k/top-p call (native/ops: the kernel
     where built, its float64 torch twin otherwise), each row drawing one uniform from its own
     generator; their log-prob (under the top-k/top-p filtered, temperature-scaled distribution) is
-    computed only for requests that return log-probs, 0.0 otherwise. Rows whose request asks for
+    computed only for requests that return log-probs, 0.0 otherwise. Rows with a grammar
+    (structured output) are first masked to the tokens it allows (worker/engine/constraints.py),
+    so their log-probs are under the constrained distribution. Rows whose request asks for
     `top_log_probs` k also get the k most likely tokens of the same distribution as their chosen
     token's log-prob, appended to `seq.top_log_probs` as (ids, log-probs), best first (fewer when
-    fewer tokens survive top-k/top-p). `counts`: the running batch's token counts (a fresh table
-    when None). One host sync."""
+    fewer tokens survive top-k/top-p or the grammar). `counts`: the running batch's token counts
+    (a fresh table when None). One host sync."""
     B = logits.shape[0]
     if B == 0:
         return [], []
     dev = logits.device
-    x = process(logits, seqs, counts)
+    x = constraints.apply_masks(process(logits, seqs, counts), seqs)  # structured output: grammar masks
     tokens = torch.argmax(x, -1)  # [B]
     dist = torch.log_softmax(x, -1)  # [B, V]: the distribution each row's log-prob is read from
     logprobs = dist.gather(1, tokens[:, None])[:, 0]  # [B]

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.config import WorkerConfig
+from worker.engine import constraints
 from worker.engine.block_manager import BlockManager
 from worker.engine.sequence import Finish, Sequence, Status
 
@@ -310,6 +311,8 @@ class Scheduler:
         for stop in s.stop_token_sequences:
             if stop and seq.token_ids[-len(stop):] == list(stop):
                 return Finish.STOP
+        if constraints.done(seq):  # structured output complete
+            return Finish.STOP
         if seq.num_generated >= s.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
             return Finish.LENGTH
         return None

@@ -49,6 +49,7 @@ class Sampling:
     num_beams: int = 1  # > 1: beam search (worker.engine.beam); sampling fields are then unused
     length_penalty: float = 0.0  # FT default; finished beam score = sum(log-probs) / generated_len ** length_penalty
     beam_search_diversity_rate: float = 0.0  # FT: rank-k sibling candidate of a beam scored -rate * k
+    grammar: str = ""  # structured output: an llguidance grammar (worker.engine.constraints); "" = none
 
     @property
     def greedy(self) -> bool:
@@ -83,6 +84,9 @@ class Sequence:
     encoder_ids: list[int] | None = None
     cross_slot: int = -1
     encoded: bool = False
+    # structured output: the llguidance matcher of sampling.grammar, advanced by every output token
+    # (worker.engine.constraints); None when unconstrained
+    matcher: object | None = None
 
     def __post_init__(self):
         if not self.num_prompt:
