@@ -129,3 +129,16 @@ def test_prefix_caching_is_on_by_default_and_off_by_flag_or_property(tmp_path, e
     assert s.spec.prefix_caching is False and s.properties.sources["enable_prefix_caching"].endswith(
         "option.enable_prefix_caching")
     assert ReplicaSpec.from_json(s.spec.to_json()).prefix_caching is False  # carried to the worker as is
+
+
+def test_request_limits_from_flags_environment_and_serving_properties(tmp_path, env):
+    from controller.api.limits import RequestLimits
+
+    assert settings([], env).server.limits == RequestLimits()
+    props = write(tmp_path / "serving.properties", "option.max_prompts=12\noption.max_stop_strings=3\n")
+    s = settings(["--properties", str(props)], {**env, "SERVING_MAX_STOP_STRINGS": "4"})
+    assert (s.server.limits.max_prompts, s.server.limits.max_stop_strings) == (12, 4)
+    s = settings(["--properties", str(props), "--max-prompts", "5", "--max-message-bytes", "65536"], env)
+    assert (s.server.limits.max_prompts, s.server.limits.max_message_bytes) == (5, 65536)
+    with pytest.raises(PropertiesError, match="max_prompts='0'"):
+        settings(["--max-prompts", "0"], env)
