@@ -67,6 +67,11 @@ class WorkerStartError(RuntimeError):
     pass
 
 
+# Status codes of a leader that is still coming up (its socket not yet served, or busy); any other
+# answer to Status while starting is final and fails the start at once (not after start_timeout_s).
+STARTING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 class Replica:
     def __init__(self, name: str, spec: ReplicaSpec, runtime_dir: Path, on_event=None):
         self.name = name
@@ -168,14 +173,22 @@ class Replica:
                 try:
                     self.status = self.stub.Status(wpb.WorkerStatusRequest(), timeout=5, metadata=self.metadata)
                     break
-                except grpc.RpcError:
-                    pass
+                except grpc.RpcError as e:
+                    if e.code() not in STARTING:  # a worker that answers with an error will not get better
+                        raise WorkerStartError(f"worker for {self.name} answered Status with {e.code().name}: "
+                                               f"{e.details()}") from None
             time.sleep(0.1)
         self.ready, self.state = True, "ready"
         self.on_event("up", self)
         sizes = ", ".join(f"rank {r.rank}: {r.parameter_bytes / 1e6:.1f} MB" for r in self.status.ranks)
         log.info("replica %s ready (tp=%d pp=%d, leader pid %d, %s, kernels: %s; parameters %s)", self.name,
                  spec.tp, spec.pp, self.procs[0].pid, self.status.architecture, self.status.kernel_path, sizes)
+
+    def alive(self) -> bool:
+        """The leader process has not exited. Checked when routing, so that no request goes to a rank
+        that died in the instant before the supervisor (polling every 0.1 s) marks the replica down."""
+        proc = self.proc
+        return proc is None or proc.poll() is None
 
     def _report_path(self, rank: int) -> str:
         return str(self.runtime_dir / f"{self.name}-rank{rank}.report.json")
@@ -219,7 +232,8 @@ class Replica:
                                 f"pending (step watchdog {self.spec.watchdog_s:g}s)")
                 except grpc.RpcError as e:
                     if now - last_ok > self.spec.watchdog_s:
-                        return f"leader not answering Status for {now - last_ok:.0f}s: {e.code().name}"
+                        return (f"leader not answering Status for {now - last_ok:.0f}s (step watchdog "
+                                f"{self.spec.watchdog_s:g}s): {e.code().name}")
             time.sleep(0.1)
         return "stopping"
 
