@@ -7,12 +7,13 @@ long prefill on it (and a stream on demo-1 that must finish untouched); a kill -
 another of the relaunched worker while it loads; a SIGSTOP (hung: caught by the step watchdog). Every
 time: the victim's requests end with UNAVAILABLE (client deadlines: never a hang), the bystander never
 fails, and demo-0 comes back. Also: a worker whose Status answers with an error fails its start at
-once."""
+once, and a full disk during a partition or a download fails naming the path, nothing half-written kept."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -259,3 +260,62 @@ def test_a_worker_whose_status_raises_fails_fast_naming_the_code(demo_cache):
             replica.start()  # before the fix: retried until start_timeout_s
     finally:
         replica.stop()
+
+
+# ---- a full disk --------------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 1 MiB tmpfs (root only): skipped with the reason where mounting is refused."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip() or r.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_partition_onto_a_full_disk_fails_naming_the_path_and_keeps_nothing(demo_cache, tiny_fs):
+    from controller.acquire.demo_model import demo_model_path
+    from controller.acquire.partition import partition
+    from worker.manifest import is_partition
+
+    out = tiny_fs / "parts" / "demo-tp2"
+    with pytest.raises(OSError) as e:
+        partition(demo_model_path(demo_cache), out, tp=2, processes=1)
+    msg = str(e.value)
+    print(msg)
+    assert "no space left" in msg.lower() and str(tiny_fs) in msg, msg
+    assert not is_partition(out) and not out.exists()
+    assert not [p.name for p in (tiny_fs / "parts").iterdir()]  # no temp folder left behind either
+
+
+def test_download_onto_a_full_disk_fails_naming_the_path_and_keeps_nothing(demo_cache, tiny_fs, tmp_path,
+                                                                         monkeypatch):
+    from controller.acquire.demo_model import demo_model_path
+    from controller.acquire.download import download_s3
+    from controller.acquire.paths import DownloadError
+    from tests.integration.s3_fixtures import TEST_ENV, MotoServer, upload_folder
+
+    for k, v in TEST_ENV.items():
+        monkeypatch.setenv(k, v)
+    with MotoServer(tmp_path / "moto.log") as s3:
+        client = s3.client()
+        client.create_bucket(Bucket="models")
+        upload_folder(client, demo_model_path(demo_cache), "models", "demo/")
+        dest = tiny_fs / "demo"
+        with pytest.raises(DownloadError) as e:
+            download_s3("s3://models/demo/", dest, endpoint_url=s3.url, progress=False)
+        msg = str(e.value)
+        print(msg)
+        assert "no space left" in msg.lower() and str(dest) in msg, msg
+        weights = dest / "model.safetensors"
+        assert not weights.exists()  # nothing partial under a final name
+        # with room, the same destination completes (nothing stale was left to trip over)
+        roomy = tmp_path / "demo"
+        shutil.copytree(dest, roomy)
+        download_s3("s3://models/demo/", roomy, endpoint_url=s3.url, progress=False)
+        assert weights.name in {p.name for p in roomy.iterdir()}
