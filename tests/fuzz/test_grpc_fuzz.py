@@ -251,3 +251,32 @@ def test_the_worker_socket_is_private_and_refuses_callers_without_the_launch_tok
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     idle(server)
 
+
+def test_prompt_plus_new_tokens_beyond_the_context_is_refused_not_cut_to_one_token(server):
+    """Through the controller and straight to the worker (with its launch token): INVALID_ARGUMENT
+    naming max_new_tokens and the context, never a LENGTH finish after the first token."""
+    import json
+    from pathlib import Path
+
+    from shardserve.v1 import worker_pb2 as wpb
+    from shardserve.v1 import worker_pb2_grpc as wpb_grpc
+    from worker.config import TOKEN_ENV, TOKEN_METADATA
+
+    prompt = [(7 * i) % 4000 + 5 for i in range(1000)]  # the demo model's context is 1024 tokens
+    req = gpb.GenerateStreamRequest(parameters=gpb.GenerationParameters(max_new_tokens=100))
+    req.prompt_token_ids.token_ids.extend(prompt)
+    code, details = call(lambda r, **kw: list(stub(server).GenerateStream(r, **kw)), req)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_new_tokens (100)" in details and "1024" in details
+    pid = worker_state(server)[0][1]
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    sock = json.loads(argv[argv.index(b"--config") + 1])["socket"]
+    env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv)
+    metadata = ((TOKEN_METADATA, env[TOKEN_ENV.encode()].decode()),)
+    with grpc.insecure_channel(f"unix:{sock}") as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            list(wpb_grpc.WorkerStub(ch).Generate(wpb.WorkerGenerateRequest(
+                request_id="too-long", prompt_token_ids=prompt, sampling=wpb.SamplingParams(max_new_tokens=100)),
+                timeout=30, metadata=metadata))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+    assert "max_new_tokens (100)" in e.value.details() and "1024" in e.value.details(), e.value.details()
+    idle(server)
