@@ -81,10 +81,18 @@ class WorkerService(pb_grpc.WorkerServicer):
         bad = [t for t in request.prompt_token_ids if t >= vocab]
         if bad:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt_token_ids: ids {bad[:5]} >= vocab_size {vocab}")
-        limit = self.engine.max_model_len
-        if self.engine.encoder_decoder and len(request.prompt_token_ids) > limit:
+        limit, prompt, new = self.engine.max_model_len, len(request.prompt_token_ids), request.sampling.max_new_tokens
+        if self.engine.encoder_decoder and prompt > limit:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"prompt ({len(request.prompt_token_ids)} tokens) exceeds the encoder's limit of {limit}")
+                          f"prompt ({prompt} tokens) exceeds the encoder's limit of {limit}")
+        if self.engine.encoder_decoder and new > limit - 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"max_new_tokens ({new}) exceeds the decoder's limit of {limit - 1} new tokens")
+        if not self.engine.encoder_decoder and prompt + new > limit:
+            # refused, not cut short: the sequence would end with LENGTH long before max_new_tokens
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"prompt ({prompt} tokens) + max_new_tokens ({new}) = {prompt + new} exceeds the "
+                          f"model's context of {limit} tokens (max_model_len)")
         out: queue.SimpleQueue = queue.SimpleQueue()
         seq = self.engine.new_sequence(request.request_id, list(request.prompt_token_ids),
                                        sampling_from_pb(request.sampling),

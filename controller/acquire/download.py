@@ -57,6 +57,9 @@ DEFAULT_PATTERNS: tuple[str, ...] = (
 )
 
 
+_NO_SPACE = "no space left on device"  # ENOSPC's message, as the tools (s5cmd, boto3, the OS) word it
+
+
 def matches(rel: str, patterns: Sequence[str]) -> bool:
     base = rel.rsplit("/", 1)[-1]
     return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(base, p) for p in patterns)
@@ -213,6 +216,7 @@ class _Job:
         used = "none"
         failures: dict[str, str] = {}
         if todo:
+            self._check_room(todo)
             staging.mkdir(parents=True, exist_ok=True)
             used = self._pick_tool(tool)
             logger.info(
@@ -252,6 +256,18 @@ class _Job:
             self.src, self.dest, fetched, result.bytes / MiB, result.seconds, used, skipped,
         )  # fmt: skip
         return result
+
+    def _check_room(self, todo: list[RemoteObject]) -> None:
+        """Refuse at once (naming the folder) when the files cannot fit: a full disk fails every retry."""
+        need = sum(o.size for o in todo)
+        try:
+            st = os.statvfs(self.dest)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if st.f_blocks and need > free:  # f_blocks 0: a file system that does not say (some FUSE mounts)
+            raise DownloadError(f"no space left on device for {self.src} in {self.dest}: {len(todo)} files need "
+                                f"{need / MiB:.1f} MiB, {free / MiB:.1f} MiB free; nothing was fetched")
 
     # ---- what is already there -------------------------------------------------------------------
 
@@ -347,6 +363,8 @@ class _Job:
             pending = [o for o in pending if o.key in failures]
             if not pending:
                 return {}
+            if all(_NO_SPACE in why.lower() for why in failures.values()):
+                break  # the disk filled up (something else writes there too): another round cannot help
         return failures
 
     def _finished(self, staging, failures, lock, ticker, obj: RemoteObject, error: str | None) -> None:

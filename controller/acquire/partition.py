@@ -12,6 +12,7 @@ every manifest written before quantized partitions existed) means full precision
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -72,16 +73,14 @@ def partition(src: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "fp32
                    "--pp", str(pp), "--dtype", dtype, *(("--quantize", quantize) if quantize else ()),
                    *(x for r in group for x in ("--rank", str(r)))]
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if r.returncode and ("No space left on device" in r.stderr or "[Errno 28]" in r.stderr):
+                raise no_space(out, tmp, f"writing ranks {group}")
             if r.returncode:
                 raise RuntimeError(f"partitioning ranks {group} failed:\n{r.stderr[-4000:]}")
             return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")][-len(group):]
 
         with ThreadPoolExecutor(len(groups)) as pool:
             ranks = sorted((e for g in pool.map(run_group, groups) for e in g), key=lambda e: e["rank"])
-        for f in src.iterdir():  # config, tokenizer and generation files travel with the partition
-            if (f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith(".")
-                    and f.name != "model.safetensors.index.json"):
-                shutil.copy2(f, tmp / f.name)
         config = json.loads((src / "config.json").read_text())
         manifest = {
             "format": FORMAT, "source": {"path": str(src), "hash": src_hash},
@@ -90,7 +89,16 @@ def partition(src: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "fp32
             "config": config, "ranks": ranks,
             "partition_seconds": round(time.monotonic() - started, 3),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        try:
+            for f in src.iterdir():  # config, tokenizer and generation files travel with the partition
+                if (f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith(".")
+                        and f.name != "model.safetensors.index.json"):
+                    shutil.copy2(f, tmp / f.name)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: a manifest means complete
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise no_space(out, tmp, "copying the config and tokenizer files") from None
+            raise
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -100,6 +108,15 @@ def partition(src: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "fp32
              f" {quantize}" if quantize else "", out,
              manifest["partition_seconds"], ", ".join(f"rank {r['rank']}: {r['bytes'] / 1e6:.1f} MB" for r in ranks))
     return manifest
+
+
+def no_space(out: Path, tmp: Path, doing: str) -> OSError:
+    """The error of a partition that ran out of disk: the folder, what it was doing, how much is free."""
+    free = shutil.disk_usage(out.parent).free if out.parent.exists() else 0
+    written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.exists() else 0
+    return OSError(errno.ENOSPC, f"partitioning into {out}: no space left on device in {out.parent} while "
+                                 f"{doing} ({written / 1e6:.1f} MB written, {free / 1e6:.1f} MB free); nothing was "
+                                 f"kept: free some space or choose another --out / --cache-dir")
 
 
 def partition_key(src_hash: str, tp: int, pp: int, dtype: str, quantize: str | None = None) -> str:

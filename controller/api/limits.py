@@ -25,6 +25,8 @@ class RequestLimits:
         for name, value in self.__dict__.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+        if self.max_message_bytes > (1 << 31) - 1:  # gRPC takes it as a C int
+            raise ValueError(f"max_message_bytes={self.max_message_bytes}: must be at most {(1 << 31) - 1}")
 
 
 def _utf8_len(s: str) -> int:

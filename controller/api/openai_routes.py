@@ -81,6 +81,8 @@ def _validation(e: ValidationError) -> Response:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
+    if param is None and (m := re.match(r"(\w+): ", msg)):  # a check across fields names its field first
+        return error(400, msg, m.group(1))
     return error(400, f"{param}: {msg}" if param else msg, param)
 
 

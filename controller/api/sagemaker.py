@@ -183,7 +183,7 @@ class SageMakerRoutes:
     def _start_stream(self, entry, preps: list[Prepared], media_type: str, frame) -> Response:
         try:
             if len(preps) != 1:
-                raise _bad(f"streaming (application/jsonlines) takes one input, got {len(preps)}")
+                raise _bad(f"field inputs: streaming (application/jsonlines) takes one input, got {len(preps)}")
             self.router.pick(entry)  # no ready replica: a 503 now rather than an error line later
         except RequestError as e:
             self._fail(entry.name, e, preps[0].arrival)

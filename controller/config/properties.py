@@ -16,6 +16,9 @@ Note: LMI itself lets serving.properties override environment variables; shardse
 usual container convention instead (environment over the file baked into the image), so a
 deployment can change one setting without rebuilding the model artifact.
 
+The request input limits (controller/api/limits.py, README "Limits") are keys too: `option.max_prompts`
+(env OPTION_MAX_PROMPTS or SERVING_MAX_PROMPTS, flag --max-prompts), and so on for every RequestLimits field.
+
 Strictness: every key in the file, and every environment variable named OPTION_* or SERVING_*, must
 be one we know; otherwise `PropertiesError` names the key, where it came from and the closest known
 keys. (Kubernetes service-link variables such as SERVING_SERVICE_HOST / OPTION_PORT are skipped.)
@@ -27,6 +30,7 @@ FasterTransformer, DeepSpeed, PyTorch) are accepted with a log line: shardserve 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import logging
 import re
@@ -34,6 +38,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from controller.api.limits import RequestLimits
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,9 @@ SAGEMAKER_PROPERTIES = Path("/opt/ml/model/serving.properties")  # where SageMak
 class PropertiesError(ValueError):
     """A configuration problem a person can fix; the message names the key and its origin."""
 
+
+LIMIT_FIELDS = tuple(f.name for f in dataclasses.fields(RequestLimits))  # also ServingProperties fields
+MAX_GRPC_MESSAGE = (1 << 31) - 1  # gRPC takes message sizes as a C int
 
 # DJLServing engines we accept for compatibility; the value is its canonical spelling.
 _ENGINES = {
@@ -83,6 +92,14 @@ class ServingProperties:
     placement_strategy: Literal["pack", "spread", "strict-spread"] = "pack"  # Ray placement group strategy
     trust_remote_code: bool = False  # invariant: always False (True is refused at load)
     entry_point: str | None = None  # accepted for compatibility, ignored
+    # request input limits (controller/api/limits.py; README "Limits"): option.<name>, OPTION_/SERVING_<NAME>
+    max_prompt_bytes: int = RequestLimits.max_prompt_bytes
+    max_prompts: int = RequestLimits.max_prompts
+    max_stop_strings: int = RequestLimits.max_stop_strings
+    max_stop_bytes: int = RequestLimits.max_stop_bytes
+    max_bad_words: int = RequestLimits.max_bad_words
+    max_bad_word_bytes: int = RequestLimits.max_bad_word_bytes
+    max_message_bytes: int = RequestLimits.max_message_bytes
     # field name -> where its value came from ("default", "file.properties:3 option.dtype", "env X", ...)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -94,6 +111,11 @@ class ServingProperties:
         if self.tensor_parallel_degree == "max":
             return max(1, device_count)
         return int(self.tensor_parallel_degree)
+
+    @property
+    def limits(self) -> RequestLimits:
+        """The request input limits these properties set (RequestLimits' defaults for the others)."""
+        return RequestLimits(**{f: getattr(self, f) for f in LIMIT_FIELDS})
 
     def describe(self) -> list[str]:
         """One line per setting with its origin, for logs and `admin describe`."""
@@ -111,6 +133,13 @@ def _positive_int(raw: Any) -> int:
         raise ValueError("a positive integer") from None
     if v < 1:
         raise ValueError("a positive integer")
+    return v
+
+
+def _message_bytes(raw: Any) -> int:
+    v = _positive_int(raw)
+    if v > MAX_GRPC_MESSAGE:
+        raise ValueError(f"a positive integer <= {MAX_GRPC_MESSAGE} (gRPC's largest message)")
     return v
 
 
@@ -228,6 +257,9 @@ KEYS: tuple[_Key, ...] = (
     _Key("job_queue_size", "job_queue_size", _positive_int, ("MAX_CONCURRENT_REQUESTS",)),
     _Key("batch_size", "batch_size", _positive_int),
     _Key("max_batch_delay", "max_batch_delay", _non_negative_int),
+    # every request input limit: option.max_prompts, OPTION_MAX_PROMPTS or SERVING_MAX_PROMPTS, --max-prompts
+    *(_Key(f, f"option.{f}", _message_bytes if f == "max_message_bytes" else _positive_int, (f"SERVING_{f.upper()}",))
+      for f in LIMIT_FIELDS),
 )  # fmt: skip
 _BY_FILE_KEY = {k.file_key.lower(): k for k in KEYS}
 _BY_FIELD = {k.field: k for k in KEYS}
@@ -250,6 +282,7 @@ CLI_FLAGS = {
     "prefix_caching": "enable_prefix_caching",
     "executor": "executor",
     "placement_strategy": "placement_strategy",
+    **{f: f for f in LIMIT_FIELDS},  # --max-prompts etc. (settings.py LIMIT_FLAGS): dest = the field
 }
 
 

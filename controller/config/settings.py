@@ -114,7 +114,9 @@ def settings_from_args(args, env: Mapping[str, str]) -> ServeSettings:
             raise ConfigError(f"{flag} {path}: no such file")
     if args.replicas < 1:
         raise ConfigError(f"--replicas {args.replicas}: must be >= 1")
-    limits = limits_from_args(args)
+    if not args.restart_backoff >= 0:
+        raise ConfigError(f"--restart-backoff {args.restart_backoff}: must be >= 0 seconds")
+    limits = props.limits  # flags > environment > serving.properties > RequestLimits' defaults
     # One gRPC thread per admitted stream (a GenerateStream holds its thread to the end) plus room for
     # health, admin and ModelInfo calls, so that admitted requests never wait for a thread and a full
     # server still answers probes. Threads start on demand: an idle server holds few.
@@ -132,7 +134,8 @@ def settings_from_args(args, env: Mapping[str, str]) -> ServeSettings:
                            stage_layers=args.stage_layers, collective_timeout_s=args.collective_timeout,
                            watchdog_s=args.step_watchdog, max_restarts=args.max_restarts,
                            executor=props.executor, placement_strategy=props.placement_strategy,
-                           ray_address=getattr(args, "ray_address", None) or "")
+                           ray_address=getattr(args, "ray_address", None) or "",
+                           restart_backoff_s=args.restart_backoff)
         replica_spec(spec, Path(), layout)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -141,21 +144,12 @@ def settings_from_args(args, env: Mapping[str, str]) -> ServeSettings:
                          properties=props)
 
 
-LIMIT_FLAGS = {  # flag -> RequestLimits field (defaults: RequestLimits)
+LIMIT_FLAGS = {  # flag -> RequestLimits field; also option.<field> / OPTION_<FIELD> / SERVING_<FIELD> (properties.py)
     "--max-prompt-bytes": "max_prompt_bytes", "--max-prompts": "max_prompts",
     "--max-stop-strings": "max_stop_strings", "--max-stop-bytes": "max_stop_bytes",
     "--max-bad-words": "max_bad_words", "--max-bad-word-bytes": "max_bad_word_bytes",
     "--max-message-bytes": "max_message_bytes",
 }
-
-
-def limits_from_args(args) -> RequestLimits:
-    kw = {f: getattr(args, f, None) for f in LIMIT_FLAGS.values()}
-    try:
-        return RequestLimits(**{k: v for k, v in kw.items() if v is not None})
-    except ValueError as e:
-        flag = next((fl for fl, f in LIMIT_FLAGS.items() if str(e).startswith(f + "=")), "")
-        raise ConfigError(f"{flag} {e}" if flag else str(e)) from None
 
 
 def default_name(source: str | None, env: Mapping[str, str] = os.environ) -> str:
@@ -204,7 +198,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     defaults = RequestLimits()
     for flag, attr in LIMIT_FLAGS.items():
         p.add_argument(flag, type=int, default=None, dest=attr,
-                       help=f"request input limit (default {getattr(defaults, attr)}; README 'Limits')")
+                       help=f"request input limit (default {getattr(defaults, attr)}; also option.{attr} / "
+                       f"SERVING_{attr.upper()}; README 'Limits')")
     p.add_argument("--max-restarts", type=int, default=5, help="group restarts before the model is marked failed")
     p.add_argument("--executor", default=None, choices=["local", "ray"],
                    help="where ranks run: local child processes, or Ray actors across nodes (default: "
@@ -215,6 +210,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement-strategy", default=None, choices=["pack", "spread", "strict-spread"],
                    help="with --executor ray: how a replica's ranks spread over nodes (default: "
                    "option.placement_strategy, pack; strict-spread = one rank per node)")
+    p.add_argument("--restart-backoff", type=float, default=0.5,
+                   help="seconds before a group's first restart; doubles per restart, at most 30")
 
 
 def _layer_counts(raw: str) -> tuple[int, ...]:

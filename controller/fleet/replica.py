@@ -85,6 +85,11 @@ class ReplicaSpec(WorkerConfig):
         return [sys.executable, *worker_argv(config.to_json(), rank.rank)]
 
 
+# Status codes of a leader that is still coming up (its socket not yet served, or busy); any other
+# answer to Status while starting is final and fails the start at once (not after start_timeout_s).
+STARTING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 class Replica:
     def __init__(self, name: str, spec: ReplicaSpec, runtime_dir: Path, on_event=None):
         self.name = name
@@ -178,8 +183,10 @@ class Replica:
                 try:
                     self.status = self.stub.Status(wpb.WorkerStatusRequest(), timeout=5, metadata=self.metadata)
                     break
-                except grpc.RpcError:
-                    pass
+                except grpc.RpcError as e:
+                    if e.code() not in STARTING:  # a worker that answers with an error will not get better
+                        raise WorkerStartError(f"worker for {self.name} answered Status with {e.code().name}: "
+                                               f"{e.details()}") from None
             time.sleep(0.1)
         self.ready, self.state = True, "ready"
         self.on_event("up", self)
@@ -187,6 +194,12 @@ class Replica:
         where = "" if self.executor.name == "local" else f" via {self.executor.name}, leader at {self.group.target}"
         log.info("replica %s ready (tp=%d pp=%d, leader pid %d%s, %s, kernels: %s; parameters %s)", self.name,
                  spec.tp, spec.pp, self.procs[0].pid, where, self.status.architecture, self.status.kernel_path, sizes)
+
+    def alive(self) -> bool:
+        """The leader process has not exited. Checked when routing, so that no request goes to a rank
+        that died in the instant before the supervisor (polling every 0.1 s) marks the replica down."""
+        proc = self.proc
+        return proc is None or proc.poll() is None
 
     def _reports(self) -> list[WorkerReport]:
         """What the ranks that stopped said about why (worker/config.py WorkerReport)."""
@@ -229,7 +242,8 @@ class Replica:
                                 f"pending (step watchdog {self.spec.watchdog_s:g}s)")
                 except grpc.RpcError as e:
                     if now - last_ok > self.spec.watchdog_s:
-                        return f"leader not answering Status for {now - last_ok:.0f}s: {e.code().name}"
+                        return (f"leader not answering Status for {now - last_ok:.0f}s (step watchdog "
+                                f"{self.spec.watchdog_s:g}s): {e.code().name}")
             time.sleep(0.1)
         return "stopping"
 

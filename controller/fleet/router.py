@@ -35,7 +35,7 @@ class ModelEntry:
         return self.max_batch_size * max(1, len(self.replicas)) + self.max_queued_requests
 
     def ready_replicas(self) -> list[Replica]:
-        return [r for r in self.replicas if r.ready]
+        return [r for r in self.replicas if r.ready and r.alive()]
 
 
 class Router:

@@ -6,7 +6,6 @@ count of a multi-prompt Generate is released whatever happens, and the input lim
 import json
 import math
 import os
-import threading
 
 import grpc
 import pytest
@@ -16,63 +15,17 @@ from hypothesis import strategies as st
 from shardserve.v1 import admin_pb2 as apb
 from shardserve.v1 import admin_pb2_grpc as apb_grpc
 from shardserve.v1 import generate_pb2 as gpb
-from shardserve.v1 import generate_pb2_grpc as gpb_grpc
-from tests.integration.server import ServerProcess
+from tests.fuzz.serving import AUTH, idle, stub, worker_state
 
 EXAMPLES = int(os.environ.get("SHARDSERVE_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("SHARDSERVE_FUZZ_RANDOM"),
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
-TOKEN = "fuzz-admin-token"
-AUTH = (("authorization", f"Bearer {TOKEN}"),)
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE,
            grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
            grpc.StatusCode.ALREADY_EXISTS}
 VOCAB = 4096  # the demo model's
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache-fuzz")
-    with ServerProcess("--admin-token", TOKEN, "--max-prompts", "64", "--max-stop-strings", "16",
-                       "--max-bad-words", "32", "--max-prompt-bytes", "65536",
-                       "--max-message-bytes", str(4 << 20), cache_dir=cache) as s:
-        s.before = worker_state(s)
-        s.bystander = Bystander(s)
-        yield s
-        s.bystander.stop()
-
-
-class Bystander(threading.Thread):
-    """Another client generating all along: every one of its requests must succeed."""
-
-    def __init__(self, server):
-        super().__init__(daemon=True)
-        self.server, self.done, self.ok, self.failures = server, threading.Event(), 0, []
-        self.start()
-
-    def run(self):
-        req = gpb.GenerateRequest(prompts=["bystander"], parameters=gpb.GenerationParameters(max_new_tokens=4))
-        while not self.done.wait(0.2):
-            try:
-                stub(self.server).Generate(req, timeout=60)
-                self.ok += 1
-            except grpc.RpcError as e:
-                self.failures.append((e.code(), e.details()))
-
-    def stop(self):
-        self.done.set()
-        self.join(70)
-
-
-def worker_state(server) -> tuple:
-    d = apb_grpc.AdminStub(server.channel).DescribeModel(apb.DescribeModelRequest(name="demo"), metadata=AUTH)
-    return tuple((r.name, r.pid, r.restarts) for r in d.replicas)
-
-
-def stub(server):
-    return gpb_grpc.GenerationStub(server.channel)
 
 
 def call(fn, *args, timeout=60.0, **kw):
@@ -83,20 +36,6 @@ def call(fn, *args, timeout=60.0, **kw):
     except grpc.RpcError as e:
         assert e.code() in ALLOWED, f"{e.code()}: {e.details()}"
         return e.code(), e.details()
-
-
-def idle(server):
-    """Every replica's outstanding and the model's in_flight back to 0 (waits: runs end asynchronously)."""
-    import time
-
-    deadline = time.monotonic() + 30
-    while True:
-        st_ = server.stats()["demo"]
-        outstanding = {n: r["outstanding"] for n, r in st_["replicas"].items()}
-        if st_["in_flight"] == 0 and not any(outstanding.values()):
-            return
-        assert time.monotonic() < deadline, f"counts not released: {st_}"
-        time.sleep(0.05)
 
 
 # ---- the known leak: outstanding released exactly once ----------------------------------------
@@ -122,19 +61,22 @@ def test_multi_prompt_generate_whose_runs_end_early_leaks_nothing(server):
 
 # ---- limits -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("req, field", [
-    (gpb.GenerateRequest(prompts=["x" * 70000]), "prompts[0]"),
-    (gpb.GenerateRequest(prompts=["x"] * 65), "prompts"),
-    (gpb.GenerateRequest(prompts=["x"] * 8, n=9), "n"),
-    (gpb.GenerateRequest(prompts=["x"], n=U32), "n"),
-    (gpb.GenerateRequest(prompts=["x"], parameters=gpb.GenerationParameters(stop=["s"] * 17)), "stop"),
-    (gpb.GenerateRequest(prompts=["x"], parameters=gpb.GenerationParameters(stop=["s" * 2000])), "stop"),
-    (gpb.GenerateRequest(prompts=["x"], parameters=gpb.GenerationParameters(bad_words=["b"] * 33)), "bad_words"),
-    (gpb.GenerateRequest(prompts=["x"], parameters=gpb.GenerationParameters(bad_words=["b" * 2000])), "bad_words"),
+@pytest.mark.parametrize("req, field, limit", [
+    (gpb.GenerateRequest(prompts=["x" * 70000]), "prompts[0]", "65536"),  # --max-prompt-bytes
+    (gpb.GenerateRequest(prompts=["x"] * 65), "prompts", "64"),  # --max-prompts over option.max_prompts
+    (gpb.GenerateRequest(prompts=["x"] * 8, n=9), "n", "64"),
+    (gpb.GenerateRequest(prompts=["x"], n=U32), "n", "64"),
+    (gpb.GenerateRequest(prompts=["x"], parameters=gpb.GenerationParameters(stop=["s"] * 17)), "stop",
+     "16"),  # SERVING_MAX_STOP_STRINGS
+    (gpb.GenerateRequest(prompts=["x"], parameters=gpb.GenerationParameters(stop=["s" * 2000])), "stop", "1024"),
+    (gpb.GenerateRequest(prompts=["x"], parameters=gpb.GenerationParameters(bad_words=["b"] * 33)), "bad_words",
+     "32"),  # option.max_bad_words in serving.properties
+    (gpb.GenerateRequest(prompts=["x"], parameters=gpb.GenerationParameters(bad_words=["b" * 2000])), "bad_words",
+     "1024"),
 ])
-def test_each_limit_is_refused_naming_the_field_and_the_limit(server, req, field):
+def test_each_limit_is_refused_naming_the_field_and_the_limit(server, req, field, limit):
     code, details = call(stub(server).Generate, req)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details and "limit" in details, details
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details and f"limit of {limit}" in details, details
 
 
 def test_a_message_past_the_grpc_size_limit_is_resource_exhausted(server):
@@ -262,7 +204,6 @@ def test_after_fuzzing_the_worker_is_the_same_and_serves(server):
                                                     parameters=gpb.GenerationParameters(max_new_tokens=3)),
                                 timeout=60)
     assert out.outputs[0].generated_tokens == 3
-    server.bystander.stop()
     assert server.bystander.ok > 0 and not server.bystander.failures, server.bystander.failures
 
 
@@ -308,4 +249,34 @@ def test_the_worker_socket_is_private_and_refuses_callers_without_the_launch_tok
                                                           sampling=wpb.SamplingParams(max_new_tokens=1)),
                                 timeout=10, metadata=metadata))
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    idle(server)
+
+
+def test_prompt_plus_new_tokens_beyond_the_context_is_refused_not_cut_to_one_token(server):
+    """Through the controller and straight to the worker (with its launch token): INVALID_ARGUMENT
+    naming max_new_tokens and the context, never a LENGTH finish after the first token."""
+    import json
+    from pathlib import Path
+
+    from shardserve.v1 import worker_pb2 as wpb
+    from shardserve.v1 import worker_pb2_grpc as wpb_grpc
+    from worker.config import TOKEN_ENV, TOKEN_METADATA
+
+    prompt = [(7 * i) % 4000 + 5 for i in range(1000)]  # the demo model's context is 1024 tokens
+    req = gpb.GenerateStreamRequest(parameters=gpb.GenerationParameters(max_new_tokens=100))
+    req.prompt_token_ids.token_ids.extend(prompt)
+    code, details = call(lambda r, **kw: list(stub(server).GenerateStream(r, **kw)), req)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_new_tokens (100)" in details and "1024" in details
+    pid = worker_state(server)[0][1]
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    sock = json.loads(argv[argv.index(b"--config") + 1])["socket"]
+    env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv)
+    metadata = ((TOKEN_METADATA, env[TOKEN_ENV.encode()].decode()),)
+    with grpc.insecure_channel(f"unix:{sock}") as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            list(wpb_grpc.WorkerStub(ch).Generate(wpb.WorkerGenerateRequest(
+                request_id="too-long", prompt_token_ids=prompt, sampling=wpb.SamplingParams(max_new_tokens=100)),
+                timeout=30, metadata=metadata))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+    assert "max_new_tokens (100)" in e.value.details() and "1024" in e.value.details(), e.value.details()
     idle(server)

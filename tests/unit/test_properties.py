@@ -226,5 +226,41 @@ def test_cli_overrides_from_serve_args():
 
 
 def test_shipped_example_file_loads():
+    from controller.api.limits import RequestLimits
+
     p = load_properties(REPO / "deploy" / "serving.properties.example", {})
     assert p.model_source is not None
+    assert p.limits == RequestLimits()  # the example shows every limit at its default
+
+
+def test_every_request_limit_is_a_key_in_the_file_the_environment_and_the_flags(tmp_path):
+    from controller.api.limits import RequestLimits
+    from controller.config.properties import KEYS, LIMIT_FIELDS
+
+    keys = {k.field: k for k in KEYS}
+    for f in dataclasses.fields(RequestLimits):  # a new limit without a key fails here
+        assert f.name in LIMIT_FIELDS and keys[f.name].file_key == f"option.{f.name}"
+        assert keys[f.name].env == f"OPTION_{f.name.upper()}" and f"SERVING_{f.name.upper()}" in keys[f.name].aliases
+    assert load_properties(None, {}).limits == RequestLimits()
+    path = write(tmp_path, "option.max_prompts=8\noption.max_stop_strings=4\noption.max_prompt_bytes=100\n")
+    env = {"OPTION_MAX_STOP_STRINGS": "5", "SERVING_MAX_BAD_WORDS": "6", "SERVING_MAX_PROMPT_BYTES": "200"}
+    p = load_properties(path, env, {"max_prompt_bytes": 300})
+    assert p.limits == RequestLimits(max_prompts=8, max_stop_strings=5, max_bad_words=6, max_prompt_bytes=300)
+    assert p.sources["max_prompts"] == f"{path}:1 option.max_prompts"
+    assert p.sources["max_stop_strings"] == "env OPTION_MAX_STOP_STRINGS"
+    assert p.sources["max_bad_words"] == "env SERVING_MAX_BAD_WORDS"
+    assert p.sources["max_prompt_bytes"] == "flag max_prompt_bytes"
+
+
+@pytest.mark.parametrize(("where", "value", "accepted"), [
+    ("option.max_prompts", "0", "positive integer"), ("OPTION_MAX_STOP_BYTES", "-3", "positive integer"),
+    ("SERVING_MAX_BAD_WORDS", "many", "positive integer"),
+    ("option.max_message_bytes", str(1 << 31), "2147483647"),
+])  # fmt: skip
+def test_a_bad_limit_names_the_key_and_what_is_accepted(tmp_path, where, value, accepted):
+    args = (write(tmp_path, f"{where}={value}\n"), {}) if where.startswith("option.") else (None, {where: value})
+    with pytest.raises(PropertiesError) as e:
+        load_properties(*args)
+    assert where in str(e.value) and accepted in str(e.value)
+    with pytest.raises(PropertiesError, match="OPTION_MAX_PROMPTS and env SERVING_MAX_PROMPTS"):
+        load_properties(None, {"OPTION_MAX_PROMPTS": "2", "SERVING_MAX_PROMPTS": "3"})

@@ -146,3 +146,16 @@ def test_executor_is_local_by_default_and_ray_by_flag_property_or_environment(tm
         settings(["--properties", str(write(tmp_path / "bad.properties", "option.executor=mpi\n"))], env)
     # the supervisor's settings stay in the controller: a rank's JSON has neither
     assert "executor" not in s.spec.rank_config(RankPlacement(0, 0, 0, "cpu", 1), "/s").to_json()
+
+
+def test_request_limits_from_flags_environment_and_serving_properties(tmp_path, env):
+    from controller.api.limits import RequestLimits
+
+    assert settings([], env).server.limits == RequestLimits()
+    props = write(tmp_path / "serving.properties", "option.max_prompts=12\noption.max_stop_strings=3\n")
+    s = settings(["--properties", str(props)], {**env, "SERVING_MAX_STOP_STRINGS": "4"})
+    assert (s.server.limits.max_prompts, s.server.limits.max_stop_strings) == (12, 4)
+    s = settings(["--properties", str(props), "--max-prompts", "5", "--max-message-bytes", "65536"], env)
+    assert (s.server.limits.max_prompts, s.server.limits.max_message_bytes) == (5, 65536)
+    with pytest.raises(PropertiesError, match="max_prompts='0'"):
+        settings(["--max-prompts", "0"], env)
