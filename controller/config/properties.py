@@ -54,6 +54,7 @@ _DTYPES = {
     "bf16": "bf16", "bfloat16": "bf16",
 }  # fmt: skip
 _QUANTIZE = {"int8": "int8", "int4": "int4", "none": None, "w8a8": "w8a8"}
+_SPECULATIVE = {"ngram": "ngram", "draft": "draft", "none": None}
 # LMI rolling-batch backends: all mean "continuous batching", which is what shardserve always does.
 _ROLLING_ON = ("auto", "true", "vllm", "lmi-dist", "trtllm", "tensorrtllm", "deepspeed", "scheduler")
 _ROLLING_OFF = ("disable", "false")
@@ -77,6 +78,9 @@ class ServingProperties:
     batch_size: int = 1  # DJLServing dynamic batch size (non-rolling mode)
     max_batch_delay: int = 100  # milliseconds, DJLServing dynamic batching
     enable_prefix_caching: bool = True  # reuse the KV cache of shared prompt prefixes (--no-prefix-caching)
+    speculative_method: Literal["ngram", "draft"] | None = None  # None: draft with a speculative_model, else off
+    speculative_model: str | None = None  # the draft model's local folder (same tokenizer)
+    num_speculative_tokens: int | None = None  # None: 4 when speculation is on
     trust_remote_code: bool = False  # invariant: always False (True is refused at load)
     entry_point: str | None = None  # accepted for compatibility, ignored
     # field name -> where its value came from ("default", "file.properties:3 option.dtype", "env X", ...)
@@ -218,6 +222,9 @@ KEYS: tuple[_Key, ...] = (
     _Key("max_input_len", "option.max_input_len", _positive_int),
     _Key("max_output_len", "option.max_output_len", _positive_int),
     _Key("enable_prefix_caching", "option.enable_prefix_caching", _bool),
+    _Key("speculative_method", "option.speculative_method", _choice(_SPECULATIVE)),
+    _Key("speculative_model", "option.speculative_model", _text),
+    _Key("num_speculative_tokens", "option.num_speculative_tokens", _positive_int),
     _Key("trust_remote_code", "option.trust_remote_code", _bool, ("HF_MODEL_TRUST_REMOTE_CODE",)),
     _Key("job_queue_size", "job_queue_size", _positive_int, ("MAX_CONCURRENT_REQUESTS",)),
     _Key("batch_size", "batch_size", _positive_int),
@@ -242,6 +249,9 @@ CLI_FLAGS = {
     "max_batch_size": "max_rolling_batch_size",
     "max_queued_requests": "job_queue_size",
     "prefix_caching": "enable_prefix_caching",
+    "speculative_method": "speculative_method",
+    "speculative_model": "speculative_model",
+    "num_speculative_tokens": "num_speculative_tokens",
 }
 
 
