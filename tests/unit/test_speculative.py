@@ -57,11 +57,12 @@ def sampled_seq(seed: int, temperature=0.8, top_k=0) -> Sequence:
 
 def test_ngram_proposes_what_followed_the_latest_match():
     assert ngram_propose([1, 2, 3, 9, 7, 1, 2, 3], 2) == [9, 7]  # the 3-gram 1 2 3
-    assert ngram_propose([4, 1, 2, 5, 8, 2], 3) == [5, 8, 2]  # only the 1-gram 2 matches
+    assert ngram_propose([4, 1, 2, 5, 8, 2], 3, min_n=1) == [5, 8, 2]  # only the 1-gram 2 matches
+    assert ngram_propose([4, 1, 2, 5, 8, 2], 3) == []  # the default needs 2 tokens to match
     assert ngram_propose([1, 2, 3, 4], 3) == []
     assert ngram_propose([5, 6, 5, 6, 5], 5) == [6, 5, 6, 5, 6]  # a loop continues periodically
-    assert ngram_propose([7, 7], 4) == [7, 7, 7, 7]
-    assert ngram_propose([256, 1, 0, 0, 1], 2) == [0, 0]  # byte patterns that straddle tokens are no match
+    assert ngram_propose([7, 7, 7], 4) == [7, 7, 7, 7]
+    assert ngram_propose([256, 1, 0, 0, 1], 2, min_n=1) == [0, 0]  # byte patterns across tokens: no match
     assert ngram_propose([3, 3, 3], 0) == [] and ngram_propose([3], 2) == []
 
 

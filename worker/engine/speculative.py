@@ -39,7 +39,7 @@ from native import reference
 from worker.engine.sequence import Sequence
 
 NGRAM_MAX = 3  # longest suffix the n-gram proposer matches
-NGRAM_MIN = 1  # shortest
+NGRAM_MIN = 2  # shortest (a single repeated token predicts little and costs a verification)
 METHODS = ("ngram", "draft")
 
 
