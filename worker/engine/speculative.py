@@ -85,11 +85,11 @@ class NgramProposer:
 
 
 def _sampling_params(seqs: list[Sequence], repeats: list[int]):
-    """Per-row temperature, top_k, top_p tensors, each sequence's values repeated."""
+    """Per-row temperature, top_k, top_p tensors (host), each sequence's values repeated."""
     rep = lambda f: [f(s.sampling) for s, r in zip(seqs, repeats) for _ in range(r)]  # noqa: E731
-    return (torch.tensor(rep(lambda p: p.temperature), dtype=torch.float32),
-            torch.tensor(rep(lambda p: p.top_k), dtype=torch.int64),
-            torch.tensor(rep(lambda p: p.top_p), dtype=torch.float32))
+    return (torch.tensor(rep(lambda p: p.temperature), dtype=torch.float32, device="cpu"),
+            torch.tensor(rep(lambda p: p.top_k), dtype=torch.int64, device="cpu"),
+            torch.tensor(rep(lambda p: p.top_p), dtype=torch.float32, device="cpu"))
 
 
 def sampling_probs(logits: torch.Tensor, seqs: list[Sequence], repeats: list[int]) -> torch.Tensor:
@@ -99,13 +99,14 @@ def sampling_probs(logits: torch.Tensor, seqs: list[Sequence], repeats: list[int
 
 
 def _uniform(g: torch.Generator | None) -> float:
-    return float(torch.rand((), generator=g, dtype=torch.float64))
+    return float(torch.rand((), generator=g, dtype=torch.float64, device="cpu"))  # generators live on the host
 
 
 def draw(p: torch.Tensor, u: float) -> int:
     """The token of p [V] (float64, non-negative) at cumulative mass u * total (inverse CDF)."""
     cum = torch.cumsum(p, 0)
-    i = int(torch.searchsorted(cum, torch.tensor([u * float(cum[-1])], dtype=cum.dtype), right=True)[0])
+    i = int(torch.searchsorted(cum, torch.tensor([u * float(cum[-1])], dtype=cum.dtype, device=cum.device),
+                                     right=True)[0])
     if i >= p.numel():  # u * total rounded up to the total: the last token with mass
         i = int(torch.nonzero(p > 0)[-1])
     return i
