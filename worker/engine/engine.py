@@ -185,10 +185,7 @@ class Engine:
         """Fill the batch's lookahead slots with proposals; free the blocks of the slots left empty."""
         rows = [i for i, k in enumerate(batch.lookahead) if k]
         drafts, probs = self.proposer.propose([batch.seqs[i] for i in rows], [batch.lookahead[i] for i in rows])
-        batch.set_drafts(drafts, probs)
-        for i in rows:
-            seq = batch.seqs[i]
-            self.blocks.truncate(seq, seq.num_computed + batch.num_tokens[i])
+        self.scheduler.set_drafts(batch, drafts, probs)
 
     def snapshot_stats(self) -> EngineStats:
         st = self.stats

@@ -224,6 +224,15 @@ class Scheduler:
             batch.lookahead[i] = k
             budget -= k
 
+    def set_drafts(self, batch: ScheduledBatch, drafts: list[list[int]], probs: list) -> None:
+        """The proposals for the batch's rows with lookahead (ScheduledBatch.set_drafts); the blocks of
+        the slots left empty are freed again."""
+        rows = [i for i, k in enumerate(batch.lookahead) if k]
+        batch.set_drafts(drafts, probs)
+        for i in rows:
+            seq = batch.seqs[i]
+            self.blocks.truncate(seq, seq.num_computed + batch.num_tokens[i])
+
     def _decoding(self, unit: list[Sequence]) -> bool:
         """A unit past its prompt: one token per sequence, or a forked beam group (its beams
         recompute at most a partial block each)."""
