@@ -1,6 +1,8 @@
-"""Speculative decoding through a real server (`serve --speculative-method ngram`): greedy tokens equal
-the engine's without speculation, streams equal unary answers, stop strings still cut the text, and
-the worker's counters reach /metrics and /v1/stats."""
+"""Speculative decoding through a real server (`serve --speculative-model DIR`, the demo model as its own
+draft, so proposals are made and accepted whatever the random weights write): greedy tokens equal the
+engine's without speculation, streams equal unary answers, stop strings still cut the text, seeds
+reproduce, and the worker's counters reach /metrics and /v1/stats. (n-gram proposals rarely fire on
+the demo model's random output; they are checked in tests/parity/test_speculative.py.)"""
 
 from __future__ import annotations
 
@@ -14,22 +16,16 @@ from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
 from tests.integration.server import ServerProcess
 
-
-def licence_text() -> str:
-    """~500 demo tokens of licence text: the demo model's random output hits tokens it has seen often
-    enough for prompt lookup to propose (a short repetitive prompt would not: its output never repeats)."""
-    from controller.acquire.demo_model import corpus_lines
-
-    return " ".join(corpus_lines())[:2500]
-
-
-TEXT = licence_text()
+TEXT = "Licensed under the Apache License, Version 2.0; you may not use this file except in compliance"
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
+    from controller.acquire.demo_model import demo_model_path
+
     cache = tmp_path_factory.mktemp("cache")
-    with ServerProcess("--max-batch-size", "8", "--speculative-method", "ngram", "--num-speculative-tokens", "4",
+    draft = demo_model_path(cache)  # built here once; the server then finds it in the same cache
+    with ServerProcess("--max-batch-size", "8", "--speculative-model", str(draft), "--num-speculative-tokens", "4",
                        cache_dir=cache) as s:
         yield s, cache
 
@@ -68,7 +64,7 @@ def test_greedy_tokens_equal_the_engine_without_speculation_and_counters_reach_m
         time.sleep(0.5)
     proposed = scrape(server, "shardserve_spec_decode_proposed_tokens_total")
     accepted = scrape(server, "shardserve_spec_decode_accepted_tokens_total")
-    assert proposed > 0 and 0 <= accepted <= proposed
+    assert proposed > 0 and 0.9 * proposed <= accepted <= proposed  # the target is its own draft
     stats = json.loads(server.http("/v1/stats")[1])["demo"]["replicas"]
     (rep,) = stats.values()
     assert int(rep["stats"]["specDecodeProposedTokensTotal"]) >= proposed
