@@ -50,11 +50,41 @@ def llama_300m(cache: Path) -> Path:
     return target
 
 
+LLAMA_2L = "bench-llama-2l-v1"
+
+
+def llama_2l(cache: Path) -> Path:
+    """A draft-sized Llama with the demo tokenizer (vocab 4096): hidden 128, 2 layers, MLP 352, 4 heads
+    (2 KV), random weights (seed 1); ~1.3M parameters, most of them the embedding and LM head."""
+    target = Path(cache) / LLAMA_2L
+    if (target / "model.safetensors").is_file():
+        return target
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = demo(cache)
+    tmp = Path(tempfile.mkdtemp(prefix=".llama2l-", dir=cache))
+    try:
+        for f in src.iterdir():
+            if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+                shutil.copy(f, tmp / f.name)
+        config = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+        torch.manual_seed(1)
+        LlamaForCausalLM(config).save_pretrained(str(tmp), safe_serialization=True)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 FLAN_T5_LIKE = "bench-flan-t5-like-v1"
 T5_VOCAB = 32128  # Flan-T5's
 
 
 BY_NAME = {"llama-300m": llama_300m, "demo": demo}  # the decoder-only models the benches take by --model
+DRAFTS = {"demo": demo, "llama-2l": llama_2l}  # draft models with the demo tokenizer (bench/spec.py)
 
 
 def by_name(name: str, cache: Path) -> Path:

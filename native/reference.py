@@ -243,20 +243,15 @@ def draw_uniforms(batch: int, generators: list[torch.Generator | None]) -> torch
     return torch.stack([d.cpu() for d in draws]) if draws else torch.empty(0, dtype=torch.float64)
 
 
-def sample_with_uniforms(
+def kept_distribution(
     logits: torch.Tensor,  # [B, V]
-    temperature: torch.Tensor,  # [B]; <= 0 means greedy
+    temperature: torch.Tensor,  # [B]; <= 0 means greedy (z = logits)
     top_k: torch.Tensor,  # [B] int; 0 (or >= V) means off
     top_p: torch.Tensor,  # [B]; >= 1 means off
-    uniforms: torch.Tensor,  # [B] float64 in [0, 1)
-) -> torch.Tensor:  # [B] int64
-    """The sampling specification, in float64 (vectorised over rows; each row on its own).
-
-    z = logits / temperature. Order tokens by z descending, ties by lower id. Keep the first
-    top_k. p = softmax of z over the kept set. If top_p < 1, keep (in that order) each token whose
-    preceding probability mass is < top_p (at least one). Then walk kept tokens in id order and
-    return the first whose running mass exceeds uniform * (kept mass); else the last kept.
-    """
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p [B, V] float64 on the host: softmax of z over the top-k kept set, keep [B, V] bool: the
+    tokens kept after top-k and top-p), as `sample_with_uniforms` specifies them. The distribution
+    a row samples from is p restricted to keep, renormalised (see `target_probs`)."""
     B, V = logits.shape
     x = logits.float().cpu()
     t = temperature.float().cpu()
@@ -275,6 +270,35 @@ def sample_with_uniforms(
     m = (before < tp[:, None]).sum(1).clamp(min=1)
     m = torch.where(k_on, torch.minimum(m, k), m)
     keep = torch.where((tp < 1.0)[:, None], rank < m[:, None], keep)
+    return p, keep
+
+
+def target_probs(logits, temperature, top_k, top_p) -> torch.Tensor:
+    """[B, V] float64 on the host: the distribution `sample_with_uniforms` draws each row from (its
+    kept tokens' probabilities, renormalised; 0 elsewhere). Speculative decoding verifies with it."""
+    p, keep = kept_distribution(logits, temperature, top_k, top_p)
+    kept = torch.where(keep, p, 0.0)
+    return kept / kept.sum(dim=1, keepdim=True)
+
+
+def sample_with_uniforms(
+    logits: torch.Tensor,  # [B, V]
+    temperature: torch.Tensor,  # [B]; <= 0 means greedy
+    top_k: torch.Tensor,  # [B] int; 0 (or >= V) means off
+    top_p: torch.Tensor,  # [B]; >= 1 means off
+    uniforms: torch.Tensor,  # [B] float64 in [0, 1)
+) -> torch.Tensor:  # [B] int64
+    """The sampling specification, in float64 (vectorised over rows; each row on its own).
+
+    z = logits / temperature. Order tokens by z descending, ties by lower id. Keep the first
+    top_k. p = softmax of z over the kept set. If top_p < 1, keep (in that order) each token whose
+    preceding probability mass is < top_p (at least one). Then walk kept tokens in id order and
+    return the first whose running mass exceeds uniform * (kept mass); else the last kept.
+    """
+    V = logits.shape[1]
+    x = logits.float().cpu()
+    greedy = ~(temperature.float().cpu() > 0.0)
+    p, keep = kept_distribution(logits, temperature, top_k, top_p)
     cum = torch.cumsum(torch.where(keep, p, 0.0), 1)  # running kept mass in id order
     target = uniforms.cpu().double() * cum[:, -1]
     hit = cum > target[:, None]  # first True is a kept id: cum only rises at kept ids

@@ -25,6 +25,8 @@ DTYPES = ("fp32", "fp16", "bf16")
 TOKEN_ENV = "SHARDSERVE_WORKER_TOKEN"
 TOKEN_METADATA = "x-shardserve-worker-token"  # sent by the controller on every worker call
 QUANTIZE_METHODS = ("int8", "int4", "w8a8")
+SPECULATIVE_METHODS = ("ngram", "draft")  # worker/engine/speculative.py
+MAX_SPECULATIVE_TOKENS = 16
 
 
 class ConfigError(ValueError):
@@ -45,6 +47,10 @@ class WorkerConfig:
     max_model_len: int = 0  # 0 = the model config's max_position_embeddings
     prefix_caching: bool = True  # reuse the KV blocks of cached prompt prefixes (block_manager.py)
     quantize: str | None = None  # None | "int8" | "int4" (weight-only) | "w8a8" (int8 weights and per-token activations)
+    # speculative decoding (worker/engine/speculative.py): "" = off | "ngram" (prompt lookup) | "draft"
+    speculative_method: str = ""
+    speculative_model: str = ""  # the draft model's folder (method "draft"; same tokenizer, tp = pp = 1)
+    num_speculative_tokens: int = 0  # K: tokens proposed and verified per step (0 with the method off)
     # ---- the replica's layout -------------------------------------------------------------------
     tensor_parallel: int = 1  # ranks per pipeline stage
     pipeline_parallel: int = 1  # pipeline stages
@@ -89,9 +95,24 @@ class WorkerConfig:
         _check(not self.address or self.address.rpartition(":")[2].isdigit(), "address", self.address,
                "expected host:port")
         _check(self.collective_timeout_s > 0, "collective_timeout_s", self.collective_timeout_s, "must be > 0")
+        self._check_speculative()
         _check(self.rank < self.world_size, "rank", self.rank, f"must be < world size {self.world_size}")
         _check(all(n >= 1 for n in self.stage_layers), "stage_layers", self.stage_layers,
                "expected positive layer counts")  # their number against the stages: the layout check
+
+    def _check_speculative(self) -> None:
+        method, k = self.speculative_method, self.num_speculative_tokens
+        _check(method in ("",) + SPECULATIVE_METHODS, "speculative_method", method,
+               f"expected none or one of {', '.join(SPECULATIVE_METHODS)}")
+        _check(0 <= k <= MAX_SPECULATIVE_TOKENS, "num_speculative_tokens", k,
+               f"must be in 0..{MAX_SPECULATIVE_TOKENS}")
+        _check(bool(method) == (k > 0), "num_speculative_tokens", k,
+               "must be > 0 with a speculative_method and 0 without one")
+        _check((method == "draft") == bool(self.speculative_model), "speculative_model", self.speculative_model,
+               "needed by speculative_method 'draft' and only by it")
+        _check(method != "draft" or self.world_size == 1, "speculative_method", method,
+               f"a draft model runs at tensor and pipeline parallel degree 1 only (world size {self.world_size}); "
+               "use 'ngram' there")
 
     @property
     def tp(self) -> int:

@@ -148,6 +148,8 @@ class WorkerService(pb_grpc.WorkerServicer):
                 prompt_tokens_total=st.prompt_tokens_total, generated_tokens_total=st.generated_tokens_total,
                 kv_blocks_cached=st.kv_blocks_cached, prefix_cache_queries_total=st.prefix_cache_queries_total,
                 prefix_cache_hits_total=st.prefix_cache_hits_total,
+                spec_decode_proposed_tokens_total=st.spec_decode_proposed_tokens_total,
+                spec_decode_accepted_tokens_total=st.spec_decode_accepted_tokens_total,
             ),
         )
         for phase, secs in st.load_phases.items():

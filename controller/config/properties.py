@@ -63,6 +63,7 @@ _DTYPES = {
     "bf16": "bf16", "bfloat16": "bf16",
 }  # fmt: skip
 _QUANTIZE = {"int8": "int8", "int4": "int4", "none": None, "w8a8": "w8a8"}
+_SPECULATIVE = {"ngram": "ngram", "draft": "draft", "none": None}
 # LMI rolling-batch backends: all mean "continuous batching", which is what shardserve always does.
 _ROLLING_ON = ("auto", "true", "vllm", "lmi-dist", "trtllm", "tensorrtllm", "deepspeed", "scheduler")
 _ROLLING_OFF = ("disable", "false")
@@ -90,6 +91,9 @@ class ServingProperties:
     enable_prefix_caching: bool = True  # reuse the KV cache of shared prompt prefixes (--no-prefix-caching)
     executor: Literal["local", "ray"] = "local"  # where ranks run: children of the server, or Ray actors
     placement_strategy: Literal["pack", "spread", "strict-spread"] = "pack"  # Ray placement group strategy
+    speculative_method: Literal["ngram", "draft"] | None = None  # None: draft with a speculative_model, else off
+    speculative_model: str | None = None  # the draft model's local folder (same tokenizer)
+    num_speculative_tokens: int | None = None  # None: 4 when speculation is on
     trust_remote_code: bool = False  # invariant: always False (True is refused at load)
     entry_point: str | None = None  # accepted for compatibility, ignored
     # request input limits (controller/api/limits.py; README "Limits"): option.<name>, OPTION_/SERVING_<NAME>
@@ -253,6 +257,9 @@ KEYS: tuple[_Key, ...] = (
     _Key("enable_prefix_caching", "option.enable_prefix_caching", _bool),
     _Key("executor", "option.executor", _choice(_EXECUTORS)),
     _Key("placement_strategy", "option.placement_strategy", _choice(_STRATEGIES)),
+    _Key("speculative_method", "option.speculative_method", _choice(_SPECULATIVE)),
+    _Key("speculative_model", "option.speculative_model", _text),
+    _Key("num_speculative_tokens", "option.num_speculative_tokens", _positive_int),
     _Key("trust_remote_code", "option.trust_remote_code", _bool, ("HF_MODEL_TRUST_REMOTE_CODE",)),
     _Key("job_queue_size", "job_queue_size", _positive_int, ("MAX_CONCURRENT_REQUESTS",)),
     _Key("batch_size", "batch_size", _positive_int),
@@ -283,6 +290,9 @@ CLI_FLAGS = {
     "executor": "executor",
     "placement_strategy": "placement_strategy",
     **{f: f for f in LIMIT_FIELDS},  # --max-prompts etc. (settings.py LIMIT_FLAGS): dest = the field
+    "speculative_method": "speculative_method",
+    "speculative_model": "speculative_model",
+    "num_speculative_tokens": "num_speculative_tokens",
 }
 
 

@@ -130,7 +130,7 @@ def settings_from_args(args, env: Mapping[str, str]) -> ServeSettings:
         spec = ReplicaSpec(model_dir=Path(), block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb << 20,
                            num_kv_blocks=args.num_kv_blocks, max_batch_size=max_batch,
                            max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len, threads=args.threads,
-                           prefix_caching=props.enable_prefix_caching,
+                           prefix_caching=props.enable_prefix_caching, **speculative(props),
                            stage_layers=args.stage_layers, collective_timeout_s=args.collective_timeout,
                            watchdog_s=args.step_watchdog, max_restarts=args.max_restarts,
                            executor=props.executor, placement_strategy=props.placement_strategy,
@@ -142,6 +142,30 @@ def settings_from_args(args, env: Mapping[str, str]) -> ServeSettings:
     return ServeSettings(server=server, spec=spec, layout=layout, source=props.model_source,
                          name=args.name or default_name(props.model_source, env), replicas=args.replicas,
                          properties=props)
+
+
+DEFAULT_SPECULATIVE_TOKENS = 4  # proposed per step when speculation is on and no count is given
+
+
+def speculative(props: ServingProperties) -> dict:
+    """The WorkerConfig speculative_* fields: on with a method, or with a draft model (method
+    'draft'); the count defaults to DEFAULT_SPECULATIVE_TOKENS and alone turns nothing on. A draft
+    folder must hold a config.json (it is loaded as is, never downloaded)."""
+    method, model, k = props.speculative_method, props.speculative_model, props.num_speculative_tokens
+    if method is None and model:
+        method = "draft"
+    if method is None:
+        return {}
+    if method == "draft":
+        if not model:
+            raise ConfigError("--speculative-method draft needs --speculative-model DIR (option.speculative_model)")
+        if not (Path(model) / "config.json").is_file():
+            raise ConfigError(f"--speculative-model {model}: not a model folder (no config.json)")
+        model = str(Path(model).resolve())
+    elif model:
+        raise ConfigError(f"--speculative-model {model} goes with --speculative-method draft, not {method}")
+    return {"speculative_method": method, "speculative_model": model or "",
+            "num_speculative_tokens": k or DEFAULT_SPECULATIVE_TOKENS}
 
 
 LIMIT_FLAGS = {  # flag -> RequestLimits field; also option.<field> / OPTION_<FIELD> / SERVING_<FIELD> (properties.py)
@@ -186,6 +210,13 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=0, help="exact KV block count (overrides --kv-cache-mb)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_const", const=False, default=None,
                    help="do not reuse the KV cache of shared prompt prefixes (default: option.enable_prefix_caching, on)")
+    p.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
+                   help="speculative decoding: ngram (prompt lookup) or draft (a small model, --speculative-model; "
+                   "tp=pp=1) (default: option.speculative_method; off)")
+    p.add_argument("--speculative-model", default=None, metavar="DIR",
+                   help="the draft model's folder, with the same tokenizer (implies --speculative-method draft)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help=f"tokens proposed and verified per step (default {DEFAULT_SPECULATIVE_TOKENS} when on)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--admin-token", default=None, help=f"enables the admin API (default: ${TOKEN_ENV}; none: disabled)")
     p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve gRPC and HTTP over TLS (with --tls-key)")

@@ -17,7 +17,10 @@ Series (all labelled `model`; `replica` where a replica applies):
                  shardserve_engine_steps_total, shardserve_engine_prompt_tokens_total,
                  shardserve_engine_generated_tokens_total, shardserve_prefix_cache_queries_total and
                  shardserve_prefix_cache_hits_total (prompt tokens looked up at admission / found in the
-                 prefix cache), shardserve_kv_cache_blocks{state=cached} (live counts from the worker)
+                 prefix cache), shardserve_kv_cache_blocks{state=cached} (live counts from the worker),
+                 shardserve_spec_decode_proposed_tokens_total and
+                 shardserve_spec_decode_accepted_tokens_total (speculative draft tokens verified /
+                 accepted by the target)
   workers        shardserve_worker_up{rank}, shardserve_worker_restarts_total,
                  shardserve_model_load_seconds{phase} (last load), shardserve_download_bytes_total
 
@@ -74,6 +77,8 @@ _ENGINE_TOTALS = {
     "generated_tokens_total": "engine_generated_tokens",
     "prefix_cache_queries_total": "prefix_cache_queries",
     "prefix_cache_hits_total": "prefix_cache_hits",
+    "spec_decode_proposed_tokens_total": "spec_decode_proposed",
+    "spec_decode_accepted_tokens_total": "spec_decode_accepted",
 }
 
 
@@ -164,6 +169,12 @@ class Metrics:
         )
         self.prefix_cache_hits = fam(
             Counter, "shardserve_prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled).", mr
+        )
+        self.spec_decode_proposed = fam(
+            Counter, "shardserve_spec_decode_proposed_tokens", "Speculative draft tokens verified by the target.", mr
+        )
+        self.spec_decode_accepted = fam(
+            Counter, "shardserve_spec_decode_accepted_tokens", "Speculative draft tokens the target accepted.", mr
         )
         self.engine_prompt_tokens = fam(
             Counter, "shardserve_engine_prompt_tokens", "Prompt tokens prefilled by the engine.", mr

@@ -191,7 +191,7 @@ def test_dashboard_panels_are_labelled_filtered_and_have_units():
     names = [v["name"] for v in dash["templating"]["list"]]
     assert names == ["datasource", "model"]
     rows = [p["title"] for p in dash["panels"] if p["type"] == "row"]
-    assert len(rows) == 6, rows
+    assert len(rows) == 7, rows
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     for p in dash["panels"]:

@@ -132,6 +132,17 @@ def test_engine_totals_become_monotonic_counters_across_a_worker_restart():
     assert steps() == 25
 
 
+def test_speculative_decoding_counters():
+    m = Metrics()
+    L = {"model": "m", "replica": "r0"}
+    m.set_engine_stats("m", "r0", Stats(steps_total=3, spec_decode_proposed_tokens_total=12,
+                                        spec_decode_accepted_tokens_total=5))
+    m.set_engine_stats("m", "r0", Stats(steps_total=4, spec_decode_proposed_tokens_total=20,
+                                        spec_decode_accepted_tokens_total=9))
+    assert value(m, "shardserve_spec_decode_proposed_tokens_total", **L) == 20
+    assert value(m, "shardserve_spec_decode_accepted_tokens_total", **L) == 9
+
+
 def test_workers_restarts_load_phases_and_download_bytes():
     m = Metrics()
     m.set_worker_up("m", "r0", 0, True)

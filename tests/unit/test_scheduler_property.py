@@ -23,12 +23,12 @@ EOS = 11
 MAX_LEN = 96
 
 
-def run_traffic(seed: int, steps: int, drain_limit: int = 20000):
+def run_traffic(seed: int, steps: int, drain_limit: int = 20000, speculative: int = 0):
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     bm = BlockManager(num_blocks=40, block_size=4)
     cfg = SchedulerConfig(max_batch_size=8, max_batch_tokens=24)
-    sched = Scheduler(cfg, bm, MAX_LEN)
+    sched = Scheduler(cfg, bm, MAX_LEN, num_speculative_tokens=speculative)
     sampler = Sampler()
     finished: dict[str, int] = {}
     live: dict[str, Sequence] = {}
@@ -56,9 +56,20 @@ def run_traffic(seed: int, steps: int, drain_limit: int = 20000):
         batch = sched.schedule()
         rows = len(batch.seqs)
         assert rows <= cfg.max_batch_size or len({id(unit_of(s)[0]) for s in batch.seqs}) == 1
+        if any(batch.lookahead):  # random proposals, some of them what the "target" will say
+            rows = [i for i, k in enumerate(batch.lookahead) if k]
+            sched.set_drafts(batch, [[rng.randrange(VOCAB) for _ in range(rng.randint(0, batch.lookahead[i]))]
+                                     for i in rows], [None] * len(rows))
         for s, n in zip(batch.seqs, batch.num_tokens):
             assert n >= 1 and len(s.block_table) * bm.block_size >= s.num_computed + n
-        logits = torch.randn(sum(batch.samples()), VOCAB, generator=gen)
+        drafts = batch.draft_lists()
+        logits = torch.randn(sum(1 + len(d) for d, ok in zip(drafts, batch.samples()) if ok), VOCAB, generator=gen)
+        at = 0
+        for d, ok in zip(drafts, batch.samples()):
+            if ok:
+                for j in range(rng.randint(0, len(d))):  # the target agrees with the first few drafts
+                    logits[at + j, d[j]] = 10.0
+                at += 1 + len(d)
         sched.postprocess(batch, logits, sampler, finish)  # the engine's own update of a step
         bm.check([s.block_table for s in sched.running])
         assert all(not s.block_table and s.status is Status.WAITING for s in sched.waiting)
@@ -73,6 +84,13 @@ def test_random_traffic_no_leaks_everyone_finishes_once(seed):
     assert bm.num_free == bm.num_blocks and not sched.running and not sched.waiting
     assert finished and set(finished.values()) == {1}
     assert sched.preemptions > 0, "the cache was never short: the test does not exercise preemption"
+
+
+def test_random_traffic_with_speculative_lookahead():
+    sched, bm, finished = run_traffic(3, steps=1500, speculative=3)
+    assert bm.num_free == bm.num_blocks and not sched.running and not sched.waiting
+    assert finished and set(finished.values()) == {1}
+    assert sched.preemptions > 0 and 0 < sched.spec_accepted < sched.spec_proposed
 
 
 def test_beam_group_shares_prompt_blocks_and_reserves_rows():

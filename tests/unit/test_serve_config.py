@@ -159,3 +159,25 @@ def test_request_limits_from_flags_environment_and_serving_properties(tmp_path, 
     assert (s.server.limits.max_prompts, s.server.limits.max_message_bytes) == (5, 65536)
     with pytest.raises(PropertiesError, match="max_prompts='0'"):
         settings(["--max-prompts", "0"], env)
+
+
+def test_speculative_decoding_from_flags_or_properties(tmp_path, env):
+    assert settings([], env).spec.speculative_method == "" and settings([], env).spec.num_speculative_tokens == 0
+    s = settings(["--speculative-method", "ngram"], env)
+    assert (s.spec.speculative_method, s.spec.num_speculative_tokens) == ("ngram", cfg.DEFAULT_SPECULATIVE_TOKENS)
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    with pytest.raises(cfg.ConfigError, match="not a model folder"):
+        settings(["--speculative-model", str(draft)], env)
+    (draft / "config.json").write_text("{}")
+    s = settings(["--speculative-model", str(draft), "--num-speculative-tokens", "3"], env)  # implies draft
+    assert (s.spec.speculative_method, s.spec.speculative_model, s.spec.num_speculative_tokens) == (
+        "draft", str(draft.resolve()), 3)
+    assert ReplicaSpec.from_json(s.spec.to_json()).speculative_model == str(draft.resolve())
+    props = write(tmp_path / "serving.properties", "option.speculative_method=ngram\noption.num_speculative_tokens=6\n")
+    s = settings(["--properties", str(props)], env)
+    assert (s.spec.speculative_method, s.spec.num_speculative_tokens) == ("ngram", 6)
+    with pytest.raises(cfg.ConfigError, match="needs --speculative-model"):
+        settings(["--speculative-method", "draft"], env)
+    with pytest.raises(cfg.ConfigError, match="tensor and pipeline parallel degree 1"):
+        settings(["--speculative-model", str(draft), "--tp", "2"], env)

@@ -27,6 +27,15 @@ def test_json_round_trip_and_per_rank_copies():
     ('{"model_dir": "/m", "dtype": "fp8"}', "WorkerConfig.dtype='fp8'"),
     ('{"model_dir": "/m", "rank": 2}', "WorkerConfig.rank=2: must be < world size 1"),
     ('{"dtype": "fp32"}', "WorkerConfig.model_dir: missing"),
+    ('{"model_dir": "/m", "speculative_method": "medusa", "num_speculative_tokens": 2}',
+     "WorkerConfig.speculative_method='medusa'"),
+    ('{"model_dir": "/m", "speculative_method": "ngram"}', "WorkerConfig.num_speculative_tokens=0: must be > 0"),
+    ('{"model_dir": "/m", "num_speculative_tokens": 4}', "WorkerConfig.num_speculative_tokens=4: must be > 0 with"),
+    ('{"model_dir": "/m", "speculative_method": "ngram", "num_speculative_tokens": 17}', "must be in 0..16"),
+    ('{"model_dir": "/m", "speculative_method": "draft", "num_speculative_tokens": 2}',
+     "WorkerConfig.speculative_model='': needed by speculative_method 'draft'"),
+    ('{"model_dir": "/m", "speculative_method": "draft", "num_speculative_tokens": 2, "speculative_model": "/d", '
+     '"tensor_parallel": 2}', "a draft model runs at tensor and pipeline parallel degree 1 only"),
 ])
 def test_bad_fields_are_named(text, needle):
     with pytest.raises(ConfigError) as err:

@@ -147,6 +147,18 @@ class BlockManager:
                 self.by_hash.setdefault(h, b)  # a twin block with the same tokens stays unregistered
         seq.num_hashed = full
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Free seq's blocks past the first ceil(num_tokens / block_size): the slots of speculative
+        tokens the target rejected. Those blocks were allocated for this step, are held by seq alone
+        and have no hash (commit registers only blocks full of computed, accepted tokens)."""
+        keep = max(-(-num_tokens // self.block_size), seq.num_hashed)
+        while len(seq.block_table) > keep:
+            b = seq.block_table.pop()
+            if self.ref_count[b] != 1 or self.hash_of[b] is not None:
+                raise RuntimeError(f"truncate: block {b} is shared or hashed")
+            self.ref_count[b] = 0
+            self.free.appendleft(b)  # handed out again first: no cached KV is evicted for it
+
     def fork(self, parent: Sequence, child: Sequence, num_tokens: int | None = None) -> int:
         """child shares the parent's blocks that are full within its first `num_tokens` tokens (default:
         all it has computed). A partly filled block is never shared: it is still written to, so the child

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -84,7 +85,8 @@ def build_engine(config: EngineConfig) -> Engine:
             f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one sequence of "
             f"max_model_len={max_len}; raise the KV cache size or lower max_model_len"
         )
-    engine = Engine(model, model_config, config, num_blocks)
+    draft = load_draft(config, model_config)
+    engine = Engine(model, model_config, config, num_blocks, draft)
     engine.param_bytes = param_bytes
     log.info("model %s loaded: %.1f MB parameters, KV cache %d blocks x %d tokens (%.1f MB), %.2fs",
              cls.__name__, param_bytes / 1e6, num_blocks, config.block_size, engine.kv_cache_bytes / 1e6,
@@ -102,13 +104,39 @@ def build_engine(config: EngineConfig) -> Engine:
             log.warning("warm-up failed on the native kernels, falling back to torch: %s", exc)
             kernels = ops.Backend(kernels.device_type, None, f"native failed at warm-up: {exc}")
             ops._force(kernels.device_type, kernels)
-            engine = Engine(model, model_config, config, num_blocks)
+            engine = Engine(model, model_config, config, num_blocks, draft)
             engine.param_bytes = param_bytes
             warm_up(engine)
     phases["warmup"] = time.monotonic() - t1
     engine.stats.load_phases = phases
     engine.kernel_path = kernels.path
     return engine
+
+
+def load_draft(config: EngineConfig, target_config):
+    """(the draft model, its config) for speculative_method 'draft', else None: built and loaded like
+    the target (its dtype and device; a checkpoint folder, not a partition), decoder-only, its
+    vocabulary the target's (a draft with more or fewer ids is cut or padded: the same tokenizer is
+    the user's promise)."""
+    if config.speculative_method != "draft":
+        return None
+    folder = Path(config.speculative_model)
+    draft_config = load_config(folder)
+    if getattr(draft_config, "is_encoder_decoder", False):
+        raise ValueError(f"speculative_model {folder}: an encoder-decoder model cannot be a draft")
+    dv, tv = getattr(draft_config, "vocab_size", None), getattr(target_config, "vocab_size", None)
+    if dv != tv:
+        log.warning("draft model vocabulary %s != target's %s: draft ids past the target's are never proposed", dv, tv)
+    with torch.device(config.device):
+        torch.set_default_dtype(config.torch_dtype)
+        try:
+            draft = model_class(draft_config)(draft_config)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    draft.eval()
+    loaded = load_weights(draft, folder)
+    log.info("draft model %s (%s): %.1f MB parameters", folder, type(draft).__name__, loaded / 1e6)
+    return draft, draft_config
 
 
 CPU_KV_SHARE = 0.5  # of the memory available after the weights are loaded, split over the local ranks
@@ -235,7 +263,10 @@ def load_rank_weights(model, model_dir, quantize: str | None = None) -> tuple[in
 def warm_up(engine: Engine) -> None:
     """Run one short request through the whole step path so the first client is not the test."""
     done = []
-    seq = engine.new_sequence("warmup", list(range(1, 9)), Sampling(max_new_tokens=2),
+    # with speculation, a repeating prompt and a few more tokens: proposals are verified once too
+    k = engine.scheduler.num_speculative_tokens
+    prompt = list(range(1, 5)) * 2 if k else list(range(1, 9))
+    seq = engine.new_sequence("warmup", prompt, Sampling(max_new_tokens=2 + k),
                               emit=lambda toks, lps, fin, err: done.append((fin, err)) if fin else None)
     engine.add(seq)
     while not done:
@@ -246,3 +277,4 @@ def warm_up(engine: Engine) -> None:
     engine.stats.prompt_tokens_total = 0
     engine.stats.generated_tokens_total = 0
     engine.stats.steps_total = 0
+    engine.scheduler.spec_proposed = engine.scheduler.spec_accepted = 0

@@ -21,6 +21,7 @@ from worker.engine.runner import ModelRunner, build_plan
 from worker.engine.sampler import Sampler
 from worker.engine.scheduler import Scheduler, SchedulerConfig
 from worker.engine.sequence import Finish, Sampling, Sequence
+from worker.engine.speculative import NgramProposer
 from worker.models.registry import max_positions
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,13 @@ class EngineStats:
     kv_blocks_cached: int = 0  # blocks whose KV the prefix cache knows by hash (free or in use)
     prefix_cache_queries_total: int = 0  # prompt tokens looked up at admission
     prefix_cache_hits_total: int = 0  # of them found in the prefix cache (not prefilled)
+    spec_decode_proposed_tokens_total: int = 0  # draft tokens the target verified
+    spec_decode_accepted_tokens_total: int = 0  # of them accepted
     load_phases: dict = field(default_factory=dict)
 
 
 class Engine:
-    def __init__(self, model, model_config, config: EngineConfig, num_kv_blocks: int):
+    def __init__(self, model, model_config, config: EngineConfig, num_kv_blocks: int, draft=None):
         self.model = model
         self.model_config = model_config
         self.config = config
@@ -69,8 +72,10 @@ class Engine:
         # encoder's input, which the hash chain does not cover (and a decoder prompt is one token)
         self.blocks = BlockManager(num_kv_blocks, config.block_size,
                                    prefix_caching=config.prefix_caching and not self.encoder_decoder)
+        self.proposer = self._proposer(draft, num_kv_blocks)
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_batch_tokens), self.blocks,
-                                   self.max_model_len)
+                                   self.max_model_len,
+                                   num_speculative_tokens=config.num_speculative_tokens if self.proposer else 0)
         self.sampler = Sampler()  # keeps the running batch's token counts across steps
         # structured output: compiled grammars against the model's tokenizer (read on first use)
         self.grammars = Grammars(config.model_dir, int(getattr(model_config, "vocab_size", 0) or 0)
@@ -84,6 +89,31 @@ class Engine:
             self.decoder_start_token_id = model_config.pad_token_id  # T5's convention
         self.next_cross_slot = 0
         self.cross_free: list[int] = []  # slots of finished requests, freed at the next step
+
+    def _proposer(self, draft, num_kv_blocks: int):
+        """The speculative proposer (worker/engine/speculative.py), or None when off; `draft`: the draft
+        model and its config (build.py load_draft). Encoder-decoder models do not speculate."""
+        method = self.config.speculative_method
+        if not method or self.encoder_decoder:
+            if method:
+                log.warning("speculative decoding is off for encoder-decoder models")
+            return None
+        if method == "ngram":
+            return NgramProposer()
+        if draft is None:
+            raise ValueError("speculative_method 'draft' needs the draft model (build.py load_draft)")
+        from worker.engine.draft import DraftProposer
+
+        bs, k = self.config.block_size, self.config.num_speculative_tokens
+        # as many blocks as the target's, plus each running sequence's lookahead
+        blocks = num_kv_blocks + self.config.max_batch_size * -(-(k + 1) // bs)
+        vocab = int(getattr(self.model_config, "vocab_size", 0) or 0)
+        draft_model, draft_config = draft
+        proposer = DraftProposer(draft_model, bs, blocks, torch.device(self.config.device), self.config.torch_dtype,
+                                 vocab, max_positions(draft_config))
+        log.info("speculative decoding: draft model %s, %d tokens a step, its KV cache %d blocks (%.1f MB)",
+                 self.config.speculative_model, k, blocks, proposer.kv_cache_bytes / 1e6)
+        return proposer
 
     def new_sequence(self, request_id: str, prompt: list[int], sampling: Sampling, emit=None) -> Sequence:
         """A request as the engine runs it (any thread). Encoder-decoder: the prompt is the
@@ -137,6 +167,8 @@ class Engine:
         if not batch.seqs:
             return False
         try:
+            if any(batch.lookahead):
+                self._propose(batch)
             plan = build_plan(batch, self.config.block_size, self.cross_free)
             self.cross_free = []
             logits = self.runner.run(plan)
@@ -153,6 +185,12 @@ class Engine:
         self.stats.batch_tokens = batch.total_tokens
         return True
 
+    def _propose(self, batch) -> None:
+        """Fill the batch's lookahead slots with proposals; free the blocks of the slots left empty."""
+        rows = [i for i, k in enumerate(batch.lookahead) if k]
+        drafts, probs = self.proposer.propose([batch.seqs[i] for i in rows], [batch.lookahead[i] for i in rows])
+        self.scheduler.set_drafts(batch, drafts, probs)
+
     def snapshot_stats(self) -> EngineStats:
         st = self.stats
         st.running = len(self.scheduler.running)
@@ -162,6 +200,8 @@ class Engine:
         st.kv_blocks_cached = self.blocks.num_cached
         st.prefix_cache_queries_total = self.blocks.queries
         st.prefix_cache_hits_total = self.blocks.hits
+        st.spec_decode_proposed_tokens_total = self.scheduler.spec_proposed
+        st.spec_decode_accepted_tokens_total = self.scheduler.spec_accepted
         return st
 
     def run_forever(self, stop: threading.Event) -> None:

@@ -61,15 +61,16 @@ def build_plan(batch: ScheduledBatch, block_size: int, cross_free: list[int] = (
     computed with a few vectorised ops over the whole step (no per-token Python)."""
     ids, qlens, starts, tables, sample_rows = [], [], [], [], []
     t = 0
-    for seq, n, samples in zip(batch.seqs, batch.num_tokens, batch.samples()):
+    for seq, n, samples, drafts in zip(batch.seqs, batch.num_tokens, batch.samples(), batch.draft_lists()):
         start = seq.num_computed
-        ids.extend(seq.token_ids[start:start + n])
+        ids.extend(seq.token_ids[start:start + n - len(drafts)])
+        ids.extend(drafts)  # speculative tokens: their K/V is written, kept only if accepted
         qlens.append(n)
         starts.append(start)
         tables.append(seq.block_table)
         t += n
-        if samples:
-            sample_rows.append(t - 1)
+        if samples:  # one row; with drafts, one per draft more (the target's verdict on each)
+            sample_rows.extend(range(t - 1 - len(drafts), t))
     width = max(len(b) for b in tables)
     table = _long([b + [0] * (width - len(b)) for b in tables])  # [B, width]
     q = _long(qlens)

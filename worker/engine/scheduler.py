@@ -27,7 +27,11 @@ Guarantees of `schedule()`:
 - a beam group with several beams is scheduled whole and every beam reaches its last token in the
   step (so all are sampled together); it may overrun the token budget by < num_beams x block_size
   tokens. A preempted group recomputes its common prefix once (first beam, chunked), then its
-  other beams share those blocks again.
+  other beams share those blocks again;
+- speculative decoding (num_speculative_tokens > 0): last, decodes of sequences that may speculate
+  (worker/engine/speculative.py `speculable`) get up to K lookahead slots each (`lookahead`), from
+  the tokens and free blocks left after everything above: speculation never delays a decode or a
+  prefill, nor preempts. The engine fills them with proposals (`set_drafts`) before the step runs.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +47,7 @@ from worker.config import WorkerConfig
 from worker.engine import constraints
 from worker.engine.block_manager import BlockManager
 from worker.engine.sequence import Finish, Sequence, Status
+from worker.engine.speculative import speculable
 
 PREFILL_BUDGET = 256  # prompt tokens per step (see the module docstring)
 
@@ -56,15 +61,35 @@ class SchedulerConfig:
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence]
-    num_tokens: list[int]  # this step's tokens, per sequence
+    num_tokens: list[int]  # this step's tokens, per sequence (with speculation: 1 + its drafts)
+    lookahead: list[int] = field(default_factory=list)  # draft slots reserved per sequence (0: none)
+    drafts: list[list[int]] = field(default_factory=list)  # proposed tokens per sequence ([]: none)
+    draft_probs: list = field(default_factory=list)  # per sequence: the proposer's [k, V] probabilities or None
 
     @property
     def total_tokens(self) -> int:
         return sum(self.num_tokens)
 
+    def draft_lists(self) -> list[list[int]]:
+        return self.drafts or [[] for _ in self.seqs]
+
     def samples(self) -> list[bool]:
         """Whether each sequence gets a new token this step (its chunk reaches its last token)."""
-        return [s.num_computed + n == len(s.token_ids) for s, n in zip(self.seqs, self.num_tokens)]
+        return [s.num_computed + n - len(d) == len(s.token_ids)
+                for s, n, d in zip(self.seqs, self.num_tokens, self.draft_lists())]
+
+    def set_drafts(self, drafts: list[list[int]], probs: list) -> None:
+        """The proposals for the rows with lookahead (in row order; at most their lookahead each):
+        each such row's chunk becomes its last token plus its drafts."""
+        self.drafts = [[] for _ in self.seqs]
+        self.draft_probs = [None] * len(self.seqs)
+        rows = [i for i, k in enumerate(self.lookahead) if k]
+        for i, d, q in zip(rows, drafts, probs):
+            d = list(d[:self.lookahead[i]])
+            self.drafts[i] = d
+            self.draft_probs[i] = None if q is None or not d else q[:len(d)]
+            self.num_tokens[i] = 1 + len(d)
+            self.lookahead[i] = len(d)
 
 
 def _common_prefix(lists: list[list[int]]) -> int:
@@ -88,14 +113,17 @@ def width_of(unit: list[Sequence]) -> int:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, max_model_len: int = 1 << 30,
-                 prefill_budget: int = PREFILL_BUDGET):
+                 prefill_budget: int = PREFILL_BUDGET, num_speculative_tokens: int = 0):
         self.config = config
         self.blocks = blocks
         self.prefill_budget = prefill_budget  # prompt tokens per step, after the decodes
         self.max_model_len = max_model_len  # a sequence ends (LENGTH) when it holds this many tokens
+        self.num_speculative_tokens = num_speculative_tokens  # K: lookahead slots per decode (0 = off)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.spec_proposed = 0  # draft tokens verified (counters for EngineStats)
+        self.spec_accepted = 0  # of them accepted
 
     def add(self, seq: Sequence) -> None:
         if seq.sampling.num_beams > 1 and seq.beam is None:
@@ -174,7 +202,37 @@ class Scheduler:
             self.blocks.allocate(s, s.num_computed + n)
             batch.seqs.append(s)
             batch.num_tokens.append(n)
+            batch.lookahead.append(0)
         return sum(chunks)
+
+    def _speculate(self, batch: ScheduledBatch, budget: int) -> None:
+        """Lookahead slots for the batch's speculable decodes, in order, from the `budget` tokens and
+        the free blocks left (never preempting)."""
+        K = self.num_speculative_tokens
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            if budget <= 0:
+                return
+            if n != 1 or seq.num_uncomputed != 1 or not speculable(seq):
+                continue
+            s = seq.sampling
+            k = min(K, budget, self.max_model_len - len(seq.token_ids), s.max_new_tokens - seq.num_generated - 1)
+            while k > 0 and self.blocks.blocks_needed(seq, seq.num_computed + 1 + k) > self.blocks.num_free:
+                k -= 1
+            if k <= 0:
+                continue
+            self.blocks.allocate(seq, seq.num_computed + 1 + k)
+            batch.num_tokens[i] = 1 + k
+            batch.lookahead[i] = k
+            budget -= k
+
+    def set_drafts(self, batch: ScheduledBatch, drafts: list[list[int]], probs: list) -> None:
+        """The proposals for the batch's rows with lookahead (ScheduledBatch.set_drafts); the blocks of
+        the slots left empty are freed again."""
+        rows = [i for i, k in enumerate(batch.lookahead) if k]
+        batch.set_drafts(drafts, probs)
+        for i in rows:
+            seq = batch.seqs[i]
+            self.blocks.truncate(seq, seq.num_computed + batch.num_tokens[i])
 
     def _decoding(self, unit: list[Sequence]) -> bool:
         """A unit past its prompt: one token per sequence, or a forked beam group (its beams
@@ -239,6 +297,8 @@ class Scheduler:
                 self.running.append(s)
             rows += width_of(unit)
             prefill -= self._take(batch, unit, chunks)
+        if self.num_speculative_tokens:
+            self._speculate(batch, self.config.max_batch_tokens - batch.total_tokens)
         return batch
 
     def replace_beams(self, old: list[Sequence], new: list[Sequence]) -> None:
@@ -282,13 +342,33 @@ class Scheduler:
         request stepped)."""
         from worker.engine.beam import beam_step
 
-        sampled = [s for s, ok in zip(batch.seqs, batch.samples()) if ok]
+        samples, drafts = batch.samples(), batch.draft_lists()
+        sampled = [s for s, ok in zip(batch.seqs, samples) if ok]
         now = time.monotonic()
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            seq.num_computed += n
+        for seq, n, d in zip(batch.seqs, batch.num_tokens, drafts):
+            seq.num_computed += n - len(d)  # drafts count once accepted (_accept_drafts)
             self.blocks.commit(seq)  # its newly full blocks join the prefix cache
             if seq.first_scheduled is None:
                 seq.first_scheduled = now
+        spec = None
+        if any(drafts):  # speculating rows have 1 + drafts logits rows each: verified apart
+            plain, spec_rows, spec = [], [], ([], [], [])
+            at = 0
+            for seq, ok, d, q in zip(batch.seqs, samples, drafts, batch.draft_probs):
+                if not ok:
+                    continue
+                if d:
+                    spec_rows.extend(range(at, at + 1 + len(d)))
+                    for part, v in zip(spec, (seq, d, q)):
+                        part.append(v)
+                    at += 1 + len(d)
+                else:
+                    plain.append(at)
+                    at += 1
+            index = lambda rows: torch.tensor(rows, dtype=torch.long, device=logits.device)  # noqa: E731
+            spec = (*spec, logits[index(spec_rows)])
+            sampled = [s for s, ok, d in zip(batch.seqs, samples, drafts) if ok and not d]
+            logits = logits[index(plain)]
         produced = len({id(s.beam) for s in sampled if s.beam is not None})
         sampled, logits = beam_step(sampled, logits, self, finish, self.max_model_len, sampler.counts)
         tokens, logprobs = sampler(logits, sampled) if sampled else ([], [])
@@ -301,6 +381,38 @@ class Scheduler:
                 seq.emit([tok], [lp], None, "")
             else:
                 finish(seq, reason, [tok], [lp])
+        if spec is not None:
+            produced += self._accept_drafts(*spec, finish)
+        return produced
+
+    def _accept_drafts(self, seqs: list[Sequence], drafts: list[list[int]], probs: list, logits: torch.Tensor,
+                       finish: Callable) -> int:
+        """Verify the speculating rows (logits: 1 + drafts rows each), append what each accepts (up to
+        a stop condition), drop the K/V slots of the rest; returns the tokens produced."""
+        from worker.engine.speculative import verify
+
+        tokens, logprobs, accepted = verify(logits, seqs, drafts, probs)
+        produced = 0
+        for seq, d, toks, lps, a in zip(seqs, drafts, tokens, logprobs, accepted):
+            self.spec_proposed += len(d)
+            self.spec_accepted += a
+            reason, n = None, 0
+            for tok, lp in zip(toks, lps):
+                seq.token_ids.append(tok)
+                seq.cum_log_prob += lp
+                n += 1
+                reason = self.stop_reason(seq, tok)
+                if reason is not None:
+                    break
+            # the accepted drafts' K/V is in the cache (the last appended token's is not yet)
+            seq.num_computed = len(seq.token_ids) - 1
+            self.blocks.commit(seq)
+            self.blocks.truncate(seq, seq.num_computed)
+            produced += n
+            if reason is None:
+                seq.emit(toks[:n], lps[:n], None, "")
+            else:
+                finish(seq, reason, toks[:n], lps[:n])
         return produced
 
     def stop_reason(self, seq: Sequence, tok: int) -> Finish | None:
