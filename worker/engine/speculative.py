@@ -26,8 +26,8 @@ seed differ from non-speculative sampling's (they consume the generator differen
 Not speculated (they decode one token a step, in the same batch): beam search, encoder-decoder
 models, and requests whose logits processing depends on the tokens before each position:
 repetition / presence / frequency penalties, bad words, EOS masked by min_new_tokens (until
-min_new_tokens are generated).
-"""
+min_new_tokens are generated), structured-output grammars (the mask of each verified position) and
+top_log_probs (the sampler lists alternatives for one position a step)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ def speculable(seq: Sequence) -> bool:
     return (seq.beam is None and seq.encoder_ids is None and s.num_beams == 1
             and s.repetition_penalty == 1.0 and not s.presence_penalty and not s.frequency_penalty
             and not s.bad_word_token_sequences
+            and not s.grammar  # structured output: the mask would be needed at every verified position
+            and not s.top_log_probs  # alternatives are drawn by the sampler, one position per step
             and (not s.eos_token_ids or seq.num_generated >= s.min_new_tokens))
 
 
