@@ -109,6 +109,11 @@ def test_top_log_probs_are_the_best_of_each_rows_own_distribution():
     alone = Sequence("a", [1, 2], kinds[0])
     sample(logits[:1].clone(), [alone])
     assert alone.top_log_probs == seqs[0].top_log_probs
+    small = torch.randn(2, 8, generator=torch.Generator().manual_seed(5))  # fewer tokens than asked for
+    rows = [Sequence(f"s{i}", [1], Sampling(top_log_probs=20, return_log_probs=True)) for i in range(2)]
+    sample(small.clone(), rows)
+    for row, lg in zip(rows, small):
+        assert rows and row.top_log_probs[0][0] == torch.log_softmax(lg, -1).topk(8).indices.tolist()
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -229,7 +229,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], counts: TokenCounts | Non
     if top:
         ids, vals = host[2 * B:2 * B + len(top) * k], host[2 * B + len(top) * k:]
         for j, i in enumerate(top):
-            want = seqs[i].sampling.top_log_probs
+            want = min(seqs[i].sampling.top_log_probs, k)  # k <= V: a tiny vocabulary has fewer
             pairs = [(int(t), v) for t, v in zip(ids[j * k:j * k + want], vals[j * k:j * k + want]) if v > NEG_INF]
             seqs[i].top_log_probs.append(([t for t, _ in pairs], [v for _, v in pairs]))
     return toks, lps
