@@ -178,6 +178,25 @@ def test_w8a8_rows_are_batch_invariant(nat):
         assert torch.equal(nat.w8a8_linear(x[t : t + 1], qw, scales, None), whole[t : t + 1])
 
 
+@pytest.mark.parametrize("out_features,in_features", W8A8_SHAPES)
+def test_w8a8_gemm_path_is_bit_identical_and_batch_invariant(nat, out_features, in_features):
+    """From W8A8_GEMM_MIN_ROWS rows ops.w8a8_linear multiplies through oneDNN's int8 GEMM (where the
+    CPU has VNNI/AMX and the GEMM is exact): same bits as the reference, and a row's output is the
+    same whichever path its batch size picked."""
+    if not ops.onednn_int8_exact():
+        pytest.skip("oneDNN int8 GEMM not used on this CPU (no VNNI / not exact): the native kernel runs")
+    g = torch.Generator().manual_seed(11)
+    qw, scales = reference.quantize_int8(rand(out_features, in_features, gen=g))
+    bias = rand(out_features, gen=g)
+    x = rand(ops.W8A8_GEMM_MIN_ROWS + 9, in_features, gen=g) * 4
+    x[1] = 0.0
+    for b in (bias, None):
+        whole = ops.w8a8_linear(x, qw, scales, b)
+        assert torch.equal(whole, reference.w8a8_linear(x, qw, scales, b))
+        for t in (0, 1, 7):
+            assert torch.equal(ops.w8a8_linear(x[t : t + 1], qw, scales, b), whole[t : t + 1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 5, 8, 70])
 @pytest.mark.parametrize("in_features,group_size", [(200, 32), (200, 128), (48, 64), (1000, 128), (20, 32)])
