@@ -248,7 +248,8 @@ def onednn_int8_exact() -> bool:
     global _onednn_int8
     if _onednn_int8 is None:
         _onednn_int8 = _check_onednn_int8()
-        log.info("w8a8 GEMM from %d rows: %s", W8A8_GEMM_MIN_ROWS, "oneDNN int8" if _onednn_int8 else "native")
+        path = "oneDNN int8" if _onednn_int8 else "native"
+        log.info("w8a8 GEMM from %d rows: %s", W8A8_GEMM_MIN_ROWS, path)
     return _onednn_int8
 
 
