@@ -179,7 +179,7 @@ def in_process(args, work: Workload) -> list[dict]:
     prompt = max(1, mean_ctx - tokens // 2)
     out = Path(args.cache or Path.home() / ".cache" / "shardserve" / "bench") / "profile-decode.json"
     cmd = [sys.executable, "-m", "bench.decode", "--threads", str(args.threads), "--tokens", str(tokens),
-           "--prompt", str(prompt), "--batches", f"1,{work.streams}", "--variants", args.quantize or "fp32",
+           "--prompt", str(prompt), "--batches", ",".join(sorted({"1", str(work.streams)})), "--variants", args.quantize or "fp32",
            "--reps", "1", "--profile-steps", "0", "--model", args.model, "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True,
                    stdout=sys.stderr)

@@ -108,6 +108,8 @@ def main(args) -> int:
         work, names, seq_limit = Workload(), ["demo", "llama-300m"], None
     if args.models:
         names = args.models.split(",")
+    if getattr(args, "streams", 0):
+        work = Workload(streams=args.streams, prompt_tokens=work.prompt_tokens, new_tokens=work.new_tokens)
     threads = args.threads or os.cpu_count() or 1
     quantize = tuple(q for q in (getattr(args, "quantize", "") or "").split(",") if q)
     load_before = os.getloadavg()[0]

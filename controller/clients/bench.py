@@ -21,6 +21,8 @@ def register(sub) -> None:
                    help="requests transformers runs one at a time on the 300M model (0 = all, -1 = none)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for every system (0 = all cores)")
     p.add_argument("--quantize", default="", help="shardserve also serves with these, e.g. int8 (comma list)")
+    p.add_argument("--streams", type=int, default=0,
+                   help="concurrent streams instead of the mode's (32 full, 8 quick); 1 = the single-stream latency")
     p.add_argument("--in-process", action="store_true",
                    help="also time the engine in-process (bench.decode) at batch 1 and the stream count")
     p.set_defaults(func=run)
