@@ -27,6 +27,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+MAX_MODEL_LEN = 1024  # passed to the server: the KV cache must hold one sequence of it
+
+
 def kv_cache_mb(model_dir: Path, work: Workload, block_size: int = 16) -> int:
     """MiB of KV cache that hold every stream's whole sequence (prompt + new tokens) at once, so the
     benchmark measures serving, not preemption."""
@@ -36,6 +39,7 @@ def kv_cache_mb(model_dir: Path, work: Workload, block_size: int = 16) -> int:
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     per_token = 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim * 4
     blocks = work.streams * (-(-(work.prompt_tokens + work.new_tokens + 1) // block_size) + 1)
+    blocks = max(blocks, -(-MAX_MODEL_LEN // block_size))  # the worker refuses a cache below one sequence
     return max(64, -(-blocks * block_size * per_token // (1 << 20)))
 
 
@@ -174,7 +178,7 @@ WATCHDOG = ["--step-watchdog", "1800"]
 
 def run(model_dir: Path, model_name: str, work: Workload, prompts, cache: Path, threads: int,
         quantize: str | None = None) -> Result:
-    extra = ["--kv-cache-mb", str(kv_cache_mb(model_dir, work)), *WATCHDOG]
+    extra = ["--kv-cache-mb", str(kv_cache_mb(model_dir, work)), "--max-model-len", str(MAX_MODEL_LEN), *WATCHDOG]
     if quantize:
         extra += ["--quantize", quantize]
     server = Server(model_dir, cache, max_batch_size=max(work.streams, 1), log_path=cache / "bench-server.log",
