@@ -10,7 +10,9 @@
                      rank i: a RankHost actor (ray_host.py) that reports its node's address and free
                      ports, then starts `python -m worker` with that rank's WorkerConfig. The process
                      group meets at rank 0's node address; the leader serves worker.proto on that
-                     address over TCP, with the launch token, and the controller pings it (keepalive)
+                     address over TCP, with the launch token (over TLS when the spec names tls_cert and
+                     tls_key, files on the leader's node: the controller checks the certificate against
+                     worker_tls_ca for the name worker_tls_name), and the controller pings it (keepalive)
                      so a vanished host breaks the calls instead of hanging them.
   close              kills every actor (their children die with them) and removes the placement group.
 
@@ -26,6 +28,7 @@ import os
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 from controller.fleet.executor import RankGroup, WorkerStartError, worker_argv
 from controller.fleet.placement import LayoutError, RankPlacement
@@ -213,6 +216,7 @@ class RayExecutor:
         if spec.pp * spec.tp > 1 and spec.device.startswith("cuda:"):
             raise LayoutError(f"device {spec.device}: with the Ray executor each rank gets its node's own GPU; "
                               "pass --device cuda")
+        credentials = self.credentials(spec)  # before anything is placed: a missing CA file fails at once
         world, bundles = spec.tp * spec.pp, self.bundles(spec)
         strategy = STRATEGY[spec.placement_strategy]
         deadline = time.monotonic() + spec.start_timeout_s
@@ -269,4 +273,19 @@ class RayExecutor:
                                  ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
                                  ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                                  ("grpc.max_reconnect_backoff_ms", 1000)]
+        if credentials is not None:  # the certificate names a host, the controller dials a node's IP
+            group.credentials = credentials
+            group.channel_options.append(("grpc.ssl_target_name_override", spec.worker_tls_name))
         return group
+
+    @staticmethod
+    def credentials(spec):
+        """The controller's TLS credentials for the leader (None: plaintext): trusting spec.worker_tls_ca."""
+        if not spec.tls_cert:
+            return None
+        import grpc
+
+        try:
+            return grpc.ssl_channel_credentials(Path(spec.worker_tls_ca).read_bytes())
+        except OSError as e:
+            raise WorkerStartError(f"--worker-tls-ca {spec.worker_tls_ca}: cannot read it: {e.strerror}") from None

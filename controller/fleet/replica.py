@@ -60,6 +60,10 @@ class ReplicaSpec(WorkerConfig):
     executor: str = "local"  # local (children of the controller) | ray (a placement group across nodes)
     placement_strategy: str = "pack"  # ray: pack | spread | strict-spread (one rank per node)
     ray_address: str = ""  # ray: host:port or "auto"; "" = this machine's cluster, else a local Ray
+    # ray, with tls_cert/tls_key (the leader's, on its node): the PEM file on this host that the controller
+    # trusts for the leader's certificate, and the name it checks there (the controller dials node IPs)
+    worker_tls_ca: str = ""
+    worker_tls_name: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +71,8 @@ class ReplicaSpec(WorkerConfig):
                                      ("placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)):
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
+        if self.tls_cert and not (self.worker_tls_ca and self.worker_tls_name):
+            raise ConfigError("tls_cert: the leader's TLS needs worker_tls_ca and worker_tls_name on the controller")
 
     def rank_config(self, rank: RankPlacement, socket_path: str, master_port: int = 0, report_path: str = "",
                     native_kernels: bool = True, auth_token: str = "") -> WorkerConfig:
@@ -159,7 +165,9 @@ class Replica:
             threading.Thread(target=self._pump_stderr, args=(proc, rank), daemon=True).start()
         if self.channel is not None:
             self.channel.close()
-        self.channel = grpc.insecure_channel(self.group.target, options=self.group.channel_options)
+        target, options, creds = self.group.target, self.group.channel_options, self.group.credentials
+        self.channel = grpc.secure_channel(target, creds, options=options) if creds else \
+            grpc.insecure_channel(target, options=options)
         self.stub = wpb_grpc.WorkerStub(self.channel)
         deadline = time.monotonic() + spec.start_timeout_s
         while True:
