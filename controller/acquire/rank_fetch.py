@@ -63,7 +63,8 @@ def plan(url: str, manifest: dict, endpoint_url: str | None = None) -> list[Rank
     """One RankFiles per rank of the partition at `url` whose manifest is `manifest` (the controller's
     copy). Raises DownloadError when a rank file the manifest names is not under the prefix."""
     src = parse_s3_url(url)
-    listed, _ = list_objects(Access.resolve(endpoint_url, 1).client(), src)
+    access = Access.resolve(endpoint_url, 1)  # the endpoint as this host resolves it goes to every rank
+    listed, _ = list_objects(access.client(), src)
     by_rel = {o.rel: o for o in select(listed, SHARED_PATTERNS + ("*.safetensors",), prefer_safetensors=False)}
     shared = [by_rel[r] for r in shared_names(sorted(by_rel))]
     out = []
@@ -75,7 +76,7 @@ def plan(url: str, manifest: dict, endpoint_url: str | None = None) -> list[Rank
                                 f"{'is not a safe name (' + why + ')' if why else 'is not under ' + str(src)}")
         objects = tuple((o.rel, o.etag, o.size) for o in [*shared, by_rel[name]])
         out.append(RankFiles(url=str(src), rank=int(entry["rank"]), file=name, objects=objects,
-                             endpoint_url=endpoint_url))
+                             endpoint_url=access.endpoint_url))
     return out
 
 

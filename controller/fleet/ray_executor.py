@@ -14,6 +14,9 @@
                      tls_key, files on the leader's node: the controller checks the certificate against
                      worker_tls_ca for the name worker_tls_name), and the controller pings it (keepalive)
                      so a vanished host breaks the calls instead of hanging them.
+                     With an S3 partition (spec.rank_files), each actor first fetches its rank's
+                     files on its node (ray_host.py fetch, acquire/rank_fetch.py) into the node's
+                     cache folder, and the rank loads that folder.
   close              kills every actor (their children die with them) and removes the placement group.
 
 Ray fate-shares actors and placement groups with the job that made them, so a controller that is
@@ -246,6 +249,7 @@ class RayExecutor:
             facts = ray.get(refs)
             left = max(1.0, deadline - time.monotonic())
             group.ranks = [RayRank(a, f, r) for r, (a, f) in enumerate(zip(actors, facts))]
+            dirs = self.fetch_rank_files(spec, actors, facts, deadline) if spec.rank_files else None
             lead = facts[0]
             grpc_port, master_port = lead["ports"]
             address = f"{lead['ip']}:{grpc_port}"
@@ -254,7 +258,8 @@ class RayExecutor:
                                       device="cuda:0" if gpus else "cpu", threads=bundles[0]["CPU"])
                 config = spec.rank_config(place, "", master_port, rank.report_path, native_kernels)
                 config = dataclasses.replace(config, parent_pid=rank.facts["pid"], master_addr=lead["ip"],
-                                             address=address if r == 0 else "")
+                                             address=address if r == 0 else "",
+                                             model_dir=dirs[r] if dirs else config.model_dir)
                 rank.start(worker_argv(config.to_json(), r), {TOKEN_ENV: token}, timeout=left)
         except BaseException as e:
             for a in actors:
@@ -277,6 +282,20 @@ class RayExecutor:
             group.credentials = credentials
             group.channel_options.append(("grpc.ssl_target_name_override", spec.worker_tls_name))
         return group
+
+    @staticmethod
+    def fetch_rank_files(spec, actors, facts, deadline: float) -> list[str]:
+        """Every rank's files of the S3 partition, fetched on its own node at once; the folders."""
+        import ray
+
+        refs = [a.fetch.remote(spec.rank_files[r], spec.node_cache_dir) for r, a in enumerate(actors)]
+        got = ray.get(refs, timeout=max(1.0, deadline - time.monotonic()))
+        for r, (g, f) in enumerate(zip(got, facts)):
+            if "error" in g:
+                raise WorkerStartError(f"rank {r} on {f['ip']} could not fetch its files: {g['error']}")
+            log.info("rank %d on %s: its files of the partition fetched into %s in %.1fs", r, f["ip"], g["path"],
+                     g["seconds"])
+        return [g["path"] for g in got]
 
     @staticmethod
     def credentials(spec):

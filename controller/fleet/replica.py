@@ -64,6 +64,10 @@ class ReplicaSpec(WorkerConfig):
     # trusts for the leader's certificate, and the name it checks there (the controller dials node IPs)
     worker_tls_ca: str = ""
     worker_tls_name: str = ""
+    # ray, an S3 partition: per rank, what it fetches on its node (acquire/rank_fetch.py RankFiles as JSON)
+    # into node_cache_dir there (the controller's --cache-dir path); () = every rank reads model_dir as is
+    rank_files: tuple[str, ...] = ()
+    node_cache_dir: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,6 +75,9 @@ class ReplicaSpec(WorkerConfig):
                                      ("placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)):
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
+        if self.rank_files and (self.executor != "ray" or len(self.rank_files) != self.world_size):
+            raise ConfigError(f"rank_files: {len(self.rank_files)} for {self.world_size} ranks on executor "
+                              f"{self.executor}; only the Ray executor fetches rank files on the nodes")
         if self.tls_cert and not (self.worker_tls_ca and self.worker_tls_name):
             raise ConfigError("tls_cert: the leader's TLS needs worker_tls_ca and worker_tls_name on the controller")
 

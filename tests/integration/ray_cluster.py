@@ -18,6 +18,9 @@ where the controller's driver connects) and "a" on host A (`ray.cluster_utils.Cl
 (`ray start --block --address HEAD --node-ip-address 10.77.0.2`, entered with nsenter). Steps:
   1. TP=2 strict-spread (one rank per node, so one per host): greedy tokens, each rank's node; a
      plaintext call to the leader's port, and a TLS call without the launch token (how each ended);
+  1b. that TP=2 partition uploaded to a local S3 (moto, on host A's address, so host B reaches it over
+     the veth pair), loaded from there through the admin API: the controller fetches only the shared
+     files, each rank its own rank file on its node; tokens and which node fetched what; unloaded;
   2. a long stream, then the node of rank 1 killed (every process of it, SIGKILL): how the stream ended
      and how long after; a replacement node "c" joins; the replica comes back (restarts >= 1) on other
      nodes with the same tokens;
@@ -44,6 +47,7 @@ from shardserve.v1 import admin_pb2 as apb
 from shardserve.v1 import admin_pb2_grpc as apb_grpc
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
+from tests.integration.s3_fixtures import BUCKET, TEST_ENV, MotoServer, upload_folder
 from tests.integration.server import ServerProcess
 
 A_IP, B_IP = "10.77.0.1", "10.77.0.2"
@@ -89,6 +93,23 @@ def leader_hop(server, ca: bytes, name: str) -> dict:
             out[kind] = e.code().name
         finally:
             channel.close()
+    return out
+
+
+def s3_partition(server, moto, cache: Path, prompts: list[str], n: int) -> dict:
+    """Step 1b: the TP=2 partition the server made, served from S3 with each rank fetching its own file."""
+    client = moto.client()
+    client.create_bucket(Bucket=BUCKET)
+    upload_folder(client, next(cache.glob("partitions/*-tp2-pp1-fp32")), BUCKET, "tiny-tp2/")
+    stub = apb_grpc.AdminStub(server.channel)
+    t0 = time.monotonic()
+    stub.LoadModel(apb.LoadModelRequest(name="tinys3", source=f"s3://{BUCKET}/tiny-tp2/", wait=True,
+                                        layout=apb.Layout(tensor_parallel=2)), metadata=AUTH, timeout=300)
+    out = {"ready_s": time.monotonic() - t0, "tokens": greedy(server, "tinys3", prompts, n),
+           "fetched": [line[line.index("rank "):][:300] for line in server.log_path.read_text().splitlines()
+                       if "its files of the partition fetched" in line],
+           "files": sorted(p.name for p in (cache / "s3" / BUCKET / "tiny-tp2").iterdir())}
+    stub.UnloadModel(apb.UnloadModelRequest(name="tinys3"), metadata=AUTH, timeout=120)
     return out
 
 
@@ -222,11 +243,19 @@ def main(spec_path: str, out_path: str) -> int:
         result["veth"] = f"no veth pair: {e}"
     cluster, server, nodes = None, None, {}
     cache, model_dir, prompts, n = spec["cache"], spec["model"], spec["prompts"], spec["tokens"]
+    # S3 credentials for the local server only, in every node's environment (the nodes inherit this one's)
+    aws = Path(cache) / "aws"
+    os.environ.update({**TEST_ENV, "AWS_CONFIG_FILE": str(aws / "config"), "AWS_EC2_METADATA_DISABLED": "true",
+                       "AWS_SHARED_CREDENTIALS_FILE": str(aws / "credentials")})
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        os.environ.pop(name, None)
+    moto = MotoServer(Path(cache) / "moto.log", host=ip)
 
     def add(name: str, cpus: int):
         nodes[name] = cluster.add_node(num_cpus=cpus, node_ip_address=ip, resources={f"node_{name}": 1})
 
     try:
+        moto.start()
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "include_dashboard": False, "node_ip_address": ip, "_system_config": SYSTEM_CONFIG})
         add("a", 2)  # two CPUs: after the kill, two nodes keep one free each for the TP=2 x PP=2 replica
@@ -242,11 +271,13 @@ def main(spec_path: str, out_path: str) -> int:
                                "strict-spread", "--tp", "2", "--model", model_dir, "--name", "tiny", "--threads", "1",
                                "--max-model-len", "512", "--num-kv-blocks", "96", "--admin-token", TOKEN,
                                "--max-batch-size", "4", "--worker-tls-cert", spec["tls_cert"],
-                               "--worker-tls-key", spec["tls_key"], cache_dir=Path(cache), timeout=400)
+                               "--worker-tls-key", spec["tls_key"], cache_dir=Path(cache), timeout=400,
+                               env={"AWS_ENDPOINT_URL_S3": moto.url})
         result["server_ready_s"] = time.monotonic() - t1
         tp2 = greedy(server, "tiny", prompts, n)
         result["tp2"] = {"tokens": tp2, "describe": describe(server, "tiny")}
         result["leader_hop"] = leader_hop(server, Path(spec["tls_cert"]).read_bytes(), spec["tls_name"])
+        result["s3_partition"] = s3_partition(server, moto, Path(cache), prompts, n)
         result["steps"].append("tp2")
         save()
 
@@ -323,6 +354,7 @@ def main(spec_path: str, out_path: str) -> int:
         if cluster is not None:
             forget(cluster.address)
             cluster.shutdown()
+        moto.stop()
     return 0
 
 

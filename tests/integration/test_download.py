@@ -333,3 +333,15 @@ def test_each_rank_fetches_only_its_own_rank_file_of_an_s3_partition_verified(pa
         with pytest.raises(DownloadError, match=needle):
             plan(url, m, endpoint_url=proxy.url)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_with_partition_on_nodes_the_controller_fetches_a_partition_without_its_rank_files(
+    partition, tiny_model, s3, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.url)
+    res = resolve_model_source(f"s3://{BUCKET}/part/", tmp_path, progress=False, partition_on_nodes=True)
+    assert res.ranks_fetch and sorted(p.name for p in res.path.iterdir() if not p.name.startswith(".")) == [
+        "config.json", "manifest.json", "tokenizer.json"]
+    whole = resolve_model_source(f"s3://{BUCKET}/tiny/", tmp_path, progress=False, partition_on_nodes=True)
+    assert not whole.ranks_fetch  # not a partition: fetched whole, as without the option
+    assert_same_files(whole.path, tiny_model)

@@ -128,6 +128,17 @@ def test_the_leader_serves_the_controller_over_tls_only(run):
     assert any(" (TLS)" in line for line in run["supervision_log"]), run["supervision_log"]
 
 
+def test_an_s3_partition_reaches_each_node_rank_file_by_rank_file(run, reference):
+    part = run["s3_partition"]
+    print(f"TP=2 from S3 ready in {part['ready_s']:.1f}s: {part['fetched']}")
+    assert part["tokens"] == reference
+    # each rank fetched (on its node) the shared files and its own rank file, no other
+    assert sorted(line.split()[1] for line in part["fetched"]) == ["0", "1"], part["fetched"]
+    assert {"manifest.json", "config.json", "rank-0.safetensors", "rank-1.safetensors"} <= set(part["files"])
+    if "veth" not in run:  # rank 1 on host B fetched over the veth pair
+        assert sorted(line.split()[3].rstrip(":") for line in part["fetched"]) == ["10.77.0.1", "10.77.0.2"], part["fetched"]
+
+
 def test_killed_node_ends_the_stream_unavailable_then_the_replica_comes_back(run, reference):
     kill = run["kill"]
     print(f"stream ended {kill['code']} {kill['ended_after_s']:.2f}s after node {kill['node']} was killed "

@@ -221,3 +221,14 @@ def test_a_worker_names_a_tls_file_it_cannot_read_on_its_node(tmp_path):
         server_credentials(str(write(tmp_path / "x.pem", "x")), str(key))
     with pytest.raises(ConfigError, match="tls_cert and tls_key go together"):
         WorkerConfig(model_dir=tmp_path, tls_cert=str(cert))
+
+
+def test_only_the_ray_executor_takes_rank_files_one_per_rank(tmp_path):
+    from worker.config import ConfigError
+
+    ok = ReplicaSpec(model_dir=tmp_path, executor="ray", tensor_parallel=2, rank_files=("{}", "{}"))
+    assert ok.rank_files and "rank_files" not in ok.rank_config(RankPlacement(0, 0, 0, "cpu", 1), "").to_json()
+    for kw in ({"executor": "local", "tensor_parallel": 2, "rank_files": ("{}", "{}")},
+               {"executor": "ray", "tensor_parallel": 2, "rank_files": ("{}",)}):
+        with pytest.raises(ConfigError, match="rank_files"):
+            ReplicaSpec(model_dir=tmp_path, **kw)
