@@ -101,6 +101,8 @@ class ReplicaSpec(WorkerConfig):
 # Status codes of a leader that is still coming up (its socket not yet served, or busy); any other
 # answer to Status while starting is final and fails the start at once (not after start_timeout_s).
 STARTING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# gRPC's words for a TLS handshake that reached the leader and failed (a wrong CA or name): final too
+TLS_REFUSED = ("Tls handshake failed", "Hostname Verification Check failed", "CERTIFICATE_VERIFY_FAILED")
 
 
 class Replica:
@@ -202,6 +204,10 @@ class Replica:
                     if e.code() not in STARTING:  # a worker that answers with an error will not get better
                         raise WorkerStartError(f"worker for {self.name} answered Status with {e.code().name}: "
                                                f"{e.details()}") from None
+                    if self.group.credentials is not None and any(m in (e.details() or "") for m in TLS_REFUSED):
+                        raise WorkerStartError(f"the leader of {self.name} at {self.group.target} serves TLS, but "
+                                               "its certificate fails the controller's check (--worker-tls-ca, "
+                                               f"--worker-tls-name): {e.details()}") from None
             time.sleep(0.1)
         self.ready, self.state = True, "ready"
         self.on_event("up", self)
