@@ -26,13 +26,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.acquire.download import list_objects, load_state, select
+from controller.acquire.download import DEFAULT_PATTERNS, list_objects, load_state, select
 from controller.acquire.partition import WEIGHT_SUFFIXES  # weight files: never shared between ranks
 from controller.acquire.paths import STATE_FILE, DownloadError, contained, unsafe_reason
 from controller.acquire.s3 import Access, parse_s3_url
 from worker.manifest import MANIFEST, read_manifest
 
-SHARED_PATTERNS = ("*.json", "*.txt", "*.model", "tokenizer*", "*.tiktoken")  # download.DEFAULT_PATTERNS less weights
+SHARED_PATTERNS = tuple(p for p in DEFAULT_PATTERNS if not p.endswith(WEIGHT_SUFFIXES))  # config, tokenizer...
 
 
 @dataclass(frozen=True)

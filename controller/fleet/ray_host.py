@@ -8,9 +8,9 @@ and Ray kills the actor when its owner, the controller, goes away or when its no
 
 This module imports only the standard library (and Ray, through the decorator at the caller): every
 node imports it to run the actor; `fetch` (an S3 partition's rank file, before the start) imports
-controller/acquire when called, from the shardserve installed on the node. Every method is async, so they all run on the actor's one event-loop
-thread, which lives as long as the actor: the thread that starts the child must outlive it (the death
-signal fires when the parent *thread* exits).
+controller/acquire when called, from the shardserve installed on the node. Every method is async, so
+they all run on the actor's one event-loop thread, which lives as long as the actor: the thread that
+starts the child must outlive it (the death signal fires when the parent *thread* exits).
 """
 
 from __future__ import annotations
