@@ -56,11 +56,13 @@ log = logging.getLogger("shardserve.controller")
 
 
 def resolve_model(src: str | None, cache_dir: Path, env: Mapping[str, str] = os.environ,
-                  progress=False) -> ResolvedSource:
+                  progress=False, partition_on_nodes: bool = False) -> ResolvedSource:
     """A local model folder for `src` (see controller/acquire/resolver.py: local folder, s3:// prefix downloaded into
     the cache, Hugging Face cache folder, serving.properties). No source: /opt/ml/model when it holds a
-    model (config.json), else the embedded demo model. `progress`: a callable gets (done, total) bytes."""
+    model (config.json), else the embedded demo model. `progress`: a callable gets (done, total) bytes.
+    `partition_on_nodes` (the Ray executor): an S3 partition's ranks fetch their own rank files."""
     return resolve_model_source(src or None, cache_dir, progress=progress, sagemaker_dir=sagemaker_model_dir(env),
+                                partition_on_nodes=partition_on_nodes,
                                 demo=True)
 
 
@@ -76,7 +78,9 @@ class Controller:
         self.metrics = Metrics()
         self.health = health.HealthServicer()
         self.models = ModelManager(self.router, self.metrics, self.runtime_dir,
-                                   resolve=lambda src, progress: resolve_model(src, cache_dir, progress=progress),
+                                   resolve=lambda src, progress: resolve_model(
+                                       src, cache_dir, progress=progress,
+                                       partition_on_nodes=self.base_spec.executor == "ray"),
                                    spec_for=lambda path, layout: replica_spec(self.base_spec, path, layout),
                                    cache_dir=cache_dir,
                                    max_queued_requests=config.max_queued_requests,

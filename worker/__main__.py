@@ -4,7 +4,7 @@ one worker/config.py WorkerConfig, this rank's copy, validated here once).
 One process per rank. Every rank joins the replica's process group (with --master-port), loads
 its own slice of the weights and runs its part of every step. Rank 0 (the leader) also owns the
 scheduler and KV block manager, serves worker.proto on a unix socket (or, placed by Ray on another
-host, on its node's address: TCP, same token check), and broadcasts each step's
+host, on its node's address: TCP, same token check, TLS with tls_cert/tls_key), and broadcasts each step's
 plan; the other ranks only follow (no gRPC). Every rank exits when its parent (the controller)
 goes away, even if the parent was SIGKILLed, and when a collective fails or times out.
 """
@@ -26,7 +26,7 @@ from concurrent import futures
 import grpc
 import torch
 
-from worker.auth import TokenCheck
+from worker.auth import TokenCheck, server_credentials
 from worker.config import COLLECTIVE, NATIVE_WARMUP, TOKEN_ENV, ConfigError, WorkerConfig, WorkerReport
 
 log = logging.getLogger("shardserve.worker")
@@ -98,6 +98,11 @@ def main(argv=None) -> int:
         os.environ["SHARDSERVE_NATIVE"] = "0"
     for hook in args.test_hooks:
         importlib.import_module(hook)
+    try:  # before the weights load: a missing certificate fails the start at once
+        tls = server_credentials(args.tls_cert, args.tls_key) if args.rank == 0 and args.address else None
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     from shardserve.v1 import worker_pb2_grpc
     from worker.distributed import destroy_distributed, init_distributed
     from worker.engine.build import NativeWarmupError, build_engine
@@ -159,10 +164,10 @@ def main(argv=None) -> int:
                          interceptors=[TokenCheck(args.auth_token)] if args.auth_token else [])
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(engine, info), server)
     where = args.address or f"unix:{args.socket}"
-    if not server.add_insecure_port(where):
+    if not (server.add_secure_port(where, tls) if tls else server.add_insecure_port(where)):
         fail(COLLECTIVE, f"cannot listen on {where}")
     server.start()
-    log.info("serving on %s", where)
+    log.info("serving on %s%s", where, " (TLS)" if tls else "")
 
     def on_term(signum, frame):
         stop.set()

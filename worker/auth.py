@@ -1,9 +1,12 @@
 """The worker answers only its controller: every call carries the per-launch token (WorkerConfig
-.auth_token) as metadata; a call without it, or with another, is UNAUTHENTICATED."""
+.auth_token) as metadata; a call without it, or with another, is UNAUTHENTICATED. A leader serving TCP
+(the Ray executor) does so over TLS when its config names a certificate and key (server_credentials)."""
 
 from __future__ import annotations
 
 import hmac
+import socket
+from pathlib import Path
 
 import grpc
 
@@ -28,3 +31,23 @@ class TokenCheck(grpc.ServerInterceptor):
         if handler is not None and handler.response_streaming:
             return self.stream_refusal
         return self.refusal
+
+
+def server_credentials(tls_cert: str, tls_key: str) -> grpc.ServerCredentials | None:
+    """TLS credentials from the PEM files at these paths on this node; None when both are "".
+    Raises ValueError naming the file, the node and the reason when one cannot be read or is not PEM."""
+    if not tls_cert and not tls_key:
+        return None
+    pems = []
+    for name, path in (("tls_cert", tls_cert), ("tls_key", tls_key)):
+        try:
+            pem = Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"WorkerConfig.{name} {path}: cannot read it on this node ({socket.gethostname()}): "
+                             f"{e.strerror}; the file must be at that path on every node that may host a "
+                             "leader") from None
+        if b"-----BEGIN " not in pem:
+            raise ValueError(f"WorkerConfig.{name} {path}: not a PEM file")
+        pems.append(pem)
+    cert, key = pems
+    return grpc.ssl_server_credentials([(key, cert)])

@@ -64,6 +64,10 @@ class WorkerConfig:
     master_addr: str = "127.0.0.1"  # rank 0's node address (the Ray executor: another host's)
     socket: str = ""  # unix socket for worker.proto (rank 0)
     address: str = ""  # host:port: rank 0 serves worker.proto over TCP here instead (Ray executor); "" = socket
+    # PEM files on the rank's own node: with `address`, rank 0 serves it over TLS only (both or neither; read
+    # there at start, so no key material is in the argv or crosses Ray); not used on a unix socket
+    tls_cert: str = ""
+    tls_key: str = ""
     parent_pid: int = 0  # the controller: the rank exits when it goes away
     native_kernels: bool = True  # False: the torch path only (SHARDSERVE_NATIVE=0)
     prepack_linear: bool = True  # CPU fp32: linear layers through oneDNN, weights reordered at load
@@ -94,6 +98,8 @@ class WorkerConfig:
             _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         _check(not self.address or self.address.rpartition(":")[2].isdigit(), "address", self.address,
                "expected host:port")
+        _check(bool(self.tls_cert) == bool(self.tls_key), "tls_key" if self.tls_cert else "tls_cert",
+               self.tls_key if self.tls_cert else self.tls_cert, "tls_cert and tls_key go together")
         _check(self.collective_timeout_s > 0, "collective_timeout_s", self.collective_timeout_s, "must be > 0")
         self._check_speculative()
         _check(self.rank < self.world_size, "rank", self.rank, f"must be < world size {self.world_size}")

@@ -1,7 +1,9 @@
 """One resolver from "where the model is" to a local folder holding config.json, weights and tokenizer.
 
 Accepted sources (ACCEPTED_FORMS):
-  s3://bucket/prefix/             downloaded (verified, resumable) to CACHE/s3/<bucket>/<prefix>
+  s3://bucket/prefix/             downloaded (verified, resumable) to CACHE/s3/<bucket>/<prefix>; with
+                                   partition_on_nodes (the Ray executor) a partition's shared files only:
+                                   each rank fetches its own rank file on its node (acquire/rank_fetch.py)
   /a/local/folder, file:///a/b     used in place
   nothing ("" or None)             /opt/ml/model, SageMaker's model folder, when it exists; with
                                    demo=True and no model there, the embedded demo model (built once)
@@ -56,6 +58,7 @@ class ResolvedSource:
     files_skipped: int = 0  # already in the cache and verified
     properties_file: Path | None = None  # the serving.properties that was followed, if any
     name: str = ""  # model_name(the source): the served name when the operator gives none
+    ranks_fetch: bool = False  # an S3 partition of which only the shared files are here: ranks fetch their own
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class _Options:
     include: tuple[str, ...]
     sagemaker_dir: Path
     hf_cache: Path | None
+    partition_on_nodes: bool = False
 
 
 def resolve_model_source(
@@ -80,6 +84,7 @@ def resolve_model_source(
     sagemaker_dir: str | os.PathLike = SAGEMAKER_MODEL_DIR,
     hf_cache: str | os.PathLike | None = None,
     demo: bool = False,
+    partition_on_nodes: bool = False,
 ) -> ResolvedSource:
     """Turn `src` into a local model folder, downloading from S3 into `cache_dir` when needed.
 
@@ -88,6 +93,8 @@ def resolve_model_source(
     controller.acquire.paths.DownloadError when S3 fails. `progress`: None/True = bar on a terminal, log lines
     otherwise; False = silent; a callable gets (done_bytes, total_bytes). `demo`: no source and no model
     (config.json) in `sagemaker_dir` -> the embedded demo model, built into `cache_dir` on first use.
+    `partition_on_nodes`: an S3 prefix holding a partition (manifest.json) is fetched without its rank
+    files (ranks_fetch=True in the result); any other S3 model is fetched whole.
     """
     if demo and not (str(src).strip() if src is not None else "") and not (Path(sagemaker_dir) / "config.json").is_file():
         from controller.acquire.demo_model import demo_model_path
@@ -102,6 +109,7 @@ def resolve_model_source(
         include=tuple(include),
         sagemaker_dir=Path(sagemaker_dir),
         hf_cache=Path(hf_cache) if hf_cache else None,
+        partition_on_nodes=partition_on_nodes,
     )
     resolved = _resolve(None if src is None else str(src), opts, hops=0)
     return dataclasses.replace(resolved, name=model_name(src, sagemaker_dir))
@@ -145,24 +153,27 @@ def _resolve(src: str | None, opts: _Options, hops: int) -> ResolvedSource:
 
 
 def _from_s3(url: str, opts: _Options) -> ResolvedSource:
+    from controller.acquire.rank_fetch import SHARED_PATTERNS
+    from worker.manifest import is_partition
+
     dest = s3_cache_path(opts.cache_dir, url)
-    result = download_s3(
-        url,
-        dest,
-        endpoint_url=opts.endpoint_url,
-        concurrency=opts.concurrency,
-        include=opts.include,
-        progress=opts.progress,
-    )
+    kw = dict(endpoint_url=opts.endpoint_url, concurrency=opts.concurrency, progress=opts.progress)
+    results = []
+    if opts.partition_on_nodes:  # the shared files first: a partition's rank files are fetched on the nodes
+        results.append(download_s3(url, dest, include=SHARED_PATTERNS, **kw))
+    ranks_fetch = bool(results) and is_partition(dest)
+    if not ranks_fetch:
+        results.append(download_s3(url, dest, include=opts.include, **kw))
     _require_config(dest, url)
     return ResolvedSource(
         path=dest.absolute(),
         kind="s3",
-        origin=result.url,
-        download_seconds=result.seconds,
-        downloaded_bytes=result.bytes,
-        files_fetched=result.files_fetched,
-        files_skipped=result.files_skipped,
+        origin=results[-1].url,
+        download_seconds=sum(r.seconds for r in results),
+        downloaded_bytes=sum(r.bytes for r in results),
+        files_fetched=sum(r.files_fetched for r in results),
+        files_skipped=results[-1].files_skipped,
+        ranks_fetch=ranks_fetch,
     )
 
 

@@ -15,6 +15,7 @@ from controller.acquire.resolver import model_name
 from controller.api.auth import TOKEN_ENV
 from controller.api.limits import RequestLimits
 from controller.config.properties import ServingProperties, cli_overrides, load_properties
+from controller.config.worker_tls import worker_tls
 from controller.fleet.placement import Layout, visible_gpus
 from controller.fleet.replica import ReplicaSpec
 
@@ -112,6 +113,10 @@ def settings_from_args(args, env: Mapping[str, str]) -> ServeSettings:
     for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
         if path and not Path(path).is_file():
             raise ConfigError(f"{flag} {path}: no such file")
+    try:
+        leader_tls = worker_tls(args, props.executor, cert, key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if args.replicas < 1:
         raise ConfigError(f"--replicas {args.replicas}: must be >= 1")
     if not args.restart_backoff >= 0:
@@ -135,7 +140,7 @@ def settings_from_args(args, env: Mapping[str, str]) -> ServeSettings:
                            watchdog_s=args.step_watchdog, max_restarts=args.max_restarts,
                            executor=props.executor, placement_strategy=props.placement_strategy,
                            ray_address=getattr(args, "ray_address", None) or "",
-                           restart_backoff_s=args.restart_backoff)
+                           restart_backoff_s=args.restart_backoff, **leader_tls)
         replica_spec(spec, Path(), layout)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -241,6 +246,12 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement-strategy", default=None, choices=["pack", "spread", "strict-spread"],
                    help="with --executor ray: how a replica's ranks spread over nodes (default: "
                    "option.placement_strategy, pack; strict-spread = one rank per node)")
+    for flag, what in (("cert", "the leader's certificate, PEM, at this path on every node (default: --tls-cert)"),
+                       ("key", "its private key, likewise (default: --tls-key)"),
+                       ("ca", "the CA the controller trusts for it (default: the certificate)"),
+                       ("name", "the name the controller checks in it (default: its first DNS name)")):
+        p.add_argument(f"--worker-tls-{flag}", default=None, metavar="NAME" if flag == "name" else "PEM",
+                       help=f"with --executor ray, TLS to a remote leader: {what}")
     p.add_argument("--restart-backoff", type=float, default=0.5,
                    help="seconds before a group's first restart; doubles per restart, at most 30")
 

@@ -53,12 +53,14 @@ class RankProcess(Protocol):
 @dataclass
 class RankGroup:
     """One launch of a replica's ranks. `target` is the leader's gRPC address; `channel_options` the
-    controller's options for that channel; `close()` stops every rank and frees what the launch held."""
+    controller's options for that channel and `credentials` its TLS (None: plaintext); `close()` stops
+    every rank and frees what the launch held."""
 
     ranks: list  # of RankProcess, index = global rank
     target: str
     placement: Placement | None = None
     channel_options: list = field(default_factory=list)
+    credentials: object = None  # grpc.ChannelCredentials for a leader that serves TLS
     listening: object = None  # () -> bool: the leader may answer now (local: its socket exists)
 
     def leader_listening(self) -> bool:

@@ -14,6 +14,7 @@ Model states (derived, see `ModelRecord.state`):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -26,6 +27,7 @@ from pathlib import Path
 import grpc
 
 from controller.acquire.prepare import prepare_resolved
+from controller.acquire.rank_fetch import plan
 from controller.acquire.verify import check_weights
 from controller.api.params import RequestError
 from controller.fleet.placement import Layout
@@ -33,6 +35,7 @@ from controller.fleet.replica import Replica, ReplicaSpec
 from controller.fleet.router import ModelEntry, ServingRouter
 from controller.metrics.prometheus import LOAD_PHASES
 from controller.tokenizer import Codec
+from worker.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +183,11 @@ class ModelManager:
             rec.phase = "reading the tokenizer"
             codec = Codec(path, background=True)  # read while the workers start; requests wait for it
             spec = self.spec_for(path, rec.layout)
+            if res.ranks_fetch:  # an S3 partition on Ray: each rank fetches its own rank file on its node
+                rec.phase = "listing the partition's rank files"
+                files = plan(res.origin, read_manifest(path))
+                spec = dataclasses.replace(spec, rank_files=tuple(f.to_json() for f in files),
+                                           node_cache_dir=str(self.cache_dir.absolute()))
         except Exception as e:  # a bad source or layout: the model is failed, with the reason
             rec.error_code = (grpc.StatusCode.NOT_FOUND if isinstance(e, FileNotFoundError) else
                               grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError) else

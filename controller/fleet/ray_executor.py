@@ -10,8 +10,13 @@
                      rank i: a RankHost actor (ray_host.py) that reports its node's address and free
                      ports, then starts `python -m worker` with that rank's WorkerConfig. The process
                      group meets at rank 0's node address; the leader serves worker.proto on that
-                     address over TCP, with the launch token, and the controller pings it (keepalive)
+                     address over TCP, with the launch token (over TLS when the spec names tls_cert and
+                     tls_key, files on the leader's node: the controller checks the certificate against
+                     worker_tls_ca for the name worker_tls_name), and the controller pings it (keepalive)
                      so a vanished host breaks the calls instead of hanging them.
+                     With an S3 partition (spec.rank_files), each actor first fetches its rank's
+                     files on its node (ray_host.py fetch, acquire/rank_fetch.py) into the node's
+                     cache folder, and the rank loads that folder.
   close              kills every actor (their children die with them) and removes the placement group.
 
 Ray fate-shares actors and placement groups with the job that made them, so a controller that is
@@ -26,6 +31,7 @@ import os
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 from controller.fleet.executor import RankGroup, WorkerStartError, worker_argv
 from controller.fleet.placement import LayoutError, RankPlacement
@@ -213,6 +219,7 @@ class RayExecutor:
         if spec.pp * spec.tp > 1 and spec.device.startswith("cuda:"):
             raise LayoutError(f"device {spec.device}: with the Ray executor each rank gets its node's own GPU; "
                               "pass --device cuda")
+        credentials = self.credentials(spec)  # before anything is placed: a missing CA file fails at once
         world, bundles = spec.tp * spec.pp, self.bundles(spec)
         strategy = STRATEGY[spec.placement_strategy]
         deadline = time.monotonic() + spec.start_timeout_s
@@ -242,6 +249,7 @@ class RayExecutor:
             facts = ray.get(refs)
             left = max(1.0, deadline - time.monotonic())
             group.ranks = [RayRank(a, f, r) for r, (a, f) in enumerate(zip(actors, facts))]
+            dirs = self.fetch_rank_files(spec, actors, facts, deadline) if spec.rank_files else None
             lead = facts[0]
             grpc_port, master_port = lead["ports"]
             address = f"{lead['ip']}:{grpc_port}"
@@ -250,7 +258,8 @@ class RayExecutor:
                                       device="cuda:0" if gpus else "cpu", threads=bundles[0]["CPU"])
                 config = spec.rank_config(place, "", master_port, rank.report_path, native_kernels)
                 config = dataclasses.replace(config, parent_pid=rank.facts["pid"], master_addr=lead["ip"],
-                                             address=address if r == 0 else "")
+                                             address=address if r == 0 else "",
+                                             model_dir=dirs[r] if dirs else config.model_dir)
                 rank.start(worker_argv(config.to_json(), r), {TOKEN_ENV: token}, timeout=left)
         except BaseException as e:
             for a in actors:
@@ -269,4 +278,33 @@ class RayExecutor:
                                  ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
                                  ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                                  ("grpc.max_reconnect_backoff_ms", 1000)]
+        if credentials is not None:  # the certificate names a host, the controller dials a node's IP
+            group.credentials = credentials
+            group.channel_options.append(("grpc.ssl_target_name_override", spec.worker_tls_name))
         return group
+
+    @staticmethod
+    def fetch_rank_files(spec, actors, facts, deadline: float) -> list[str]:
+        """Every rank's files of the S3 partition, fetched on its own node at once; the folders."""
+        import ray
+
+        refs = [a.fetch.remote(spec.rank_files[r], spec.node_cache_dir) for r, a in enumerate(actors)]
+        got = ray.get(refs, timeout=max(1.0, deadline - time.monotonic()))
+        for r, (g, f) in enumerate(zip(got, facts)):
+            if "error" in g:
+                raise WorkerStartError(f"rank {r} on {f['ip']} could not fetch its files: {g['error']}")
+            log.info("rank %d on %s: its files of the partition fetched into %s in %.1fs", r, f["ip"], g["path"],
+                     g["seconds"])
+        return [g["path"] for g in got]
+
+    @staticmethod
+    def credentials(spec):
+        """The controller's TLS credentials for the leader (None: plaintext): trusting spec.worker_tls_ca."""
+        if not spec.tls_cert:
+            return None
+        import grpc
+
+        try:
+            return grpc.ssl_channel_credentials(Path(spec.worker_tls_ca).read_bytes())
+        except OSError as e:
+            raise WorkerStartError(f"--worker-tls-ca {spec.worker_tls_ca}: cannot read it: {e.strerror}") from None

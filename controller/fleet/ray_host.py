@@ -7,9 +7,10 @@ child dies with the actor (parent_pid in its config is the actor's pid: PR_SET_P
 and Ray kills the actor when its owner, the controller, goes away or when its node dies.
 
 This module imports only the standard library (and Ray, through the decorator at the caller): every
-node imports it to run the actor. Every method is async, so they all run on the actor's one event-loop
-thread, which lives as long as the actor: the thread that starts the child must outlive it (the death
-signal fires when the parent *thread* exits).
+node imports it to run the actor; `fetch` (an S3 partition's rank file, before the start) imports
+controller/acquire when called, from the shardserve installed on the node. Every method is async, so
+they all run on the actor's one event-loop thread, which lives as long as the actor: the thread that
+starts the child must outlive it (the death signal fires when the parent *thread* exits).
 """
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ class RankHost:
                 free.append(s.getsockname()[1])
         return {"ip": ip, "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
                 "pid": os.getpid(), "dir": self.dir, "ports": free}
+
+    async def fetch(self, files_json: str, cache_dir: str) -> dict:
+        """This rank's files of an S3 partition into `cache_dir` on this node (acquire/rank_fetch.py):
+        {"path": the folder the rank loads, "seconds": ...} or {"error": why}."""
+        import time
+
+        from controller.acquire.rank_fetch import RankFiles, fetch
+
+        t0 = time.monotonic()
+        try:
+            path = await asyncio.to_thread(fetch, RankFiles.from_json(files_json), cache_dir)
+        except Exception as e:  # noqa: BLE001 - reported to the controller, which fails the start with it
+            return {"error": f"{type(e).__name__}: {e}"}
+        return {"path": str(path), "seconds": time.monotonic() - t0}
 
     async def start(self, args: list[str], env: dict[str, str]) -> int:
         self.proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

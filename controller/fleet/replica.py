@@ -60,6 +60,14 @@ class ReplicaSpec(WorkerConfig):
     executor: str = "local"  # local (children of the controller) | ray (a placement group across nodes)
     placement_strategy: str = "pack"  # ray: pack | spread | strict-spread (one rank per node)
     ray_address: str = ""  # ray: host:port or "auto"; "" = this machine's cluster, else a local Ray
+    # ray, with tls_cert/tls_key (the leader's, on its node): the PEM file on this host that the controller
+    # trusts for the leader's certificate, and the name it checks there (the controller dials node IPs)
+    worker_tls_ca: str = ""
+    worker_tls_name: str = ""
+    # ray, an S3 partition: per rank, what it fetches on its node (acquire/rank_fetch.py RankFiles as JSON)
+    # into node_cache_dir there (the controller's --cache-dir path); () = every rank reads model_dir as is
+    rank_files: tuple[str, ...] = ()
+    node_cache_dir: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +75,11 @@ class ReplicaSpec(WorkerConfig):
                                      ("placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)):
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
+        if self.rank_files and (self.executor != "ray" or len(self.rank_files) != self.world_size):
+            raise ConfigError(f"rank_files: {len(self.rank_files)} for {self.world_size} ranks on executor "
+                              f"{self.executor}; only the Ray executor fetches rank files on the nodes")
+        if self.tls_cert and not (self.worker_tls_ca and self.worker_tls_name):
+            raise ConfigError("tls_cert: the leader's TLS needs worker_tls_ca and worker_tls_name on the controller")
 
     def rank_config(self, rank: RankPlacement, socket_path: str, master_port: int = 0, report_path: str = "",
                     native_kernels: bool = True, auth_token: str = "") -> WorkerConfig:
@@ -88,6 +101,8 @@ class ReplicaSpec(WorkerConfig):
 # Status codes of a leader that is still coming up (its socket not yet served, or busy); any other
 # answer to Status while starting is final and fails the start at once (not after start_timeout_s).
 STARTING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# gRPC's words for a TLS handshake that reached the leader and failed (a wrong CA or name): final too
+TLS_REFUSED = ("Tls handshake failed", "Hostname Verification Check failed", "CERTIFICATE_VERIFY_FAILED")
 
 
 class Replica:
@@ -159,7 +174,9 @@ class Replica:
             threading.Thread(target=self._pump_stderr, args=(proc, rank), daemon=True).start()
         if self.channel is not None:
             self.channel.close()
-        self.channel = grpc.insecure_channel(self.group.target, options=self.group.channel_options)
+        target, options, creds = self.group.target, self.group.channel_options, self.group.credentials
+        self.channel = grpc.secure_channel(target, creds, options=options) if creds else \
+            grpc.insecure_channel(target, options=options)
         self.stub = wpb_grpc.WorkerStub(self.channel)
         deadline = time.monotonic() + spec.start_timeout_s
         while True:
@@ -187,6 +204,10 @@ class Replica:
                     if e.code() not in STARTING:  # a worker that answers with an error will not get better
                         raise WorkerStartError(f"worker for {self.name} answered Status with {e.code().name}: "
                                                f"{e.details()}") from None
+                    if self.group.credentials is not None and any(m in (e.details() or "") for m in TLS_REFUSED):
+                        raise WorkerStartError(f"the leader of {self.name} at {self.group.target} serves TLS, but "
+                                               "its certificate fails the controller's check (--worker-tls-ca, "
+                                               f"--worker-tls-name): {e.details()}") from None
             time.sleep(0.1)
         self.ready, self.state = True, "ready"
         self.on_event("up", self)

@@ -9,10 +9,18 @@ pair (10.77.0.1 on A, 10.77.0.2 on B, nothing else routed), so the ranks' gloo t
 controller's calls to a leader on B really cross between two addresses. (Where a veth pair cannot be
 made, every node lives on A's 127.0.0.1 and the report says so.)
 
+The controller-to-leader hop runs over TLS (--worker-tls-cert/--worker-tls-key: a self-signed
+certificate for the name "shardserve-leader" only, no IP, so the controller's check of that name, not
+the node address it dials, is what passes), so every step below exercises it.
+
 Nodes, each its own raylet with its own CPUs and a custom resource naming it: the head (no CPUs; the GCS,
 where the controller's driver connects) and "a" on host A (`ray.cluster_utils.Cluster`), "b" on host B
 (`ray start --block --address HEAD --node-ip-address 10.77.0.2`, entered with nsenter). Steps:
-  1. TP=2 strict-spread (one rank per node, so one per host): greedy tokens, each rank's node;
+  1. TP=2 strict-spread (one rank per node, so one per host): greedy tokens, each rank's node; a
+     plaintext call to the leader's port, and a TLS call without the launch token (how each ended);
+  1b. that TP=2 partition uploaded to a local S3 (moto, on host A's address, so host B reaches it over
+     the veth pair), loaded from there through the admin API: the controller fetches only the shared
+     files, each rank its own rank file on its node; tokens and which node fetched what; unloaded;
   2. a long stream, then the node of rank 1 killed (every process of it, SIGKILL): how the stream ended
      and how long after; a replacement node "c" joins; the replica comes back (restarts >= 1) on other
      nodes with the same tokens;
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,6 +47,7 @@ from shardserve.v1 import admin_pb2 as apb
 from shardserve.v1 import admin_pb2_grpc as apb_grpc
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
+from tests.integration.s3_fixtures import BUCKET, TEST_ENV, MotoServer, upload_folder
 from tests.integration.server import ServerProcess
 
 A_IP, B_IP = "10.77.0.1", "10.77.0.2"
@@ -62,6 +72,45 @@ def describe(server, model: str) -> dict:
     return {"state": d.state, "replicas": [
         {"name": r.name, "state": r.state, "restarts": r.restarts,
          "ranks": [{"rank": k.rank, "node": k.node, "node_id": k.node_id} for k in r.ranks]} for r in d.replicas]}
+
+
+def leader_hop(server, ca: bytes, name: str) -> dict:
+    """The leader's address (from the server's log) and how a plaintext call and a TLS call without the
+    launch token to it end (status code names)."""
+    from shardserve.v1 import worker_pb2 as wpb
+    from shardserve.v1 import worker_pb2_grpc as wpb_grpc
+
+    target = re.findall(r"leader at (\S+?),", server.log_path.read_text())[-1]
+    out = {"target": target}
+    for kind in ("plaintext", "tls_without_token"):
+        opts = [("grpc.ssl_target_name_override", name)] if kind != "plaintext" else []
+        channel = grpc.insecure_channel(target) if kind == "plaintext" else \
+            grpc.secure_channel(target, grpc.ssl_channel_credentials(ca), options=opts)
+        try:
+            wpb_grpc.WorkerStub(channel).Status(wpb.WorkerStatusRequest(), timeout=10)
+            out[kind] = "OK"
+        except grpc.RpcError as e:
+            out[kind] = e.code().name
+        finally:
+            channel.close()
+    return out
+
+
+def s3_partition(server, moto, cache: Path, prompts: list[str], n: int) -> dict:
+    """Step 1b: the TP=2 partition the server made, served from S3 with each rank fetching its own file."""
+    client = moto.client()
+    client.create_bucket(Bucket=BUCKET)
+    upload_folder(client, next(cache.glob("partitions/*-tp2-pp1-fp32")), BUCKET, "tiny-tp2/")
+    stub = apb_grpc.AdminStub(server.channel)
+    t0 = time.monotonic()
+    stub.LoadModel(apb.LoadModelRequest(name="tinys3", source=f"s3://{BUCKET}/tiny-tp2/", wait=True,
+                                        layout=apb.Layout(tensor_parallel=2)), metadata=AUTH, timeout=300)
+    out = {"ready_s": time.monotonic() - t0, "tokens": greedy(server, "tinys3", prompts, n),
+           "fetched": [line[line.index("rank "):][:300] for line in server.log_path.read_text().splitlines()
+                       if "its files of the partition fetched" in line],
+           "files": sorted(p.name for p in (cache / "s3" / BUCKET / "tiny-tp2").iterdir())}
+    stub.UnloadModel(apb.UnloadModelRequest(name="tinys3"), metadata=AUTH, timeout=120)
+    return out
 
 
 def wait_for(cond, timeout: float, what: str):
@@ -194,11 +243,19 @@ def main(spec_path: str, out_path: str) -> int:
         result["veth"] = f"no veth pair: {e}"
     cluster, server, nodes = None, None, {}
     cache, model_dir, prompts, n = spec["cache"], spec["model"], spec["prompts"], spec["tokens"]
+    # S3 credentials for the local server only, in every node's environment (the nodes inherit this one's)
+    aws = Path(cache) / "aws"
+    os.environ.update({**TEST_ENV, "AWS_CONFIG_FILE": str(aws / "config"), "AWS_EC2_METADATA_DISABLED": "true",
+                       "AWS_SHARED_CREDENTIALS_FILE": str(aws / "credentials")})
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        os.environ.pop(name, None)
+    moto = MotoServer(Path(cache) / "moto.log", host=ip)
 
     def add(name: str, cpus: int):
         nodes[name] = cluster.add_node(num_cpus=cpus, node_ip_address=ip, resources={f"node_{name}": 1})
 
     try:
+        moto.start()
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "include_dashboard": False, "node_ip_address": ip, "_system_config": SYSTEM_CONFIG})
         add("a", 2)  # two CPUs: after the kill, two nodes keep one free each for the TP=2 x PP=2 replica
@@ -213,10 +270,14 @@ def main(spec_path: str, out_path: str) -> int:
         server = ServerProcess("--executor", "ray", "--ray-address", cluster.address, "--placement-strategy",
                                "strict-spread", "--tp", "2", "--model", model_dir, "--name", "tiny", "--threads", "1",
                                "--max-model-len", "512", "--num-kv-blocks", "96", "--admin-token", TOKEN,
-                               "--max-batch-size", "4", cache_dir=Path(cache), timeout=400)
+                               "--max-batch-size", "4", "--worker-tls-cert", spec["tls_cert"],
+                               "--worker-tls-key", spec["tls_key"], cache_dir=Path(cache), timeout=400,
+                               env={"AWS_ENDPOINT_URL_S3": moto.url})
         result["server_ready_s"] = time.monotonic() - t1
         tp2 = greedy(server, "tiny", prompts, n)
         result["tp2"] = {"tokens": tp2, "describe": describe(server, "tiny")}
+        result["leader_hop"] = leader_hop(server, Path(spec["tls_cert"]).read_bytes(), spec["tls_name"])
+        result["s3_partition"] = s3_partition(server, moto, Path(cache), prompts, n)
         result["steps"].append("tp2")
         save()
 
@@ -259,7 +320,8 @@ def main(spec_path: str, out_path: str) -> int:
         result["sigterm_exit"] = server.stop("term")
         result["supervision_log"] = [line[:400] for line in server.log_path.read_text().splitlines()
                                      if any(k in line for k in (" down: ", "ranks placed", "restart failed",
-                                                                "is gone", " ready (tp=", "collectives over"))]
+                                                                "is gone", " ready (tp=", "collectives over",
+                                                                "serving on "))]
         server = None
         ray.init(address=cluster.address, log_to_driver=False, _node_ip_address=ip)
         from ray._private.state import actors
@@ -292,6 +354,7 @@ def main(spec_path: str, out_path: str) -> int:
         if cluster is not None:
             forget(cluster.address)
             cluster.shutdown()
+        moto.stop()
     return 0
 
 

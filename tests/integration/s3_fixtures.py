@@ -33,21 +33,22 @@ TEST_ENV = {
 class MotoServer:
     """`python -m moto.server` on a free loopback port; `with MotoServer() as s3: s3.url`."""
 
-    def __init__(self, log_path: Path | None = None):
+    def __init__(self, log_path: Path | None = None, host: str = "127.0.0.1"):
         self.log_path = log_path
+        self.host = host  # another address only inside a private network namespace (test_ray.py)
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> MotoServer:
         for _ in range(5):  # the free port can be taken between probe and bind: try another
             self.port = free_port()
             log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **TEST_ENV},
@@ -65,7 +66,7 @@ class MotoServer:
             if self.proc.poll() is not None:
                 return False
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=2)
                 conn.request("GET", "/moto-api/reset-auth")  # any path: we only need an HTTP answer
                 conn.getresponse().read()
                 conn.close()

@@ -24,43 +24,10 @@ from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
 from tests.integration.s3_fixtures import TEST_ENV, MotoServer, upload_folder
 from tests.integration.server import ROOT, ServerProcess
+from tests.integration.tls import make_cert
 
 TOKEN = "test-admin-token-7f3a"
 AUTH = bearer(TOKEN)
-
-
-def make_cert(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 / localhost (cryptography, else the openssl CLI)."""
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    try:
-        import datetime
-        import ipaddress
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-    except ImportError:
-        r = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                            "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert),
-                            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], capture_output=True)
-        if r.returncode:
-            pytest.skip(f"no cryptography package and openssl failed: {r.stderr.decode()[-300:]}")
-        return cert, key
-    pk = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    crt = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(pk.public_key())
-           .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-           .not_valid_after(now + datetime.timedelta(days=2))
-           .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                       x509.DNSName("localhost")]), critical=False)
-           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-           .sign(pk, hashes.SHA256()))
-    cert.write_bytes(crt.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(pk.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption()))
-    return cert, key
 
 
 class TlsServer(ServerProcess):

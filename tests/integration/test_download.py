@@ -275,3 +275,73 @@ def test_a_stalled_s5cmd_is_killed_and_the_object_fetched_again(tiny_model, prox
     assert result[0].files_fetched == len(NEEDED)
     assert proxy.object_gets().count(f"tiny/{SHARD2}") >= 2, dump_seen(proxy)
     assert_same_files(tmp_path / "dest", tiny_model)
+
+
+@pytest.fixture(scope="module")
+def partition(s3, tmp_path_factory) -> tuple[Path, dict]:
+    """A two-rank partition (manifest.json, config, tokenizer, rank-0/1.safetensors) at s3://models/part/."""
+    from worker.manifest import FORMAT
+
+    folder = tmp_path_factory.mktemp("partition")
+    rng = np.random.default_rng(1)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0}}}))
+    ranks = []
+    for r in range(2):
+        save_file({f"w{r}": rng.standard_normal((256, 256), dtype=np.float32)}, str(folder / f"rank-{r}.safetensors"))
+        ranks.append({"rank": r, "tp_rank": r, "pp_rank": 0, "file": f"rank-{r}.safetensors", "bytes": 256 * 256 * 4})
+    manifest = {"format": FORMAT, "layout": {"tp": 2, "pp": 1}, "dtype": "fp32", "quantize": None, "ranks": ranks}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    upload_folder(s3.client(), folder, BUCKET, "part/")
+    return folder, manifest
+
+
+def test_each_rank_fetches_only_its_own_rank_file_of_an_s3_partition_verified(partition, proxy, s3, tmp_path):
+    from controller.acquire.rank_fetch import RankFiles, fetch, plan
+
+    folder, manifest = partition
+    url = f"s3://{BUCKET}/part/"
+    files = plan(url, manifest, endpoint_url=proxy.url)
+    assert [(f.rank, f.file) for f in files] == [(0, "rank-0.safetensors"), (1, "rank-1.safetensors")]
+    shared = {"config.json", "manifest.json", "tokenizer.json"}
+    assert {o[0] for o in files[1].objects} == shared | {"rank-1.safetensors"}
+
+    proxy.reset()
+    node = tmp_path / "node-b-cache"  # rank 1's node: its own cache folder
+    dest = fetch(RankFiles.from_json(files[1].to_json()), node)  # as the rank's host receives it
+    assert dest == node / "s3" / BUCKET / "part"
+    assert sorted(p.name for p in dest.iterdir() if not p.name.startswith(".")) == sorted(shared | {"rank-1.safetensors"})
+    assert (dest / "rank-1.safetensors").read_bytes() == (folder / "rank-1.safetensors").read_bytes()
+    assert "part/rank-0.safetensors" not in fetched_keys(proxy), dump_seen(proxy)
+    proxy.reset()
+    assert fetch(files[1], node) == dest and fetched_keys(proxy) == set()  # verified already: nothing fetched
+
+    # the manifest gives rank 1 another file than the controller said
+    with pytest.raises(DownloadError, match="gives rank 1 the file 'rank-1.safetensors', not 'rank-0.safetensors'"):
+        fetch(RankFiles(url, 1, "rank-0.safetensors", files[0].objects, proxy.url), tmp_path / "other")
+    # the object changed between the controller's listing and the rank's download
+    save_file({"w1": np.zeros((256, 256), dtype=np.float32) + 1}, str(tmp_path / "new.safetensors"))
+    s3.client().upload_file(str(tmp_path / "new.safetensors"), BUCKET, "part/rank-1.safetensors")
+    try:
+        with pytest.raises(DownloadError, match="rank-1.safetensors changed after the controller listed it"):
+            fetch(files[1], tmp_path / "node-c-cache")
+    finally:
+        s3.client().upload_file(str(folder / "rank-1.safetensors"), BUCKET, "part/rank-1.safetensors")
+    # a manifest naming a file outside the prefix, or one that is not there
+    for bad, needle in (("../x.safetensors", "not a safe name"), ("rank-9.safetensors", "is not under")):
+        m = {**manifest, "ranks": [{**manifest["ranks"][0], "file": bad}]}
+        with pytest.raises(DownloadError, match=needle):
+            plan(url, m, endpoint_url=proxy.url)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_with_partition_on_nodes_the_controller_fetches_a_partition_without_its_rank_files(
+    partition, tiny_model, s3, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.url)
+    res = resolve_model_source(f"s3://{BUCKET}/part/", tmp_path, progress=False, partition_on_nodes=True)
+    assert res.ranks_fetch and sorted(p.name for p in res.path.iterdir() if not p.name.startswith(".")) == [
+        "config.json", "manifest.json", "tokenizer.json"]
+    whole = resolve_model_source(f"s3://{BUCKET}/tiny/", tmp_path, progress=False, partition_on_nodes=True)
+    assert not whole.ranks_fetch  # not a partition: fetched whole, as without the option
+    assert_same_files(whole.path, tiny_model)

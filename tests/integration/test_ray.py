@@ -6,6 +6,7 @@ Every Ray process runs inside private network namespaces (`unshare -n`, then `ip
 RAY_USAGE_STATS_ENABLED=0: Ray finds no address there but the test's own, and nothing can leave the
 machine. One driver run (tests/integration/ray_cluster.py) does every step on one cluster and one
 server and reports JSON; the tests below check its parts against transformers and our own TP=1 engine.
+The controller talks to the leader over TLS (a certificate made here), so every step runs over it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from tests.integration.server import ROOT
 from tests.integration.test_families_serve import build_tokenizer
+from tests.integration.tls import make_cert
 from tests.oracle import make_random_model, run_ours
 
 pytest.importorskip("ray", reason="ray is not installed: pip install 'shardserve[ray]' (make install does)")
@@ -30,6 +32,7 @@ pytest.importorskip("ray", reason="ray is not installed: pip install 'shardserve
 pytestmark = pytest.mark.timeout(900)
 PROMPTS = ["the quick brown fox", "a tensor parallel worker holds"]
 NEW_TOKENS = 8
+LEADER_NAME = "shardserve-leader"  # the only name in the leader's certificate (no IP address)
 
 
 def _netns_available() -> str:
@@ -61,8 +64,12 @@ def _drive(module: str, tiny, work: Path) -> dict:
         pytest.skip(f"Ray tests run only inside a private network namespace: {why}")
     model_dir, _ = tiny
     spec, out = work / "spec.json", work / "out.json"
+    tls = work / "tls"
+    tls.mkdir()
+    cert, key = make_cert(tls, name=LEADER_NAME, ips=())
     spec.write_text(json.dumps({"cache": str(work), "model": str(model_dir), "prompts": PROMPTS,
-                                "tokens": NEW_TOKENS}))
+                                "tokens": NEW_TOKENS, "tls_cert": str(cert), "tls_key": str(key),
+                                "tls_name": LEADER_NAME}))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     driver = f"exec {sys.executable} -m tests.integration.{module} {spec} {out}"
@@ -112,6 +119,24 @@ def test_tp2_strict_spread_one_rank_per_node_gives_the_tokens_of_tp1(run, refere
     assert hosts == ["10.77.0.1", "10.77.0.2"], hosts
     crossing = [line for line in run["supervision_log"] if "collectives over veth-" in line]
     assert len(crossing) >= 2, run["supervision_log"]
+
+
+def test_the_leader_serves_the_controller_over_tls_only(run):
+    hop = run["leader_hop"]
+    assert hop["plaintext"] == "UNAVAILABLE", hop  # no TLS handshake: refused
+    assert hop["tls_without_token"] == "UNAUTHENTICATED", hop  # TLS works, and the token is still checked
+    assert any(" (TLS)" in line for line in run["supervision_log"]), run["supervision_log"]
+
+
+def test_an_s3_partition_reaches_each_node_rank_file_by_rank_file(run, reference):
+    part = run["s3_partition"]
+    print(f"TP=2 from S3 ready in {part['ready_s']:.1f}s: {part['fetched']}")
+    assert part["tokens"] == reference
+    # each rank fetched (on its node) the shared files and its own rank file, no other
+    assert sorted(line.split()[1] for line in part["fetched"]) == ["0", "1"], part["fetched"]
+    assert {"manifest.json", "config.json", "rank-0.safetensors", "rank-1.safetensors"} <= set(part["files"])
+    if "veth" not in run:  # rank 1 on host B fetched over the veth pair
+        assert sorted(line.split()[3].rstrip(":") for line in part["fetched"]) == ["10.77.0.1", "10.77.0.2"], part["fetched"]
 
 
 def test_killed_node_ends_the_stream_unavailable_then_the_replica_comes_back(run, reference):

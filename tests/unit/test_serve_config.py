@@ -181,3 +181,54 @@ def test_speculative_decoding_from_flags_or_properties(tmp_path, env):
         settings(["--speculative-method", "draft"], env)
     with pytest.raises(cfg.ConfigError, match="tensor and pipeline parallel degree 1"):
         settings(["--speculative-model", str(draft), "--tp", "2"], env)
+
+
+def test_the_ray_leader_hop_takes_the_public_tls_files_by_default_and_checks_its_own(tmp_path, env):
+    from tests.integration.tls import make_cert
+
+    cert, key = make_cert(tmp_path, name="leader.internal")
+    ray = ["--executor", "ray"]
+    s = settings([*ray, "--tls-cert", str(cert), "--tls-key", str(key)], env)
+    assert (s.spec.tls_cert, s.spec.tls_key, s.spec.worker_tls_ca) == (str(cert), str(key), str(cert))
+    assert s.spec.worker_tls_name == "leader.internal"  # the certificate's DNS name: the controller dials IPs
+    assert "tls_cert" in s.spec.rank_config(RankPlacement(0, 0, 0, "cpu", 1), "").to_json()
+    assert settings(["--tls-cert", str(cert), "--tls-key", str(key)], env).spec.tls_cert == ""  # local: a socket
+    assert settings(ray, env).spec.tls_cert == ""
+
+    own = [*ray, "--worker-tls-cert", "/on/every/node/c.pem", "--worker-tls-key", "/on/every/node/k.pem"]
+    s = settings([*own, "--worker-tls-ca", str(cert), "--worker-tls-name", "n1"], env)
+    assert (s.spec.tls_cert, s.spec.worker_tls_ca, s.spec.worker_tls_name) == ("/on/every/node/c.pem", str(cert), "n1")
+    for argv, needle in (([*ray, "--worker-tls-cert", str(cert)], "go together"),
+                         (own, "not on this host.*--worker-tls-ca"),
+                         ([*own, "--worker-tls-ca", str(tmp_path / "no.pem")], r"--worker-tls-ca .*no such file"),
+                         ([*own, "--worker-tls-ca", str(cert)], "--worker-tls-name"),
+                         ([*ray, "--worker-tls-ca", str(cert)], "need --worker-tls-cert")):
+        with pytest.raises(cfg.ConfigError, match=needle):
+            settings(argv, env)
+
+
+def test_a_worker_names_a_tls_file_it_cannot_read_on_its_node(tmp_path):
+    from tests.integration.tls import make_cert
+    from worker.auth import server_credentials
+    from worker.config import ConfigError, WorkerConfig
+
+    cert, key = make_cert(tmp_path)
+    assert server_credentials("", "") is None
+    assert server_credentials(str(cert), str(key)) is not None
+    with pytest.raises(ValueError, match=r"tls_key /nowhere/k.pem: cannot read it on this node .*No such file"):
+        server_credentials(str(cert), "/nowhere/k.pem")
+    with pytest.raises(ValueError, match="tls_cert .*: not a PEM file"):
+        server_credentials(str(write(tmp_path / "x.pem", "x")), str(key))
+    with pytest.raises(ConfigError, match="tls_cert and tls_key go together"):
+        WorkerConfig(model_dir=tmp_path, tls_cert=str(cert))
+
+
+def test_only_the_ray_executor_takes_rank_files_one_per_rank(tmp_path):
+    from worker.config import ConfigError
+
+    ok = ReplicaSpec(model_dir=tmp_path, executor="ray", tensor_parallel=2, rank_files=("{}", "{}"))
+    assert ok.rank_files and "rank_files" not in ok.rank_config(RankPlacement(0, 0, 0, "cpu", 1), "").to_json()
+    for kw in ({"executor": "local", "tensor_parallel": 2, "rank_files": ("{}", "{}")},
+               {"executor": "ray", "tensor_parallel": 2, "rank_files": ("{}",)}):
+        with pytest.raises(ConfigError, match="rank_files"):
+            ReplicaSpec(model_dir=tmp_path, **kw)
