@@ -1,12 +1,13 @@
 """T5's per-request cross-attention cache and relative-position tables (worker/layers/encdec.py,
 worker/layers/position.py): rows written once, freed and reused; a step reads a view (or one
 gather) of the rows; lengths that differ within a step are masked; the per-distance bias table
-gives exactly the bucketed bias."""
+gives exactly the bucketed bias; the encoder's attention over several requests back to back equals
+each request's own."""
 
 import torch
 
 from worker.context import StepContext
-from worker.layers.encdec import S_ALIGN, CrossCache
+from worker.layers.encdec import S_ALIGN, CrossCache, full_attend
 from worker.layers.position import RelativePositionBias
 
 H, D, LAYERS = 2, 4, 3
@@ -93,3 +94,16 @@ def test_distance_table_equals_the_bucketed_bias():
         Q, K = 3, 260
         q_pos = q_start[:, None] + torch.arange(Q)[None, :]
         assert torch.equal(rb.span(q_start, Q, K), rb(torch.arange(K)[None, None, :] - q_pos[:, :, None]))
+
+
+def test_encoder_attention_of_requests_back_to_back_equals_each_alone():
+    g = torch.Generator().manual_seed(3)
+    lens = [5, 1, 9]
+    q, k, v = (torch.randn(sum(lens), H, D, generator=g) for _ in range(3))
+    bias = [torch.randn(H, n, n, generator=g) for n in lens]
+    out = full_attend(q, k, v, bias, 1.0)
+    at = 0
+    for n, b in zip(lens, bias):
+        alone = full_attend(q[at:at + n], k[at:at + n], v[at:at + n], [b], 1.0)
+        torch.testing.assert_close(out[at:at + n], alone, rtol=0, atol=0)
+        at += n

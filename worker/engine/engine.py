@@ -1,7 +1,8 @@
 """The engine: a model, its KV cache, a scheduler; one step = schedule, execute, postprocess.
 
 Thread model: gRPC threads call `add` / `abort` (they only touch the inbox); one engine thread
-runs `run_forever`, the only code that touches the scheduler, blocks and model.
+runs `run_forever`, the only code that touches the scheduler, blocks and model. In the worker that is
+its main thread, the one that loaded the model (worker/__main__.py: one OpenMP team per process).
 """
 
 from __future__ import annotations

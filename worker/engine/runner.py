@@ -232,9 +232,9 @@ class ModelRunner:
         if not host.cross_slots.numel():
             return None
         slots = host.cross_slots.tolist()
-        start = 0
-        for slot, n in zip(slots, host.enc_lens.tolist()):
-            if n:
-                self.cross.put(slot, self.model.encode(plan.enc_ids[start:start + n]))
-                start += n
+        new = [(slot, n) for slot, n in zip(slots, host.enc_lens.tolist()) if n]
+        if new:  # one encoder pass for every request new this step
+            states = self.model.encode(plan.enc_ids, [n for _, n in new])
+            for (slot, _), s in zip(new, states):
+                self.cross.put(slot, s)
         return self.cross.step(slots, ctx) if len(self.cross) else None

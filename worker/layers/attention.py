@@ -239,17 +239,23 @@ def _attend_rows(q, k_flat, v_flat, ctx, group, rows, scale, sliding_window, ali
     keys = k_flat[slots]  # [G, L, Hkv, D]
     values = v_flat[slots]
     qp = q[q_index]  # [G, Q, H, D]
-    scores_bias = torch.zeros(G, 1, Q, L, dtype=torch.float32, device=q.device)
-    scores_bias.masked_fill_(~allowed[:, None], float("-inf"))
-    if alibi_slopes is not None:
-        rel = (k_pos[None, None, :] - q_pos[:, :, None]).float()  # [G, Q, L]
-        scores_bias = scores_bias + alibi_slopes[None, :, None, None] * rel[:, None]
-    if bias is not None:
-        scores_bias = scores_bias + bias[r][:, :, :Q, :L]
-    # padded query rows see nothing: give them one key to avoid NaN, they are dropped anyway
-    scores_bias[:, :, :, 0].masked_fill_(~q_valid[:, None, :], 0.0)
+    # the additive mask depends on the step and on (slopes, bias) only: the layers of a step that share
+    # them (T5's one relative-position bias per step) build it once
+    key = ("scores_bias", group, sliding_window, id(alibi_slopes), id(bias), qp.dtype)
+    scores_bias = ctx.cache.get(key)
+    if scores_bias is None:
+        scores_bias = torch.zeros(G, 1, Q, L, dtype=torch.float32, device=q.device)
+        scores_bias.masked_fill_(~allowed[:, None], float("-inf"))
+        if alibi_slopes is not None:
+            rel = (k_pos[None, None, :] - q_pos[:, :, None]).float()  # [G, Q, L]
+            scores_bias = scores_bias + alibi_slopes[None, :, None, None] * rel[:, None]
+        if bias is not None:
+            scores_bias = scores_bias + bias[r][:, :, :Q, :L]
+        # padded query rows see nothing: give them one key to avoid NaN, they are dropped anyway
+        scores_bias[:, :, :, 0].masked_fill_(~q_valid[:, None, :], 0.0)
+        scores_bias = ctx.cache[key] = scores_bias.to(qp.dtype)
     out = F.scaled_dot_product_attention(
         qp.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=scores_bias.to(qp.dtype), scale=scale, enable_gqa=Hkv != H,
+        attn_mask=scores_bias, scale=scale, enable_gqa=Hkv != H,
     )  # [G, H, Q, D]
     return out.transpose(1, 2)[q_valid]  # [Tg, H, D]

@@ -139,8 +139,22 @@ def cross_attend(q: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
     return out.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])[cross.q_out]
 
 
-def full_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """One sequence, every token sees every token. q, k, v: [S, H, D]; bias [H, S, S] -> [S, H, D]."""
+def full_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: list[torch.Tensor],
+                scale: float) -> torch.Tensor:
+    """Sequences back to back, every token sees every token of its own sequence. q, k, v: [E, H, D]
+    (E = sum of the S_i); bias: per sequence [H, S_i, S_i] (its length is S_i) -> [E, H, D]."""
+    if len(bias) == 1:
+        return _attend_one(q, k, v, bias[0], scale)
+    out, at = torch.empty_like(q), 0
+    for b in bias:
+        n = b.shape[-1]
+        out[at:at + n] = _attend_one(q[at:at + n], k[at:at + n], v[at:at + n], b, scale)
+        at += n
+    return out
+
+
+def _attend_one(q, k, v, bias, scale):
+    # one sequence: q, k, v [S, H, D]; bias [H, S, S] -> [S, H, D]
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                          attn_mask=bias[None].to(q.dtype), scale=scale)
     return out[0].transpose(0, 1)

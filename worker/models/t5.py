@@ -1,6 +1,7 @@
 """T5 / Flan-T5 / UL2 as an encoder-decoder in the same engine.
 
-- encoder: runs once per request (the runner calls `encode` when the request first runs);
+- encoder: runs once per request (the runner calls `encode` when the request first runs; the
+  requests new to a step in one pass);
   bidirectional self-attention with a bucketed relative-position bias, no KV cache.
 - cross-attention: keys/values of the encoder output, computed once per request for this
   stage's decoder layers (`encode` returns them) and laid out once in the runner's CrossCache
@@ -10,7 +11,8 @@
 - decoder: the `layers` of DecoderModel; self-attention over the paged cache with a causal
   relative-position bias; starts from decoder_start_token_id (the engine puts it first).
 - no 1/sqrt(d) in attention scores (T5 folds it into the weights); RMS-style layer norm.
-- feed-forward: relu (original T5: wi, wo) or gated (Flan / v1.1: wi_0, wi_1, wo; gelu_new).
+- feed-forward: relu (original T5: wi, wo) or gated (Flan / v1.1: wi_0, wi_1, wo; gelu_new), wi_0 and
+  wi_1 packed into one column-parallel layer (wi_01: one GEMM).
 - LM head: the checkpoint's `lm_head.weight` if it has one, else tied to `shared`; decoder
   output scaled by d_model**-0.5 when the config says so (original T5, tied embeddings).
 - pipeline parallel: decoder layers are split over stages; the (smaller) encoder runs whole
@@ -58,7 +60,8 @@ class T5SelfAttentionCore(nn.Module):
         return (t.reshape(-1, self.num_heads, self.head_dim) for t in (q, k, v))
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        # x: [T, d_model]; decoder: bias [B, H, Q, L] over the paged cache; encoder: [H, S, S]
+        # x: [T, d_model]; decoder: bias [B, H, Q, L] over the paged cache; encoder: a list, per
+        # sequence of the step (back to back in x) its [H, S_i, S_i]
         q, k, v = self.project(x)
         o = self.attn(q, k, v, bias=bias) if self.attn is not None else full_attend(q, k, v, bias, 1.0)
         return self.o(o.reshape(o.shape[0], -1))
@@ -89,17 +92,19 @@ class T5FF(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.gated = bool(config.is_gated_act)
-        if self.gated:
-            self.wi_0 = ColumnParallelLinear(config.d_model, [config.d_ff], bias=False)
-            self.wi_1 = ColumnParallelLinear(config.d_model, [config.d_ff], bias=False)
+        if self.gated:  # wi_0 (through the activation) and wi_1 packed: one GEMM
+            self.wi_01 = ColumnParallelLinear(config.d_model, [config.d_ff, config.d_ff], bias=False)
         else:
             self.wi = ColumnParallelLinear(config.d_model, [config.d_ff], bias=False)
         self.wo = RowParallelLinear(config.d_ff, config.d_model, bias=False)
         self.act = activation(config.dense_act_fn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
-        return self.wo(h)
+        # x: [T, d_model] -> [T, d_model]
+        if self.gated:
+            h0, h1 = self.wi_01(x).chunk(2, dim=-1)  # [T, d_ff_local] each
+            return self.wo(self.act(h0) * h1)
+        return self.wo(self.act(self.wi(x)))
 
 
 def fp16_clamp(x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +130,8 @@ class T5EncoderBlock(nn.Module):
         self.layer = nn.ModuleList([_sub(config, "SelfAttention", T5SelfAttentionCore(config, paged=False)),
                                     _sub(config, "DenseReluDense", T5FF(config))])
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: list[torch.Tensor]) -> torch.Tensor:
+        # x: [E, d_model], sequences back to back; bias: per sequence [H, S_i, S_i]
         sa, ff = self.layer
         x = fp16_clamp(x + sa.SelfAttention(sa.layer_norm(x), bias))
         return fp16_clamp(x + ff.DenseReluDense(ff.layer_norm(x)))
@@ -164,7 +170,8 @@ class T5ForConditionalGeneration(DecoderModel):
     is_encoder_decoder = True
     # our packed parameters and the shard ids each needs (read by the loader)
     packed_modules = {"q": ("qkv", "q"), "k": ("qkv", "k"), "v": ("qkv", "v"),
-                      "EncDecAttention.k": ("kv", 0), "EncDecAttention.v": ("kv", 1)}
+                      "EncDecAttention.k": ("kv", 0), "EncDecAttention.v": ("kv", 1),
+                      "wi_0": ("wi_01", 0), "wi_1": ("wi_01", 1)}
 
     def __init__(self, config):
         super().__init__()
@@ -215,19 +222,26 @@ class T5ForConditionalGeneration(DecoderModel):
         for i, part in enumerate(("k", "v")):
             if name.endswith(f".EncDecAttention.{part}.weight"):
                 return name.replace(f".EncDecAttention.{part}.", ".EncDecAttention.kv."), i
+        for i, part in enumerate(("wi_0", "wi_1")):
+            if name.endswith(f".DenseReluDense.{part}.weight"):
+                return name.replace(f".DenseReluDense.{part}.", ".DenseReluDense.wi_01."), i
         return name, None
 
     # ---- encoder: once per request ---------------------------------------------------------
-    def encode(self, input_ids: torch.Tensor) -> list:
-        """input_ids: [S] of one request -> per decoder layer (k, v) [S, H_local, D] for the
-        cross-attention of layers on this stage (None elsewhere)."""
+    def encode(self, input_ids: torch.Tensor, lens: list[int]) -> list[list]:
+        """input_ids: [E] of the requests encoded this step, back to back (lens[i] tokens each, one
+        pass for all: row-wise layers see E rows, attention stays within each request) -> per
+        request, per decoder layer (k, v) [S_i, H_local, D] for the cross-attention of layers on
+        this stage (None elsewhere)."""
         x = self.shared(input_ids)
-        bias = self.encoder.rel_bias.square(input_ids.shape[0])  # [H, S, S], shared by every encoder layer
+        bias = [self.encoder.rel_bias.square(n) for n in lens]  # [H, S_i, S_i], shared by every encoder layer
         for block in self.encoder.block:
             x = block(x, bias)
         enc = self.encoder.final_layer_norm(x)
-        return [None if isinstance(b, StageMissing) else b.layer[1].EncDecAttention.encoder_kv(enc)
-                for b in self.decoder.block]
+        kv = [None if isinstance(b, StageMissing) else b.layer[1].EncDecAttention.encoder_kv(enc)
+              for b in self.decoder.block]  # per layer (k, v) [E, H_local, D]
+        starts = [sum(lens[:i]) for i in range(len(lens))]
+        return [[None if p is None else (p[0][a:a + n], p[1][a:a + n]) for p in kv] for a, n in zip(starts, lens)]
 
     # ---- decoder: the DecoderModel interface --------------------------------------------------
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
