@@ -12,6 +12,16 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "shardserve-partition-v1"
+# Version of a family's rank-file tensors (names, packing, sharding), by config.json model_type; absent =
+# 1. Bump it when a family's mapping changes what a rank file holds: cached partitions then get a new
+# cache key (re-made, never loaded stale) and a partition named by hand fails check_layout with why.
+# t5 2: wi_0 and wi_1 packed into one wi_01 (gated feed-forward, one GEMM).
+TENSOR_LAYOUT = {"t5": 2}
+
+
+def tensor_layout(config: dict) -> int:
+    """The tensor layout this shardserve writes and reads for a model of `config` (config.json)."""
+    return TENSOR_LAYOUT.get(str(config.get("model_type", "")), 1)
 
 
 def is_partition(path: Path) -> bool:
@@ -31,6 +41,10 @@ def check_layout(path: Path, tp: int, pp: int, dtype: str | None = None, quantiz
     A quantized partition asked for another method is refused; asked for none, it serves its own
     (the workers say so). A full-precision partition asked for `quantize` is quantized at load."""
     m = read_manifest(path)
+    want, have = tensor_layout(m.get("config") or {}), m.get("tensor_layout", 1)
+    if have != want:
+        raise ValueError(f"{path}: partitioned by an older shardserve (tensor layout {have} of "
+                         f"{m.get('config', {}).get('model_type')!r}; this one reads {want}): partition it again")
     if (m["layout"]["tp"], m["layout"]["pp"]) != (tp, pp):
         raise ValueError(f"{path}: partitioned for tp={m['layout']['tp']} pp={m['layout']['pp']}, "
                          f"but serving asks for tp={tp} pp={pp}")

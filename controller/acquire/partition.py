@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from worker.manifest import FORMAT, MANIFEST, is_partition
+from worker.manifest import FORMAT, MANIFEST, is_partition, tensor_layout
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def partition(src: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "fp32
             "format": FORMAT, "source": {"path": str(src), "hash": src_hash},
             "layout": {"tp": tp, "pp": pp}, "dtype": dtype, "quantize": quantize or None,
             "architecture": (config.get("architectures") or [config.get("model_type")])[0],
-            "config": config, "ranks": ranks,
+            "config": config, "tensor_layout": tensor_layout(config), "ranks": ranks,
             "partition_seconds": round(time.monotonic() - started, 3),
         }
         try:
@@ -119,15 +119,17 @@ def no_space(out: Path, tmp: Path, doing: str) -> OSError:
                                  f"kept: free some space or choose another --out / --cache-dir")
 
 
-def partition_key(src_hash: str, tp: int, pp: int, dtype: str, quantize: str | None = None) -> str:
-    """The cache folder name; unquantized keys are those of before quantized partitions existed."""
-    return f"{src_hash[:16]}-tp{tp}-pp{pp}-{dtype}" + (f"-{quantize}" if quantize else "")
+def partition_key(src_hash: str, tp: int, pp: int, dtype: str, quantize: str | None = None, layout: int = 1) -> str:
+    """The cache folder name; unquantized keys (and tensor layout 1) are those of before either existed."""
+    return (f"{src_hash[:16]}-tp{tp}-pp{pp}-{dtype}" + (f"-{quantize}" if quantize else "")
+            + (f"-l{layout}" if layout != 1 else ""))
 
 
 def ensure_partition(src: Path, cache_dir: Path, tp: int, pp: int, dtype: str,
                      processes: int = 0, quantize: str | None = None) -> tuple[Path, bool]:
     """(partition folder, reused?) for `src` in the cache, partitioning on a miss."""
-    key = partition_key(source_hash(src), tp, pp, dtype, quantize)
+    layout = tensor_layout(json.loads((Path(src) / "config.json").read_text()))
+    key = partition_key(source_hash(src), tp, pp, dtype, quantize, layout)
     what = f"tp={tp} pp={pp} {dtype}" + (f" {quantize}" if quantize else "")
     out = Path(cache_dir) / "partitions" / key
     if is_partition(out):
