@@ -80,13 +80,17 @@ def main(argv=None) -> None:
                                        max_batch_tokens=max(2048, args.streams * args.prompt),
                                        max_model_len=args.prompt + args.new + 16,
                                        kv_cache_bytes=4 << 30))
-    prompts = make_prompts(args.streams, args.prompt, cfg["vocab_size"])
-    run(engine, prompts[:2], 2, 256)  # warm-up
+    budgets = [int(x) for x in args.budgets.split(",")]
+    # distinct prompts for the warm-up and for every budget's run: the prefix cache must not serve a
+    # later run the prompts of an earlier one
+    n = args.streams
+    blocks = make_prompts(n * (len(budgets) + 1), args.prompt, cfg["vocab_size"])
+    run(engine, blocks[:2], 2, 256)  # warm-up
     rows = []
     print(f"{args.streams} streams, prompt {args.prompt}, {args.new} new tokens, {args.model} fp32")
     print(f"{'budget':>7} {'steps':>6} {'tok/s':>7} {'TTFT p50 s':>11} {'TTFT p99 s':>11} {'ITL p50 ms':>11}")
-    for b in [int(x) for x in args.budgets.split(",")]:
-        r = run(engine, prompts, args.new, b)
+    for k, b in enumerate(budgets, start=1):
+        r = run(engine, blocks[k * n:(k + 1) * n], args.new, b)
         rows.append(r)
         print(f"{b:>7} {r['steps']:>6} {r['tokens_per_s']:>7.1f} {r['ttft_p50_s']:>11.2f} {r['ttft_p99_s']:>11.2f}"
               f" {r['itl_p50_ms']:>11.1f}", flush=True)
