@@ -292,7 +292,7 @@ class OpenAIRoutes:
         choices: list[_Choice] = []
         try:
             for i, p in enumerate(preps):
-                choices.append(_Choice(i, Running(p, self.router.pick(entry), self.timeout_s)))
+                choices.append(_Choice(i, Running(p, self.router, self.timeout_s)))
         except RequestError:  # the replica went away between two picks: release what started
             for c in choices:
                 c.run.abandon()

@@ -155,7 +155,7 @@ class SageMakerRoutes:
             return self._start_stream(entry, preps, "application/jsonlines", lambda line: line)
         try:
             with self.router.admit(entry, len(preps)):
-                runs = [Running(p, self.router.pick(entry), self.timeout_s) for p in preps]
+                runs = [Running(p, self.router, self.timeout_s) for p in preps]
                 try:
                     outputs = await until_disconnect(request, self._collect_all(runs))
                 finally:
@@ -216,7 +216,7 @@ class SageMakerRoutes:
         run = None
         try:
             with self.router.admit(entry):
-                run = Running(prep, self.router.pick(entry), self.timeout_s)
+                run = Running(prep, self.router, self.timeout_s)
                 text = []
                 index = 0
                 async for ev in events(run):

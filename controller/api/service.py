@@ -138,26 +138,55 @@ def _ending(end, runs):
 
 
 class Running:
-    """A started worker call plus its detokenizer; iterate for events."""
+    """A started worker call plus its detokenizer; iterate for events.
 
-    def __init__(self, prep: Prepared, replica: Replica, timeout: float | None):
+    Routed by `router.pick`. A replica that fails (UNAVAILABLE: its worker died or is dying) before the
+    run's first token costs the client nothing: the run starts again on another ready replica, at
+    most RETRIES times, each failed replica excluded; after a first token a failure ends the run
+    (the client has seen part of the output)."""
+
+    RETRIES = 2
+
+    def __init__(self, prep: Prepared, router: Router, timeout: float | None):
         self.prep = prep
-        self.replica = replica
+        self.router = router
+        self.deadline = None if timeout is None else time.monotonic() + timeout
         self.first_token_at: float | None = None
         self.queue_s: float | None = None
         self.generated = 0
         self.status = "ok"
         self.consumed = False  # events() handed to a consumer (the HTTP side drains a run nobody took)
+        self.failed: list[Replica] = []  # replicas this run left before its first token
+        self._held = False  # this run counts in replica.outstanding until release()
+        self._start(router.pick(prep.entry))
 
-        self._held = True  # this run counts in replica.outstanding until release()
+    def _start(self, replica: Replica) -> None:
+        self.replica = replica
         with replica.lock:
             replica.outstanding += 1
+            self._held = True
+        timeout = None if self.deadline is None else max(0.001, self.deadline - time.monotonic())
         try:
             self.call = replica.generate(wpb.WorkerGenerateRequest(
-                request_id=uuid.uuid4().hex, prompt_token_ids=prep.prompt_ids, sampling=prep.sampling), timeout)
+                request_id=uuid.uuid4().hex, prompt_token_ids=self.prep.prompt_ids, sampling=self.prep.sampling),
+                timeout)
         except BaseException:
             self.release()
             raise
+
+    def _retry(self, err: RequestError) -> bool:
+        """Start again on another replica after `err`, if nothing was streamed yet; False: give up."""
+        if self.generated or len(self.failed) >= self.RETRIES:
+            return False
+        self.failed.append(self.replica)
+        try:
+            replica = self.router.pick(self.prep.entry, exclude=self.failed)
+        except RequestError:
+            return False  # no other ready replica: the first failure is the answer
+        log.warning("%s; retrying on %s (nothing was streamed yet)", err.message, replica.name)
+        self.release()
+        self._start(replica)
+        return True
 
     def cancel(self) -> None:
         self.call.cancel()
@@ -179,6 +208,15 @@ class Running:
                 self.replica.outstanding -= 1
 
     def events(self) -> Iterator[Event]:
+        while True:
+            try:
+                yield from self._events()
+                return
+            except RequestError as err:
+                if err.code != grpc.StatusCode.UNAVAILABLE or not self._retry(err):
+                    raise
+
+    def _events(self) -> Iterator[Event]:
         detok = IncrementalDetokenizer(self.prep.entry.codec, self.prep.prompt_ids)
         stops = StopStrings(self.prep.stops)
         want_lp = self.prep.sampling.return_log_probs
@@ -242,9 +280,8 @@ class GenerationService(gpb_grpc.GenerationServicer):
     def _start(self, prep: Prepared, context, runs: list[Running]) -> None:
         """Start one run and append it to `runs`; the caller releases every run in `runs` when the
         request ends (a later run failing to start, or an earlier one failing, leaks nothing)."""
-        replica = self.router.pick(prep.entry)
         remaining = context.time_remaining()  # huge when the client set no deadline
-        running = Running(prep, replica, remaining if remaining is not None and remaining < 1e6 else None)
+        running = Running(prep, self.router, remaining if remaining is not None and remaining < 1e6 else None)
         runs.append(running)
         context.add_callback(running.cancel)
 

@@ -4,6 +4,7 @@ ServingRouter adds the gates: a server-wide drain and per-model reasons to refus
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -86,8 +87,9 @@ class Router:
             with entry.lock:
                 entry.in_flight -= n
 
-    def pick(self, entry: ModelEntry) -> Replica:
-        ready = entry.ready_replicas()
+    def pick(self, entry: ModelEntry, exclude: Sequence[Replica] = ()) -> Replica:
+        """The ready replica with the fewest outstanding requests, leaving out `exclude`."""
+        ready = [r for r in entry.ready_replicas() if r not in exclude]
         if not ready:
             states = ", ".join(f"{r.name}: {r.state}" for r in entry.replicas)
             raise RequestError(grpc.StatusCode.UNAVAILABLE, f"model {entry.name}: no ready replica ({states})")
