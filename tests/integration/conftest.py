@@ -10,6 +10,8 @@ def chat_server(demo_cache, tmp_path_factory):
     drains, stops or loads a model on a server starts its own."""
     tpl = tmp_path_factory.mktemp("chat") / "chat.jinja"
     tpl.write_text(CHAT_TEMPLATE)
-    with ServerProcess("--max-batch-size", "16", "--chat-template", str(tpl), cache_dir=demo_cache, timeout=300) as s:
+    with ServerProcess(
+        "--max-batch-size", "16", "--chat-template", str(tpl), cache_dir=demo_cache, timeout=300
+    ) as s:
         s.cache = demo_cache
         yield s
