@@ -7,8 +7,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-LLAMA_300M = "bench-llama-300m-v1"
-
 
 def demo(cache: Path) -> Path:
     from controller.acquire.demo_model import demo_model_path
@@ -16,38 +14,54 @@ def demo(cache: Path) -> Path:
     return demo_model_path(cache)
 
 
-def llama_300m(cache: Path) -> Path:
-    """hidden 1024, 24 layers, MLP 2816, 16 heads (8 KV), vocab 4096: 306M parameters, fp32 safetensors."""
-    target = Path(cache) / LLAMA_300M
+def random_llama(cache: Path, name: str, *, hidden: int, intermediate: int, layers: int, heads: int,
+                 kv_heads: int, seed: int, std: float | None = None, **config) -> Path:
+    """cache/name: a Llama with the demo tokenizer (vocab 4096) and random weights (torch seed `seed`),
+    built once. std None: transformers' own init; else every matrix N(0, std) and every vector 1, built on
+    the meta device (no init pass). The same arguments write byte-identical files (a cached name stays
+    valid); `config` adds LlamaConfig fields (what it leaves out keeps transformers' default)."""
+    target = Path(cache) / name
     if (target / "model.safetensors").is_file():
         return target
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     src = demo(cache)
-    tmp = Path(tempfile.mkdtemp(prefix=".llama300m-", dir=cache))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
     try:
         for f in src.iterdir():
             if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
                 shutil.copy(f, tmp / f.name)
-        config = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
-                             num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=1024,
-                             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, rms_norm_eps=1e-5)
-        torch.manual_seed(0)
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-        model = model.to_empty(device="cpu")
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() > 1:
-                    p.normal_(0.0, 0.03)
-                else:
-                    p.fill_(1.0)
+        cfg = LlamaConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **config)
+        torch.manual_seed(seed)
+        if std is None:
+            model = LlamaForCausalLM(cfg)
+        else:
+            with torch.device("meta"):
+                model = LlamaForCausalLM(cfg)
+            model = model.to_empty(device="cpu")
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() > 1:
+                        p.normal_(0.0, std)
+                    else:
+                        p.fill_(1.0)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+LLAMA_300M = "bench-llama-300m-v1"
+
+
+def llama_300m(cache: Path) -> Path:
+    """hidden 1024, 24 layers, MLP 2816, 16 heads (8 KV), vocab 4096: 306M parameters, fp32 safetensors."""
+    return random_llama(cache, LLAMA_300M, hidden=1024, intermediate=2816, layers=24, heads=16, kv_heads=8, seed=0,
+                        std=0.03, rms_norm_eps=1e-5)
 
 
 LLAMA_2L = "bench-llama-2l-v1"
@@ -56,27 +70,7 @@ LLAMA_2L = "bench-llama-2l-v1"
 def llama_2l(cache: Path) -> Path:
     """A draft-sized Llama with the demo tokenizer (vocab 4096): hidden 128, 2 layers, MLP 352, 4 heads
     (2 KV), random weights (seed 1); ~1.3M parameters, most of them the embedding and LM head."""
-    target = Path(cache) / LLAMA_2L
-    if (target / "model.safetensors").is_file():
-        return target
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    src = demo(cache)
-    tmp = Path(tempfile.mkdtemp(prefix=".llama2l-", dir=cache))
-    try:
-        for f in src.iterdir():
-            if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
-                shutil.copy(f, tmp / f.name)
-        config = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-        torch.manual_seed(1)
-        LlamaForCausalLM(config).save_pretrained(str(tmp), safe_serialization=True)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return random_llama(cache, LLAMA_2L, hidden=128, intermediate=352, layers=2, heads=4, kv_heads=2, seed=1)
 
 
 FLAN_T5_LIKE = "bench-flan-t5-like-v1"

@@ -37,7 +37,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from shardserve.v1 import admin_pb2 as apb
 from shardserve.v1 import admin_pb2_grpc as apb_grpc
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
+from tests.integration.processes import Stream, wait_for
 from tests.integration.s3_fixtures import BUCKET, TEST_ENV, MotoServer, upload_folder
 from tests.integration.server import ServerProcess
 
@@ -113,34 +113,9 @@ def s3_partition(server, moto, cache: Path, prompts: list[str], n: int) -> dict:
     return out
 
 
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
-
-class Stream:
-    def __init__(self, server, model: str, prompt: str):
-        stub = gpb_grpc.GenerationStub(server.channel)
-        self.call = stub.GenerateStream(gpb.GenerateStreamRequest(
-            prompt=prompt, model=model, parameters=gpb.GenerationParameters(max_new_tokens=400, ignore_eos=True)),
-            timeout=90)
-        self.tokens, self.code, self.details, self.ended_at = 0, None, "", None
-        self.thread = threading.Thread(target=self._consume, daemon=True)
-        self.thread.start()
-
-    def _consume(self):
-        try:
-            for _ in self.call:
-                self.tokens += 1
-            self.code = "OK"
-        except grpc.RpcError as e:
-            self.code, self.details = e.code().name, e.details()
-        self.ended_at = time.monotonic()
+def stream(server, model: str, prompt: str) -> Stream:
+    return Stream(server, gpb.GenerateStreamRequest(
+        prompt=prompt, model=model, parameters=gpb.GenerationParameters(max_new_tokens=400, ignore_eos=True)), 90)
 
 
 def replica_ready(server, model: str, restarts: int = 0) -> dict | None:
@@ -262,7 +237,7 @@ def main(spec_path: str, out_path: str) -> int:
         if host_b is not None:
             host_b.start_node(cluster.address, 2)
             wait_for(lambda: len(cluster.global_state._live_node_ids()) == len(cluster.list_all_nodes()) + 1,
-                     60, "host B's node to join")
+                     60, "host B's node to join", every=0.2)
         else:
             add("b", 2)
         result["cluster_start_s"] = time.monotonic() - t0
@@ -282,7 +257,7 @@ def main(spec_path: str, out_path: str) -> int:
         save()
 
         # 2. a node dies mid-stream: rank 1's, on whichever host it is
-        st = Stream(server, "tiny", prompts[0])
+        st = stream(server, "tiny", prompts[0])
         wait_for(lambda: st.tokens >= 3, 60, "tokens on the stream")
         rank1 = result["tp2"]["describe"]["replicas"][0]["ranks"][1]
         victim = next((name for name, node in nodes.items() if node.node_id == rank1["node_id"]), "b")
@@ -291,11 +266,12 @@ def main(spec_path: str, out_path: str) -> int:
             cluster.remove_node(nodes.pop(victim), allow_graceful=False)
         else:
             host_b.kill_node()
-        st.thread.join(100)
-        result["kill"] = {"node": victim, "code": st.code, "details": st.details, "tokens_before": st.tokens,
-                          "ended_after_s": (st.ended_at - killed_at) if st.ended_at else None}
+        st.wait()
+        result["kill"] = {"node": victim, "code": st.code and st.code.name, "details": st.details,
+                          "tokens_before": st.tokens, "ended_after_s": (st.ended_at - killed_at) if st.ended_at else None}
         add("c", 2)  # the replacement host
-        back = wait_for(lambda: replica_ready(server, "tiny", restarts=1), 180, "the replica to come back")
+        back = wait_for(lambda: replica_ready(server, "tiny", restarts=1), 180, "the replica to come back",
+                        every=0.2)
         result["kill"]["back_after_s"] = time.monotonic() - killed_at
         result["kill"]["describe"] = back
         result["kill"]["tokens"] = greedy(server, "tiny", prompts, n)

@@ -15,6 +15,18 @@ import grpc
 from controller.fleet.placement import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+# a test chat template (the demo tokenizer has none): <|role|>content</s> per message
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def with_demo(cache: Path, demo_cache: Path) -> Path:
+    """`cache` (a module's own: its downloads, partitions, logs) holding a link to the demo model already
+    built in `demo_cache` (tests/conftest.py): a server on it skips the build (~5 s, more on CI)."""
+    from controller.acquire.demo_model import DEMO_VERSION
+
+    (Path(cache) / DEMO_VERSION).symlink_to(Path(demo_cache) / DEMO_VERSION)
+    return Path(cache)
 
 
 class ServerProcess:

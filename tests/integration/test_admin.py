@@ -9,7 +9,6 @@ import os
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -22,8 +21,9 @@ from shardserve.v1 import admin_pb2 as apb
 from shardserve.v1 import admin_pb2_grpc as apb_grpc
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
+from tests.integration.processes import alive, wait_for
 from tests.integration.s3_fixtures import TEST_ENV, MotoServer, upload_folder
-from tests.integration.server import ROOT, ServerProcess
+from tests.integration.server import ROOT, ServerProcess, with_demo
 from tests.integration.tls import make_cert
 
 TOKEN = "test-admin-token-7f3a"
@@ -59,8 +59,8 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, s3):
-    cache = tmp_path_factory.mktemp("cache")
+def server(tmp_path_factory, s3, demo_cache):
+    cache = with_demo(tmp_path_factory.mktemp("cache"), demo_cache)
     cert, key = make_cert(tmp_path_factory.mktemp("tls"))
     env = {"SHARDSERVE_ADMIN_TOKEN": TOKEN, "AWS_ENDPOINT_URL": s3.url, **TEST_ENV}
     with TlsServer("--max-batch-size", "8", "--tls-cert", str(cert), "--tls-key", str(key), cache_dir=cache, ca=cert,
@@ -201,8 +201,7 @@ def test_second_model_two_replicas_least_loaded_routing_scale_down_and_unload(se
     with pytest.raises(grpc.RpcError) as err:
         generate(server, "demo2")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    time.sleep(0.5)
-    assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    wait_for(lambda: not alive(pid), 10, "the unloaded model's worker to exit")
     assert generate(server).generated_tokens == 6  # the only model again: the default
 
 

@@ -13,12 +13,12 @@ import pytest
 
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
-from tests.integration.server import ROOT, ServerProcess
+from tests.integration.server import ROOT, ServerProcess, with_demo
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache-admission")
+def cache(tmp_path_factory, demo_cache):
+    return with_demo(tmp_path_factory.mktemp("cache-admission"), demo_cache)
 
 
 @pytest.fixture(scope="module")

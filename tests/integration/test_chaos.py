@@ -11,7 +11,6 @@ once, and a full disk during a partition or a download fails naming the path, no
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -26,6 +25,7 @@ import pytest
 
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
+from tests.integration.processes import Stream, wait_for, workers
 from tests.integration.server import ServerProcess
 
 DEADLINE_S = 60.0  # a request still open after this would be the hang we must never have
@@ -89,41 +89,12 @@ class Bystander(threading.Thread):
         self.join(DEADLINE_S + 10)
 
 
-class Stream:
-    """A stream consumed in a thread: tokens seen, then how it ended."""
-
-    def __init__(self, server, prompt_ids: list[int] | None = None, max_new_tokens: int = 900):
-        req = gpb.GenerateStreamRequest(prompt="chaos", parameters=gpb.GenerationParameters(
-            max_new_tokens=max_new_tokens, ignore_eos=True))
-        if prompt_ids:
-            req.prompt_token_ids.token_ids.extend(prompt_ids)
-        self.call = stub(server).GenerateStream(req, timeout=DEADLINE_S)
-        self.tokens, self.code, self.details = 0, None, ""
-        self.thread = threading.Thread(target=self._consume, daemon=True)
-        self.thread.start()
-
-    def _consume(self):
-        try:
-            for _ in self.call:
-                self.tokens += 1
-            self.code = grpc.StatusCode.OK
-        except grpc.RpcError as e:
-            self.code, self.details = e.code(), e.details()
-
-    def ended(self) -> tuple[grpc.StatusCode | None, str]:
-        self.thread.join(DEADLINE_S + 10)
-        assert not self.thread.is_alive(), "the stream hung past its deadline"
-        return self.code, self.details
-
-
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+def stream(server, prompt_ids: list[int] | None = None, max_new_tokens: int = 900) -> Stream:
+    req = gpb.GenerateStreamRequest(prompt="chaos", parameters=gpb.GenerationParameters(
+        max_new_tokens=max_new_tokens, ignore_eos=True))
+    if prompt_ids:
+        req.prompt_token_ids.token_ids.extend(prompt_ids)
+    return Stream(server, req, DEADLINE_S)
 
 
 def replicas(server) -> dict:
@@ -134,17 +105,8 @@ def replicas(server) -> dict:
 
 
 def worker_pids(server) -> dict[str, int]:
-    """replica name -> pid of its (single) worker, from the workers' --config JSON (socket = NAME.sock)."""
-    out = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()
-    pids = {}
-    for pid in out:
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--config" in args:
-            pids[Path(json.loads(args[args.index(b"--config") + 1])["socket"]).stem] = int(pid)
-    return pids
+    """replica name -> pid of its (single) worker (its socket is NAME.sock)."""
+    return {Path(c.socket).stem: pid for pid, c in workers(server.proc.pid).items()}
 
 
 def kill(server, name: str) -> int:
@@ -188,12 +150,12 @@ def test_kill_mid_decode_and_during_a_long_prefill(server):
     server.bystander.pause()
     try:
         wait_for(lambda: server.stats()["demo"]["in_flight"] == 0, 30, "nothing in flight")
-        decoding = Stream(server)  # both idle: demo-0 (ties go to the first)
+        decoding = stream(server)  # both idle: demo-0 (ties go to the first)
         wait_for(lambda: outstanding(server) == (1, 0), 30, "the decoding stream on demo-0")
-        healthy = Stream(server, max_new_tokens=300)  # demo-1 is less busy
+        healthy = stream(server, max_new_tokens=300)  # demo-1 is less busy
         wait_for(lambda: outstanding(server) == (1, 1), 30, "the healthy stream on demo-1")
         wait_for(lambda: decoding.tokens >= 3, 60, "tokens on the decoding stream")
-        prefill = Stream(server, prompt_ids=[(7 * i) % 4000 + 5 for i in range(1000)], max_new_tokens=16)
+        prefill = stream(server, prompt_ids=[(7 * i) % 4000 + 5 for i in range(1000)], max_new_tokens=16)
         wait_for(lambda: outstanding(server) == (2, 1), 30, "the prefill on demo-0")  # a tie again: demo-0
         kill(server, "demo-0")
     finally:
@@ -222,7 +184,7 @@ def test_kill_while_idle_then_again_while_it_loads(server):
 
 def test_hung_worker_is_caught_by_the_watchdog_and_restarted(server):
     base = replicas(server)["demo-0"]["restarts"]
-    st = on_victim(server, lambda: Stream(server))
+    st = on_victim(server, lambda: stream(server))
     wait_for(lambda: st.tokens >= 3, 60, "tokens on the victim's stream")
     pid = worker_pids(server)["demo-0"]
     os.kill(pid, signal.SIGSTOP)  # alive, holding its socket open, never answering again

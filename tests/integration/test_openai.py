@@ -1,8 +1,8 @@
 """The OpenAI-compatible routes over a real server, driven by the official `openai` package (and raw
 sockets for the SSE framing): completions and chat, unary and streamed, usage, stop, n, logprobs,
 errors in OpenAI's shape, greedy results equal to gRPC Generate's, 64 concurrent streams beside a
-stalled reader, a client that leaves frees its slot. One server for the module (demo model, batch 8,
-a test chat template: the demo tokenizer has none)."""
+stalled reader, a client that leaves frees its slot. The package's shared server (chat_server in
+tests/integration/conftest.py: demo model, batch 16, a test chat template)."""
 
 from __future__ import annotations
 
@@ -19,20 +19,12 @@ import pytest
 from controller.acquire.demo_model import demo_model_path
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
-from tests.integration.server import ServerProcess
-
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+from tests.integration.server import CHAT_TEMPLATE
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache-openai")
-    tpl = cache / "chat.jinja"
-    tpl.write_text(TEMPLATE)
-    with ServerProcess("--max-batch-size", "8", "--chat-template", str(tpl), cache_dir=cache, timeout=300) as s:
-        s.cache = cache
-        yield s
+def server(chat_server):
+    return chat_server
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +44,7 @@ def chat_ids(server, messages) -> list[int]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(demo_model_path(server.cache)))
-    text = tok.apply_chat_template(messages, chat_template=TEMPLATE, tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True)
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 

@@ -142,15 +142,15 @@ def check_dashboard(target: str, model: str = MODEL) -> dict[str, int]:
 
 
 @pytest.fixture
-def shardserve_target(tmp_path) -> Iterator[str]:
+def shardserve_target(tmp_path, demo_cache) -> Iterator[str]:
     """'host:port' of a real `shardserve serve` HTTP port with generation traffic flowing."""
     import grpc
 
     from shardserve.v1 import generate_pb2 as gpb
     from shardserve.v1 import generate_pb2_grpc as gpb_grpc
-    from tests.integration.server import ServerProcess
+    from tests.integration.server import ServerProcess, with_demo
 
-    server = ServerProcess(cache_dir=tmp_path)
+    server = ServerProcess(cache_dir=with_demo(tmp_path, demo_cache))
     stop = threading.Event()
 
     def traffic():

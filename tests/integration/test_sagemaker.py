@@ -22,7 +22,7 @@ from shardserve.v1 import admin_pb2 as apb
 from shardserve.v1 import admin_pb2_grpc as apb_grpc
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
-from tests.integration.server import ROOT, ServerProcess
+from tests.integration.server import ROOT, ServerProcess, with_demo
 
 SERVE_SCRIPT = ROOT / "deploy" / "sagemaker" / "serve"
 JSON = {"Content-Type": "application/json"}
@@ -59,8 +59,8 @@ class ContainerServer(ServerProcess):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
+def server(tmp_path_factory, demo_cache):
+    cache = with_demo(tmp_path_factory.mktemp("cache"), demo_cache)
     demo = demo_model_path(cache)
     sm = tmp_path_factory.mktemp("opt-ml-model")  # stands in for /opt/ml/model
     for f in demo.iterdir():

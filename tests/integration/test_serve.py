@@ -1,4 +1,6 @@
-"""The walking skeleton end to end: a real controller and worker process, real gRPC clients."""
+"""The walking skeleton end to end: a real controller and worker process, real gRPC clients (on the
+package's shared server, chat_server in tests/integration/conftest.py; a server of its own, default
+flags, for SIGTERM)."""
 
 import concurrent.futures as cf
 import json
@@ -13,14 +15,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
-from tests.integration.server import ROOT, ServerProcess
+from tests.integration.processes import alive, wait_for, workers
+from tests.integration.server import ROOT, ServerProcess, with_demo
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    with ServerProcess("--max-batch-size", "8", cache_dir=cache) as s:
-        yield s
+def server(chat_server):
+    return chat_server
 
 
 def stub(server):
@@ -136,14 +137,11 @@ def test_cli_generate_json_and_stream(server):
     assert bad.returncode != 0 and "INVALID_ARGUMENT" in bad.stderr and "nonsense" in bad.stderr
 
 
-def test_sigterm_exits_zero_and_leaves_no_worker(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache2")
-    s = ServerProcess(cache_dir=cache)
+def test_sigterm_exits_zero_and_leaves_no_worker(demo_cache, tmp_path):
+    s = ServerProcess(cache_dir=with_demo(tmp_path, demo_cache))
     st = s.stats()
     assert st["demo"]["replicas"]["demo-0"]["state"] == "ready"
-    pids = subprocess.run(["pgrep", "-P", str(s.proc.pid)], capture_output=True, text=True).stdout.split()
+    pids = list(workers(s.proc.pid))
     assert pids, "no worker child found"
     assert s.stop("term") == 0
-    time.sleep(0.5)
-    for pid in pids:
-        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+    wait_for(lambda: not any(alive(p) for p in pids), 10, "no worker left after SIGTERM")

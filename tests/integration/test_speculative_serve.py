@@ -14,17 +14,17 @@ import pytest
 
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
-from tests.integration.server import ServerProcess
+from tests.integration.server import ServerProcess, with_demo
 
 TEXT = "Licensed under the Apache License, Version 2.0; you may not use this file except in compliance"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, demo_cache):
     from controller.acquire.demo_model import demo_model_path
 
-    cache = tmp_path_factory.mktemp("cache")
-    draft = demo_model_path(cache)  # built here once; the server then finds it in the same cache
+    cache = with_demo(tmp_path_factory.mktemp("cache"), demo_cache)
+    draft = demo_model_path(cache)  # the demo model as its own draft; the server finds it in the same cache
     with ServerProcess("--max-batch-size", "8", "--speculative-model", str(draft), "--num-speculative-tokens", "4",
                        cache_dir=cache) as s:
         yield s, cache

@@ -6,8 +6,8 @@ INVALID_ARGUMENT naming the field; response_format and guided_* through the `ope
 
 Every schema here is bounded (maxLength, maxItems, ranges, enums, additionalProperties false), so
 the grammar itself forces the output to close and a random-weight model finishes with STOP well
-within max_new_tokens; every such output must parse and validate with `jsonschema`. One server
-for the module (batch 16, a test chat template: the demo tokenizer has none)."""
+within max_new_tokens; every such output must parse and validate with `jsonschema`. The package's
+shared server (chat_server in tests/integration/conftest.py: demo model, batch 16, a test chat template)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,6 @@ import pytest
 
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
-from tests.integration.server import ServerProcess
-
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def obj(props: dict, required: list[str] | None = None) -> dict:
@@ -59,12 +55,8 @@ PROMPTS = ["Licensed under the", "The following JSON:"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache-structured")
-    tpl = cache / "chat.jinja"
-    tpl.write_text(TEMPLATE)
-    with ServerProcess("--max-batch-size", "16", "--chat-template", str(tpl), cache_dir=cache, timeout=300) as s:
-        yield s
+def server(chat_server):
+    return chat_server
 
 
 @pytest.fixture(scope="module")

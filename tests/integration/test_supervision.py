@@ -6,56 +6,21 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import threading
 import time
 
 import grpc
-import pytest
 
 from shardserve.v1 import generate_pb2 as gpb
 from shardserve.v1 import generate_pb2_grpc as gpb_grpc
+from tests.integration.processes import Stream, alive, wait_for, workers
 from tests.integration.server import ServerProcess
-from worker.config import WorkerConfig
 
 CLIENT_DEADLINE_S = 60.0  # a stream still open after this would be the hang we must never have
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("sup-cache")  # the demo model is built once for both servers
-
-
 def rank_pids(controller_pid: int) -> dict[int, int]:
-    """rank -> pid of the controller's worker children (from their command lines)."""
-    out = subprocess.run(["pgrep", "-P", str(controller_pid)], capture_output=True, text=True).stdout.split()
-    ranks = {}
-    for pid in out:
-        try:
-            args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if b"--config" in args:  # python -m worker ROLE --config JSON (worker/config.py)
-            ranks[WorkerConfig.from_json(args[args.index(b"--config") + 1].decode()).rank] = int(pid)
-    return ranks
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "zombie" not in f.read().lower()
-    except OSError:
-        return False
-
-
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    """rank -> pid of the controller's worker children."""
+    return {c.rank: pid for pid, c in workers(controller_pid).items()}
 
 
 def generate(server, prompt: str, n: int) -> list[int]:
@@ -65,32 +30,10 @@ def generate(server, prompt: str, n: int) -> list[int]:
     return list(out.outputs[0].token_ids)
 
 
-class Stream:
-    """A long stream consumed in a thread: tokens seen, then how it ended and when."""
-
-    def __init__(self, server, max_new_tokens: int = 900):
-        stub = gpb_grpc.GenerationStub(server.channel)
-        self.call = stub.GenerateStream(gpb.GenerateStreamRequest(
-            prompt="supervised", parameters=gpb.GenerationParameters(max_new_tokens=max_new_tokens)),
-            timeout=CLIENT_DEADLINE_S)
-        self.tokens = 0
-        self.code: grpc.StatusCode | None = None
-        self.details = ""
-        self.ended_at: float | None = None
-        self.thread = threading.Thread(target=self._consume, daemon=True)
-        self.thread.start()
-
-    def _consume(self):
-        try:
-            for _ in self.call:
-                self.tokens += 1
-            self.code = grpc.StatusCode.OK
-        except grpc.RpcError as e:
-            self.code, self.details = e.code(), e.details()
-        self.ended_at = time.monotonic()
-
-    def wait(self) -> None:
-        self.thread.join(CLIENT_DEADLINE_S + 10)
+def stream(server, max_new_tokens: int = 900) -> Stream:
+    """A long stream consumed in a thread."""
+    return Stream(server, gpb.GenerateStreamRequest(
+        prompt="supervised", parameters=gpb.GenerationParameters(max_new_tokens=max_new_tokens)), CLIENT_DEADLINE_S)
 
 
 def replica_state(server) -> dict:
@@ -100,14 +43,14 @@ def replica_state(server) -> dict:
         return {}
 
 
-def test_killed_or_hung_rank_fails_streams_then_the_group_restarts_and_sigterm_drains(cache):
+def test_killed_or_hung_rank_fails_streams_then_the_group_restarts_and_sigterm_drains(demo_cache):
     # collectives may wait 60 s, the controller's step watchdog only 5 s: a hang is the watchdog's
-    with ServerProcess("--tp", "2", "--max-batch-size", "4", "--step-watchdog", "5", cache_dir=cache,
+    with ServerProcess("--tp", "2", "--max-batch-size", "4", "--step-watchdog", "5", cache_dir=demo_cache,
                        timeout=300) as s:
         ranks = rank_pids(s.proc.pid)
         assert sorted(ranks) == [0, 1]
         before = generate(s, "same tokens after a restart", 8)
-        streams = [Stream(s), Stream(s)]
+        streams = [stream(s), stream(s)]
         wait_for(lambda: all(st.tokens >= 3 for st in streams), 60, "tokens on both streams")
         killed_at = time.monotonic()
         os.kill(ranks[1], signal.SIGKILL)
@@ -119,7 +62,7 @@ def test_killed_or_hung_rank_fails_streams_then_the_group_restarts_and_sigterm_d
         assert not alive(ranks[0]), "the leader of the broken group must be gone too"
 
         wait_for(lambda: replica_state(s).get("state") == "ready" and replica_state(s).get("restarts", 0) >= 1,
-                 240, "the replica to come back")
+                 240, "the replica to come back", every=0.2)
         print(f"replica serving again {time.monotonic() - killed_at:.1f}s after the kill")
         new_ranks = rank_pids(s.proc.pid)
         assert sorted(new_ranks) == [0, 1] and not set(new_ranks.values()) & set(ranks.values())
@@ -127,7 +70,7 @@ def test_killed_or_hung_rank_fails_streams_then_the_group_restarts_and_sigterm_d
 
         # a hung rank (stopped, alive): the leader waits in a collective, no step completes while a
         # request waits, the controller's step watchdog takes the group down
-        st = Stream(s)
+        st = stream(s)
         wait_for(lambda: st.tokens >= 3, 60, "tokens on the stream")
         os.kill(new_ranks[1], signal.SIGSTOP)
         st.wait()
@@ -136,13 +79,13 @@ def test_killed_or_hung_rank_fails_streams_then_the_group_restarts_and_sigterm_d
         assert said, "the controller must say the step watchdog fired"
         print(said[0])
         wait_for(lambda: replica_state(s).get("state") == "ready" and replica_state(s).get("restarts", 0) >= 2,
-                 240, "the replica to come back again")
+                 240, "the replica to come back again", every=0.2)
         assert not alive(new_ranks[1])
         new_ranks = rank_pids(s.proc.pid)
         assert sorted(new_ranks) == [0, 1]
 
         # SIGTERM: stop admitting, let the in-flight request finish, stop the workers, exit 0
-        late = Stream(s, max_new_tokens=24)
+        late = stream(s, max_new_tokens=24)
         wait_for(lambda: late.tokens >= 1, 60, "the in-flight request to start")
         assert s.stop("term") == 0
         late.wait()
@@ -150,11 +93,11 @@ def test_killed_or_hung_rank_fails_streams_then_the_group_restarts_and_sigterm_d
         wait_for(lambda: not any(alive(p) for p in new_ranks.values()), 10, "no worker left after SIGTERM")
 
 
-def test_hung_rank_hits_the_collective_timeout_and_controller_sigkill_leaves_no_worker(cache):
-    s = ServerProcess("--tp", "2", "--collective-timeout", "3", cache_dir=cache, timeout=300)
+def test_hung_rank_hits_the_collective_timeout_and_controller_sigkill_leaves_no_worker(demo_cache):
+    s = ServerProcess("--tp", "2", "--collective-timeout", "3", cache_dir=demo_cache, timeout=300)
     try:
         ranks = rank_pids(s.proc.pid)
-        st = Stream(s)
+        st = stream(s)
         wait_for(lambda: st.tokens >= 3, 60, "tokens on the stream")
         os.kill(ranks[1], signal.SIGSTOP)  # a rank that hangs: alive, but never answers a collective
         st.wait()
@@ -163,7 +106,7 @@ def test_hung_rank_hits_the_collective_timeout_and_controller_sigkill_leaves_no_
         assert said, "the error must name the collective timeout"
         print(said[0])
         wait_for(lambda: replica_state(s).get("state") == "ready" and replica_state(s).get("restarts", 0) >= 1,
-                 240, "the replica to come back")
+                 240, "the replica to come back", every=0.2)
         assert not alive(ranks[1]), "the hung rank must have been killed"
         new_ranks = rank_pids(s.proc.pid)
         assert sorted(new_ranks) == [0, 1]
