@@ -111,8 +111,8 @@ def worker_pids(server) -> dict[str, int]:
 
 def kill(server, name: str) -> int:
     """kill -9 of `name`'s worker, returning once the controller has seen it die: the bystander resumes
-    only then. (In the instant between the signal and the death, a few ms to a few hundred on a busy
-    machine, a request routed to the dying worker fails with UNAVAILABLE: that is not what this tests.)"""
+    only then. (A request routed to the dying worker in the instant between the signal and the death
+    starts again on the other replica: test_a_request_whose_replica_dies_before_its_first_token_...)"""
     pid = worker_pids(server)[name]
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: replicas(server).get(name, {}).get("state") not in (None, "ready"), 30, f"{name} down")
@@ -144,8 +144,9 @@ def on_victim(server, start) -> object:
 
 
 def test_kill_mid_decode_and_during_a_long_prefill(server):
-    """One kill -9 of demo-0 ends both its streams (one decoding, one in a 1000-token prefill at 128
-    tokens a step) with UNAVAILABLE; a stream on demo-1 at the same time finishes untouched."""
+    """One kill -9 of demo-0 ends its decoding stream with UNAVAILABLE; its stream in a 1000-token
+    prefill (128 tokens a step) ends the same way if it had a token by then, else it starts again on
+    demo-1 and finishes whole; a stream on demo-1 at the same time finishes untouched."""
     base = replicas(server)["demo-0"]["restarts"]
     server.bystander.pause()
     try:
@@ -160,13 +161,37 @@ def test_kill_mid_decode_and_during_a_long_prefill(server):
         kill(server, "demo-0")
     finally:
         server.bystander.resume()
-    for st in (decoding, prefill):
-        code, details = st.ended()
-        assert code == grpc.StatusCode.UNAVAILABLE and "demo-0" in details, (code, details)
-    print(f"killed with {decoding.tokens} tokens decoded and {prefill.tokens} after the long prompt")
+    code, details = decoding.ended()
+    assert code == grpc.StatusCode.UNAVAILABLE and "demo-0" in details, (code, details)
+    code, details = prefill.ended()
+    if code == grpc.StatusCode.OK:  # no token yet when demo-0 died: retried on demo-1
+        assert prefill.tokens == 16, prefill.tokens
+    else:
+        assert code == grpc.StatusCode.UNAVAILABLE and "demo-0" in details and prefill.tokens, (code, details)
+    print(f"killed with {decoding.tokens} tokens decoded; the long prompt's stream ended {code.name} "
+          f"with {prefill.tokens} tokens")
     assert healthy.ended() == (grpc.StatusCode.OK, "") and healthy.tokens == 300
     up(server, "demo-0", base + 1)
     assert not server.bystander.failures, server.bystander.failures
+
+
+def test_a_request_whose_replica_dies_before_its_first_token_is_retried_on_the_other(server):
+    """demo-0, frozen (SIGSTOP), takes a stream and is killed before it could send a token: the stream
+    starts again on demo-1 and its client sees one whole, ordinary stream."""
+    base = replicas(server)["demo-0"]["restarts"]
+    pid = worker_pids(server)["demo-0"]
+    server.bystander.pause()
+    try:
+        wait_for(lambda: server.stats()["demo"]["in_flight"] == 0, 30, "nothing in flight")
+        os.kill(pid, signal.SIGSTOP)
+        st = stream(server, max_new_tokens=20)  # both idle: demo-0
+        wait_for(lambda: outstanding(server) == (1, 0), 30, "the stream on demo-0")
+        os.kill(pid, signal.SIGKILL)
+        assert st.ended() == (grpc.StatusCode.OK, "") and st.tokens == 20
+    finally:
+        server.bystander.resume()
+    assert "retrying on demo-1 (nothing was streamed yet)" in server.output()
+    up(server, "demo-0", base + 1)
 
 
 def test_kill_while_idle_then_again_while_it_loads(server):
