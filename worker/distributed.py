@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from worker import shm_collective
+
 
 @dataclass(frozen=True)
 class ParallelState:
@@ -34,6 +36,7 @@ class ParallelState:
     stage_layers: tuple[int, ...] = ()
     collective_timeout_s: float = 0.0  # 0 = no process group (world size 1 without torch.distributed)
     comm_device: str = "cpu"  # where tensors handed to collectives live (cuda with NCCL)
+    shm: Any = None  # worker.shm_collective.ShmCollective of the tp group when all its ranks share this host
 
     @property
     def rank(self) -> int:
@@ -131,6 +134,8 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     state = get_parallel_state()
     if state.tp_size == 1:
         return x
+    if state.shm is not None and state.shm.fits(x):
+        return state.shm.all_reduce(x)
     dist.all_reduce(x, group=state.tp_group)
     return x
 
@@ -140,6 +145,8 @@ def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     state = get_parallel_state()
     if state.tp_size == 1:
         return x
+    if state.shm is not None and state.shm.fits(x):
+        return state.shm.all_gather_last_dim(x)
     parts = [torch.empty_like(x) for _ in range(state.tp_size)]
     dist.all_gather(parts, x.contiguous(), group=state.tp_group)
     return torch.cat(parts, dim=-1)
@@ -171,13 +178,29 @@ def init_distributed(rank: int, tp: int, pp: int, port: int, *, backend: str = "
         group = dist.new_group(list(ranks), timeout=timeout, backend=backend) if world > 1 else dist.group.WORLD
         if stage == pp_rank:
             tp_group, tp_ranks = group, ranks
+    shm = None
+    if backend == "gloo" and tp > 1 and shm_collective.supported(master_addr):
+        shm = _open_shm(f"/dev/shm/shardserve-tp-{port}-{pp_rank}", my_tp_rank, tp, timeout_s, tp_group)
     state = ParallelState(tp_rank=my_tp_rank, tp_size=tp, pp_rank=pp_rank, pp_size=pp, tp_group=tp_group,
                           tp_ranks=tp_ranks, stage_layers=tuple(stage_layers), collective_timeout_s=timeout_s,
-                          comm_device=device if backend == "nccl" else "cpu")
+                          comm_device=device if backend == "nccl" else "cpu", shm=shm)
     set_parallel_state(state)
-    logging.getLogger(__name__).info("rank %d/%d joined (%s): tp_rank %d/%d, pp_rank %d/%d, timeout %.0fs",
-                                     rank, world, backend, my_tp_rank, tp, pp_rank, pp, timeout_s)
+    logging.getLogger(__name__).info("rank %d/%d joined (%s%s): tp_rank %d/%d, pp_rank %d/%d, timeout %.0fs",
+                                     rank, world, backend, ", tp collectives in shared memory" if shm else "",
+                                     my_tp_rank, tp, pp_rank, pp, timeout_s)
     return state
+
+
+def _open_shm(path: str, tp_rank: int, tp: int, timeout_s: float, group) -> shm_collective.ShmCollective:
+    """The tp group's segment: its first rank makes it, the others map it, then it is unlinked (the
+    mappings stay), so no file outlives the group whatever ends it."""
+    made = shm_collective.ShmCollective(path, tp_rank, tp, timeout_s, create=True) if tp_rank == 0 else None
+    dist.barrier(group=group)
+    mine = made or shm_collective.ShmCollective(path, tp_rank, tp, timeout_s, create=False)
+    dist.barrier(group=group)
+    if tp_rank == 0:
+        os.unlink(path)
+    return mine
 
 
 def interface_of(address: str) -> str | None:
