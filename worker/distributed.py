@@ -191,15 +191,30 @@ def init_distributed(rank: int, tp: int, pp: int, port: int, *, backend: str = "
     return state
 
 
-def _open_shm(path: str, tp_rank: int, tp: int, timeout_s: float, group) -> shm_collective.ShmCollective:
+def _open_shm(path: str, tp_rank: int, tp: int, timeout_s: float, group) -> shm_collective.ShmCollective | None:
     """The tp group's segment: its first rank makes it, the others map it, then it is unlinked (the
-    mappings stay), so no file outlives the group whatever ends it."""
-    made = shm_collective.ShmCollective(path, tp_rank, tp, timeout_s, create=True) if tp_rank == 0 else None
-    dist.barrier(group=group)
-    mine = made or shm_collective.ShmCollective(path, tp_rank, tp, timeout_s, create=False)
-    dist.barrier(group=group)
+    mappings stay), so no file outlives the group whatever ends it. All ranks agree (a MIN over the
+    group): if any could not map it (a full /dev/shm, say), every rank stays on gloo."""
+    mine, err = None, ""
     if tp_rank == 0:
+        try:
+            mine = shm_collective.ShmCollective(path, 0, tp, timeout_s, create=True)
+        except (OSError, RuntimeError) as e:
+            err = str(e)
+    dist.barrier(group=group)
+    if tp_rank != 0 and os.path.exists(path):
+        try:
+            mine = shm_collective.ShmCollective(path, tp_rank, tp, timeout_s, create=False)
+        except (OSError, RuntimeError) as e:
+            err = str(e)
+    ok = torch.tensor([int(mine is not None)])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)  # also the barrier before the unlink
+    if tp_rank == 0 and os.path.exists(path):
         os.unlink(path)
+    if not ok.item():
+        logging.getLogger(__name__).warning("tensor-parallel collectives stay on gloo: the shared-memory segment %s "
+                                            "could not be set up (%s)", path, err or "on another rank")
+        return None
     return mine
 
 

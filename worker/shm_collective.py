@@ -27,7 +27,7 @@ import time
 
 import torch
 
-SLOT_BYTES = 4 << 20  # per rank and parity; larger tensors (long prefill chunks) go through gloo
+SLOT_BYTES = 2 << 20  # per rank and parity (a 512-token chunk of hidden 1024 fp32); larger ones go through gloo
 HEADER = 64  # bytes per rank: sequence number, pid (one cache line each)
 POLL_S = 0.05  # how often a waiting rank checks that its peers are alive
 
@@ -43,9 +43,12 @@ def supported(master_addr: str) -> bool:
 class ShmCollective:
     def __init__(self, path: str, rank: int, world: int, timeout_s: float, create: bool):
         size = world * HEADER + 2 * world * SLOT_BYTES
-        if create:
-            with open(path, "wb") as f:
-                f.truncate(size)
+        if create:  # the pages reserved now: a full /dev/shm fails here (ENOSPC), never later with SIGBUS
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
         self.mem = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
         self.head = self.mem[: world * HEADER].view(torch.int64).view(world, HEADER // 8)
         self.rank, self.world, self.timeout_s = rank, world, timeout_s
