@@ -240,9 +240,10 @@ def _attend_rows(q, k_flat, v_flat, ctx, group, rows, scale, sliding_window, ali
     values = v_flat[slots]
     qp = q[q_index]  # [G, Q, H, D]
     # the additive mask depends on the step and on (slopes, bias) only: the layers of a step that share
-    # them (T5's one relative-position bias per step) build it once
+    # them (T5's one relative-position bias per step) build it once. The entry keeps slopes and bias
+    # alive, so their ids cannot be reused by other tensors while the step's cache lives.
     key = ("scores_bias", group, sliding_window, id(alibi_slopes), id(bias), qp.dtype)
-    scores_bias = ctx.cache.get(key)
+    scores_bias = ctx.cache.get(key, (None, None, None))[2]
     if scores_bias is None:
         scores_bias = torch.zeros(G, 1, Q, L, dtype=torch.float32, device=q.device)
         scores_bias.masked_fill_(~allowed[:, None], float("-inf"))
@@ -253,7 +254,8 @@ def _attend_rows(q, k_flat, v_flat, ctx, group, rows, scale, sliding_window, ali
             scores_bias = scores_bias + bias[r][:, :, :Q, :L]
         # padded query rows see nothing: give them one key to avoid NaN, they are dropped anyway
         scores_bias[:, :, :, 0].masked_fill_(~q_valid[:, None, :], 0.0)
-        scores_bias = ctx.cache[key] = scores_bias.to(qp.dtype)
+        scores_bias = scores_bias.to(qp.dtype)
+        ctx.cache[key] = (alibi_slopes, bias, scores_bias)
     out = F.scaled_dot_product_attention(
         qp.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
         attn_mask=scores_bias, scale=scale, enable_gqa=Hkv != H,
