@@ -172,7 +172,8 @@ def _from_s3(url: str, opts: _Options) -> ResolvedSource:
         download_seconds=sum(r.seconds for r in results),
         downloaded_bytes=sum(r.bytes for r in results),
         files_fetched=sum(r.files_fetched for r in results),
-        files_skipped=results[-1].files_skipped,
+        # the last pass also skips what an earlier pass of this call fetched: that is not "already cached"
+        files_skipped=max(0, results[-1].files_skipped - sum(r.files_fetched for r in results[:-1])),
         ranks_fetch=ranks_fetch,
     )
 
