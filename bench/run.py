@@ -7,6 +7,7 @@ Full: 32 concurrent streams, prompt 128, 128 new tokens, on the demo model and a
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -109,7 +110,7 @@ def main(args) -> int:
     if args.models:
         names = args.models.split(",")
     if getattr(args, "streams", 0):
-        work = Workload(streams=args.streams, prompt_tokens=work.prompt_tokens, new_tokens=work.new_tokens)
+        work = dataclasses.replace(work, streams=args.streams)
     threads = args.threads or os.cpu_count() or 1
     quantize = tuple(q for q in (getattr(args, "quantize", "") or "").split(",") if q)
     load_before = os.getloadavg()[0]
