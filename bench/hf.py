@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from bench.workload import Result, Workload, make_result
+from bench.workload import Result, Workload, make_result, median_round
 
 
 def load(model_dir: Path):
@@ -31,16 +31,20 @@ def _generate(model, batch: list[list[int]], new_tokens: int) -> int:
     return (out.shape[1] - width) * len(batch)
 
 
-def run(model, model_name: str, work: Workload, prompts, batch_size: int, limit: int | None = None) -> Result:
-    ids = [p[1] for p in prompts][: limit or len(prompts)]
-    _generate(model, [ids[0]], 2)  # warm-up
-    lat, generated = [], 0
-    t0 = time.perf_counter()
-    for i in range(0, len(ids), batch_size):
-        generated += _generate(model, ids[i:i + batch_size], work.new_tokens)
-        lat.extend([time.perf_counter() - t0] * len(ids[i:i + batch_size]))
-    wall = time.perf_counter() - t0
-    scenario = "one at a time" if batch_size == 1 else f"static batches of {batch_size}"
-    if len(ids) < len(prompts):
-        scenario += f" ({len(ids)} req)"
-    return make_result("transformers", model_name, scenario, wall, generated, lat, lat)
+def run(model, model_name: str, work: Workload, rounds, batch_size: int, limit: int | None = None) -> Result:
+    """`rounds`: prompt sets, one timed pass each (bench.workload.round_prompts); the median round."""
+    _generate(model, [rounds[0][0][1]], 2)  # warm-up
+    results = []
+    for prompts in rounds:
+        ids = [p[1] for p in prompts][: limit or len(prompts)]
+        lat, generated = [], 0
+        t0 = time.perf_counter()
+        for i in range(0, len(ids), batch_size):
+            generated += _generate(model, ids[i:i + batch_size], work.new_tokens)
+            lat.extend([time.perf_counter() - t0] * len(ids[i:i + batch_size]))
+        wall = time.perf_counter() - t0
+        scenario = "one at a time" if batch_size == 1 else f"static batches of {batch_size}"
+        if len(ids) < len(prompts):
+            scenario += f" ({len(ids)} req)"
+        results.append(make_result("transformers", model_name, scenario, wall, generated, lat, lat))
+    return median_round(results)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.workload import Result, Workload, make_result, percentile
+from bench.workload import Result, Workload, make_result, median_round, percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,26 +176,30 @@ def warm(channel, prompt: str) -> None:
 WATCHDOG = ["--step-watchdog", "1800"]
 
 
-def run(model_dir: Path, model_name: str, work: Workload, prompts, cache: Path, threads: int,
+def run(model_dir: Path, model_name: str, work: Workload, rounds, cache: Path, threads: int,
         quantize: str | None = None) -> Result:
+    """`rounds`: prompt sets, one timed drive each (bench.workload.round_prompts); the median round."""
     extra = ["--kv-cache-mb", str(kv_cache_mb(model_dir, work)), "--max-model-len", str(MAX_MODEL_LEN), *WATCHDOG]
     if quantize:
         extra += ["--quantize", quantize]
     server = Server(model_dir, cache, max_batch_size=max(work.streams, 1), log_path=cache / "bench-server.log",
                     threads=threads, extra=extra)
     try:
-        warm(server.channel, prompts[0][0])
+        warm(server.channel, rounds[0][0][0])
         pids = {"controller": server.proc.pid, "worker": server.worker_pids()[0]}
-        before = {k: cpu_seconds(p) for k, p in pids.items()}
-        s = drive(server.channel, prompts, work.new_tokens)
-        cpu = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
-        lat = [t[-1] for t in s.times]
-        scenario = f"{len(prompts)} concurrent streams" + (f" {quantize}" if quantize else "")
-        r = make_result("shardserve", model_name, scenario, s.wall_s, s.tokens, s.ttfts, lat,
-                        note=f"controller CPU {1e3 * cpu['controller'] / s.tokens:.2f} ms/token, worker CPU "
-                             f"{1e3 * cpu['worker'] / s.tokens:.1f} ms/token")
-        summ = s.summary()
-        r.ttft_p99_s, r.inter_token_p50_s = summ["ttft_p99_s"], summ["inter_token_p50_s"]
-        return r
+        results = []
+        for prompts in rounds:
+            before = {k: cpu_seconds(p) for k, p in pids.items()}
+            s = drive(server.channel, prompts, work.new_tokens)
+            cpu = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
+            lat = [t[-1] for t in s.times]
+            scenario = f"{len(prompts)} concurrent streams" + (f" {quantize}" if quantize else "")
+            r = make_result("shardserve", model_name, scenario, s.wall_s, s.tokens, s.ttfts, lat,
+                            note=f"controller CPU {1e3 * cpu['controller'] / s.tokens:.2f} ms/token, worker CPU "
+                                 f"{1e3 * cpu['worker'] / s.tokens:.1f} ms/token")
+            summ = s.summary()
+            r.ttft_p99_s, r.inter_token_p50_s = summ["ttft_p99_s"], summ["inter_token_p50_s"]
+            results.append(r)
+        return median_round(results)
     finally:
         server.stop()

@@ -2,7 +2,9 @@
 same weights and token ids. Prints a table (stderr with --json), writes JSON (--out).
 
 Full: 32 concurrent streams, prompt 128, 128 new tokens, on the demo model and a ~300M Llama.
---quick: the demo model only, 8 streams, prompt 64, 32 new tokens (under 3 minutes on 2 cores).
+--quick: the demo model only, 8 streams, prompt 64, 32 new tokens, 5 rounds per system, each on prompts
+of its own, the median round reported (a round takes ~0.2 s: one alone is noise); under 3 minutes on 2 cores.
+--rounds N sets the rounds of either mode.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench import ct2, hf, models, ours
-from bench.workload import Result, Workload, format_table, prompts
+from bench.workload import Result, Workload, format_table, round_prompts
 
 log = logging.getLogger("shardserve.bench")
 
@@ -38,7 +40,8 @@ def bench_model(name: str, model_dir: Path, work: Workload, cache: Path, seq_lim
                 saved=lambda: None) -> list[Result]:
     """Every system on one model; `out` (a list) gets each result as it comes and `saved()` is called
     after each (a long run cut short keeps what it measured)."""
-    ps = prompts(model_dir, work)
+    rounds = round_prompts(model_dir, work)
+    ps = rounds[0]
     out = [] if out is None else out
 
     def add(r: Result) -> None:
@@ -52,20 +55,20 @@ def bench_model(name: str, model_dir: Path, work: Workload, cache: Path, seq_lim
     ct2_dir = ct2.convert(model_dir, cache) if "ctranslate2" in systems else None
     for compute, q in (("float32", None), ("int8", "int8")):
         if ct2_dir is not None:
-            add(ct2.run(ct2_dir, model_dir, name, work, ps, compute, threads=threads))
+            add(ct2.run(ct2_dir, model_dir, name, work, rounds, compute, threads=threads))
         if "shardserve" in systems and (q is None or q in quantize):
-            add(ours.run(model_dir, name, work, ps, cache, threads, quantize=q))
+            add(ours.run(model_dir, name, work, rounds, cache, threads, quantize=q))
     if "shardserve" in systems:
         for q in (q for q in quantize if q != "int8"):
-            add(ours.run(model_dir, name, work, ps, cache, threads, quantize=q))
+            add(ours.run(model_dir, name, work, rounds, cache, threads, quantize=q))
     if "transformers" in systems:
         import torch
 
         torch.set_num_threads(threads)
         model = hf.load(model_dir)
         if seq_limit is None or seq_limit >= 0:  # negative: no one-at-a-time row
-            add(hf.run(model, name, work, ps, batch_size=1, limit=seq_limit or None))
-        add(hf.run(model, name, work, ps, batch_size=8))
+            add(hf.run(model, name, work, rounds, batch_size=1, limit=seq_limit or None))
+        add(hf.run(model, name, work, rounds, batch_size=8))
         del model
         gc.collect()
     return out
@@ -104,13 +107,15 @@ def main(args) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     systems = set(args.systems.split(","))
     if args.quick:
-        work, names, seq_limit = Workload(streams=8, prompt_tokens=64, new_tokens=32), ["demo"], None
+        work, names, seq_limit = Workload(streams=8, prompt_tokens=64, new_tokens=32, rounds=5), ["demo"], None
     else:
         work, names, seq_limit = Workload(), ["demo", "llama-300m"], None
     if args.models:
         names = args.models.split(",")
     if getattr(args, "streams", 0):
         work = dataclasses.replace(work, streams=args.streams)
+    if getattr(args, "rounds", 0):
+        work = dataclasses.replace(work, rounds=args.rounds)
     threads = args.threads or os.cpu_count() or 1
     quantize = tuple(q for q in (getattr(args, "quantize", "") or "").split(",") if q)
     load_before = os.getloadavg()[0]
@@ -131,12 +136,13 @@ def main(args) -> int:
             steps += in_process_steps(name, work, threads, quantize)
     table = format_table(results) + "\n" + "\n".join(headline(results) + overhead_lines(results, steps, work.streams))
     table += (f"\n[{'quick' if args.quick else 'full'}: {work.streams} streams, prompt ~{work.prompt_tokens}, "
-              f"{work.new_tokens} new tokens; {os.cpu_count()} CPU cores, {threads} threads per system; "
+              f"{work.new_tokens} new tokens, median of {work.rounds} round(s); {os.cpu_count()} CPU cores, "
+              f"{threads} threads per system; "
               f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; {time.monotonic() - t0:.0f}s]")
     doc = {"results": [r.public() for r in results], "in_process_steps": steps, "threads": threads,
            "load_average": [load_before, os.getloadavg()[0]],
            "workload": {"streams": work.streams, "prompt_tokens": work.prompt_tokens, "new_tokens": work.new_tokens,
-                        "quick": bool(args.quick)}}
+                        "rounds": work.rounds, "quick": bool(args.quick)}}
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     if args.json:

@@ -14,6 +14,9 @@ class Workload:
     streams: int = 32
     prompt_tokens: int = 128
     new_tokens: int = 128
+    # timed rounds per system, each on prompts of its own (no prefix-cache hits across rounds); the
+    # round with the median tokens/s is the system's result (short runs are noisy)
+    rounds: int = 1
 
 
 @dataclass
@@ -48,6 +51,23 @@ def make_result(system, model, scenario, wall_s, generated, ttfts, latencies, no
     return Result(system, model, scenario, generated / wall_s, percentile(ttfts, 50), percentile(latencies, 50),
                   percentile(latencies, 90), percentile(latencies, 99), len(latencies), note,
                   ttft_p99_s=percentile(ttfts, 99))
+
+
+def median_round(results: list[Result]) -> Result:
+    """The round with the median tokens/s (the lower middle one of an even count), noting how many ran."""
+    if len(results) == 1:
+        return results[0]
+    ranked = sorted(results, key=lambda r: r.tokens_per_s)
+    best = ranked[(len(ranked) - 1) // 2]
+    spread = f"median of {len(results)} rounds ({ranked[0].tokens_per_s:.0f}-{ranked[-1].tokens_per_s:.0f} tok/s)"
+    best.note = f"{best.note}; {spread}" if best.note else spread
+    return best
+
+
+def round_prompts(model_dir: Path, work: Workload) -> list[list[tuple[str, list[int]]]]:
+    """`work.rounds` sets of `work.streams` prompts, all different (consecutive corpus passages)."""
+    ps = prompts(model_dir, Workload(streams=work.streams * work.rounds, prompt_tokens=work.prompt_tokens))
+    return [ps[i * work.streams:(i + 1) * work.streams] for i in range(work.rounds)]
 
 
 def prompts(model_dir: Path, work: Workload) -> list[tuple[str, list[int]]]:

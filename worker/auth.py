@@ -22,12 +22,15 @@ class TokenCheck(grpc.ServerInterceptor):
         self.token = token.encode()
         self.refusal = grpc.unary_unary_rpc_method_handler(_refuse)
         self.stream_refusal = grpc.unary_stream_rpc_method_handler(_refuse)
+        self.bidi_refusal = grpc.stream_stream_rpc_method_handler(_refuse)
 
     def intercept_service(self, continuation, details):
         got = dict(details.invocation_metadata or ()).get(TOKEN_METADATA, "")
         if hmac.compare_digest(got.encode() if isinstance(got, str) else got, self.token):
             return continuation(details)
         handler = continuation(details)
+        if handler is not None and handler.request_streaming and handler.response_streaming:
+            return self.bidi_refusal
         if handler is not None and handler.response_streaming:
             return self.stream_refusal
         return self.refusal

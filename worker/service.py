@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 
 import grpc
@@ -11,18 +12,10 @@ import grpc
 from shardserve.v1 import worker_pb2 as pb
 from shardserve.v1 import worker_pb2_grpc as pb_grpc
 from worker.engine.engine import Engine
-from worker.engine.sequence import Finish, Sampling
+from worker.engine.sequence import Sampling
+from worker.stream import Outgoing, Refused, Session, coalesce
 
 log = logging.getLogger(__name__)
-
-FINISH = {
-    Finish.LENGTH: pb.WORKER_FINISH_LENGTH,
-    Finish.EOS: pb.WORKER_FINISH_EOS,
-    Finish.STOP: pb.WORKER_FINISH_STOP,
-    Finish.ABORTED: pb.WORKER_FINISH_ABORTED,
-    Finish.ERROR: pb.WORKER_FINISH_ERROR,
-}
-
 
 def sampling_from_pb(p: pb.SamplingParams) -> Sampling:
     seqs = lambda xs: tuple(tuple(int(t) for t in x.token_ids) for x in xs if x.token_ids)  # noqa: E731
@@ -48,86 +41,58 @@ def sampling_from_pb(p: pb.SamplingParams) -> Sampling:
     )
 
 
-def coalesce(out: queue.SimpleQueue) -> tuple[list[int], list[float], Finish | None, str]:
-    """The next event of a request's stream, merged with every event already queued behind it.
-
-    The engine emits one event per step; while the message before is still being sent (the
-    controller reads slower than the engine steps), events pile up here, and they leave as one
-    message (token ids in order, their log-probs aligned) instead of one message each. Stops at
-    the finishing event, which is always the last."""
-    toks, lps, fin, err = out.get()
-    if fin is not None:
-        return toks, lps, fin, err
-    toks, lps = list(toks), list(lps)
-    while fin is None:
-        try:
-            more_toks, more_lps, fin, err = out.get_nowait()
-        except queue.Empty:
-            break
-        toks += more_toks
-        lps += more_lps
-    return toks, lps, fin, err
-
-
 class WorkerService(pb_grpc.WorkerServicer):
     def __init__(self, engine: Engine, info: dict):
         self.engine = engine
         self.info = info  # static facts for Status: architecture, dtype, ranks, ...
 
-    def Generate(self, request: pb.WorkerGenerateRequest, context: grpc.ServicerContext):
+    def admit(self, request: pb.WorkerGenerateRequest, emit) -> Outgoing:
+        """Check a request and make its sequence (not yet added to the engine); raises Refused.
+        A grammar is compiled here, on the calling thread, never on the engine's (cached per grammar)."""
         if not request.prompt_token_ids:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
+            raise Refused("prompt_token_ids is empty")
         vocab = self.info["vocab_size"]
         bad = [t for t in request.prompt_token_ids if t >= vocab]
         if bad:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt_token_ids: ids {bad[:5]} >= vocab_size {vocab}")
+            raise Refused(f"prompt_token_ids: ids {bad[:5]} >= vocab_size {vocab}")
         limit, prompt, new = self.engine.max_model_len, len(request.prompt_token_ids), request.sampling.max_new_tokens
         if self.engine.encoder_decoder and prompt > limit:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"prompt ({prompt} tokens) exceeds the encoder's limit of {limit}")
+            raise Refused(f"prompt ({prompt} tokens) exceeds the encoder's limit of {limit}")
         if self.engine.encoder_decoder and new > limit - 1:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"max_new_tokens ({new}) exceeds the decoder's limit of {limit - 1} new tokens")
+            raise Refused(f"max_new_tokens ({new}) exceeds the decoder's limit of {limit - 1} new tokens")
         if not self.engine.encoder_decoder and prompt + new > limit:
             # refused, not cut short: the sequence would end with LENGTH long before max_new_tokens
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"prompt ({prompt} tokens) + max_new_tokens ({new}) = {prompt + new} exceeds the "
+            raise Refused(f"prompt ({prompt} tokens) + max_new_tokens ({new}) = {prompt + new} exceeds the "
                           f"model's context of {limit} tokens (max_model_len)")
-        out: queue.SimpleQueue = queue.SimpleQueue()
         seq = self.engine.new_sequence(request.request_id, list(request.prompt_token_ids),
-                                       sampling_from_pb(request.sampling),
-                                       emit=lambda toks, lps, fin, err: out.put((toks, lps, fin, err)))
+                                       sampling_from_pb(request.sampling), emit=emit)
         if seq.sampling.grammar:
             if seq.sampling.num_beams > 1:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "parameter grammar: not available with beam search")
-            try:  # compiled here, on the request's thread, never on the engine's (cached per grammar)
+                raise Refused("parameter grammar: not available with beam search")
+            try:
                 seq.matcher = self.engine.grammars.matcher(seq.sampling.grammar)
             except ValueError as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"parameter grammar: {e}")
-        arrival = time.monotonic()
+                raise Refused(f"parameter grammar: {e}") from None
+        return Outgoing(seq, time.monotonic())
+
+    def Generate(self, request: pb.WorkerGenerateRequest, context: grpc.ServicerContext):
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        try:
+            req = self.admit(request, emit=lambda toks, lps, fin, err: out.put((toks, lps, fin, err)))
+        except Refused as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         context.add_callback(lambda: self.engine.abort(request.request_id))
-        self.engine.add(seq)
-        first, sent = True, 0  # sent: generated tokens already streamed (indexes seq.top_log_probs)
+        self.engine.add(req.seq)
         while True:
             toks, lps, fin, err = coalesce(out)
-            msg = pb.WorkerGenerateResponse(token_ids=toks)
-            if seq.sampling.return_log_probs:
-                msg.log_probs.extend(lps)
-            if seq.sampling.top_log_probs and seq.beam is None:
-                for ids, vals in seq.top_log_probs[sent:sent + len(toks)]:
-                    msg.top_log_probs.add(token_ids=ids, log_probs=vals)
-            sent += len(toks)
-            if first:
-                msg.prompt_tokens = seq.num_input_tokens
-                msg.queue_seconds = max(0.0, (seq.first_scheduled or arrival) - arrival)
-                first = False
+            yield req.message(toks, lps, fin, err)
             if fin is not None:
-                msg.finish_reason = FINISH[fin]
-                msg.error = err
-                msg.cum_log_prob = seq.cum_log_prob
-                yield msg
                 return
-            yield msg
+
+    def Session(self, request_iterator, context: grpc.ServicerContext):
+        session = Session(self, context)
+        threading.Thread(target=session.read, args=(request_iterator,), daemon=True, name="session-in").start()
+        yield from session.messages()
 
     def Status(self, request, context):
         st = self.engine.snapshot_stats()

@@ -23,6 +23,8 @@ def register(sub) -> None:
     p.add_argument("--quantize", default="", help="shardserve also serves with these, e.g. int8 (comma list)")
     p.add_argument("--streams", type=int, default=0,
                    help="concurrent streams instead of the mode's (32 full, 8 quick); 1 = the single-stream latency")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="timed rounds per system, the median reported (0 = the mode's: 1 full, 5 quick)")
     p.add_argument("--in-process", action="store_true",
                    help="also time the engine in-process (bench.decode) at batch 1 and the stream count")
     p.set_defaults(func=run)

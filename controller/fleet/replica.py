@@ -38,6 +38,7 @@ from controller.fleet.executor import (
     executor_for,
 )
 from controller.fleet.placement import Placement, RankPlacement, check_layout
+from controller.fleet.session import SessionCall, WorkerSession
 from shardserve.v1 import worker_pb2 as wpb
 from shardserve.v1 import worker_pb2_grpc as wpb_grpc
 from worker.config import NATIVE_WARMUP, TOKEN_METADATA, ConfigError, WorkerConfig, WorkerReport
@@ -117,6 +118,7 @@ class Replica:
         self.executor = executor_for(spec.executor, spec)
         self.channel: grpc.Channel | None = None
         self.stub: wpb_grpc.WorkerStub | None = None
+        self.session: WorkerSession | None = None  # every request of this launch over one call
         self.status: wpb.WorkerStatusResponse | None = None
         self.ready = False
         self.state = "starting"  # starting | ready | restarting | failed | stopped
@@ -173,11 +175,12 @@ class Replica:
         for rank, proc in enumerate(self.procs):
             threading.Thread(target=self._pump_stderr, args=(proc, rank), daemon=True).start()
         if self.channel is not None:
-            self.channel.close()
+            self.channel.close()  # ends the last launch's session call, failing what was left on it
         target, options, creds = self.group.target, self.group.channel_options, self.group.credentials
         self.channel = grpc.secure_channel(target, creds, options=options) if creds else \
             grpc.insecure_channel(target, options=options)
         self.stub = wpb_grpc.WorkerStub(self.channel)
+        self.session = WorkerSession(self.stub, self.metadata, self.name)
         deadline = time.monotonic() + spec.start_timeout_s
         while True:
             dead = self._dead_rank()
@@ -333,5 +336,6 @@ class Replica:
             return None
         return self.status
 
-    def generate(self, request: wpb.WorkerGenerateRequest, timeout: float | None):
-        return self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
+    def generate(self, request: wpb.WorkerGenerateRequest, timeout: float | None) -> SessionCall:
+        """Start one request on this replica's session (controller/fleet/session.py)."""
+        return self.session.generate(request, timeout)

@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 from worker.engine.sequence import Finish
-from worker.service import coalesce
+from worker.stream import coalesce
 
 
 def test_coalesce_merges_queued_tokens_in_order_and_stops_at_finish():

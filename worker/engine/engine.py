@@ -90,6 +90,9 @@ class Engine:
             self.decoder_start_token_id = model_config.pad_token_id  # T5's convention
         self.next_cross_slot = 0
         self.cross_free: list[int] = []  # slots of finished requests, freed at the next step
+        # called on the engine thread at the end of every step (idle ones too), after every emit of
+        # the step: a session sends the step's events as one message (worker/service.py Session)
+        self.step_listeners: list = []
 
     def _proposer(self, draft, num_kv_blocks: int):
         """The speculative proposer (worker/engine/speculative.py), or None when off; `draft`: the draft
@@ -163,6 +166,13 @@ class Engine:
 
     def step(self) -> bool:
         """One engine step; returns False when there was nothing to do."""
+        try:
+            return self._step()
+        finally:
+            for listener in tuple(self.step_listeners):
+                listener()
+
+    def _step(self) -> bool:
         self._drain_inbox()
         batch = self.scheduler.schedule()
         if not batch.seqs:
