@@ -24,8 +24,6 @@ FINISH = {
 }
 
 
-
-
 def coalesce(out: queue.SimpleQueue) -> tuple[list[int], list[float], Finish | None, str]:
     """The next event of a request's stream, merged with every event already queued behind it.
 
@@ -118,10 +116,10 @@ class Session:
     def submit(self, request: pb.WorkerGenerateRequest) -> None:
         rid = request.request_id
         with self.lock:
-            taken = rid in self.live or rid in self.admitting
+            taken = not rid or rid in self.live or rid in self.admitting
             if not taken:
                 self.admitting.add(rid)
-        if not rid or taken:
+        if taken:
             return self._refuse(rid, f"request_id {rid!r} is empty or already running on this session")
         if request.sampling.grammar:  # compiling may take seconds: never in front of the others' requests
             threading.Thread(target=self._admit, args=(request,), daemon=True, name="grammar").start()

@@ -47,7 +47,6 @@ class SessionCall:
         self.stream, self.request_id = stream, request_id
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.q: queue.SimpleQueue = queue.SimpleQueue()  # WorkerGenerateResponse | CallError
-        self.finished = False  # the worker sent the final message, or the call failed (reader thread)
         self.done = False  # the iterator ended (the reading thread)
 
     def __iter__(self):
@@ -75,14 +74,11 @@ class SessionCall:
 
     def deliver(self, item) -> None:
         """From the reader thread: a message, or the CallError that ends the call."""
-        if isinstance(item, CallError) or item.finish_reason != wpb.WORKER_FINISH_NONE:
-            self.finished = True
         self.q.put(item)
 
     def cancel(self) -> None:
         """Any thread; a no-op once the call has finished."""
         if self.stream.forget(self.request_id):
-            self.finished = True
             self.q.put(CallError(grpc.StatusCode.CANCELLED, "Locally cancelled"))
 
 

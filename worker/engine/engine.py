@@ -91,7 +91,7 @@ class Engine:
         self.next_cross_slot = 0
         self.cross_free: list[int] = []  # slots of finished requests, freed at the next step
         # called on the engine thread at the end of every step (idle ones too), after every emit of
-        # the step: a session sends the step's events as one message (worker/service.py Session)
+        # the step: a session sends the step's events as one message (worker/stream.py Session)
         self.step_listeners: list = []
 
     def _proposer(self, draft, num_kv_blocks: int):
