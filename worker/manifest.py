@@ -12,6 +12,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "shardserve-partition-v1"
+# The transformers config with every default filled (worker/loader.resolved_config_values), so that a
+# worker loading a partition needs no transformers import. Absent or of another transformers version:
+# the worker resolves config.json itself.
+RESOLVED_CONFIG = "resolved_config"
 # Version of a family's rank-file tensors (names, packing, sharding), by config.json model_type; absent =
 # 1. Bump it when a family's mapping changes what a rank file holds: cached partitions then get a new
 # cache key (re-made, never loaded stale) and a partition named by hand fails check_layout with why.

@@ -28,7 +28,8 @@ from worker.distributed import ParallelState, set_parallel_state
 from worker.engine.engine import DTYPES
 from worker.engine.pipeline import prune_for_stage
 from worker.layers.linear import QUANTIZE_METHODS, QuantizableLinear, quantize_weight
-from worker.loader import load_config, load_weights
+from worker.loader import load_config, load_weights, resolved_config_values
+from worker.manifest import RESOLVED_CONFIG
 from worker.models.registry import model_class
 
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
@@ -130,7 +131,7 @@ def partition_rank(src: Path, out_file: Path, tp: int, pp: int, rank: int, dtype
     return {"rank": rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "file": out_file.name,
             "bytes": sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in specs.values()),
             "layers": list(layers), "tensors": {n: list(s) for n, (s, _) in sorted(specs.items())},
-            "quantized_layers": len(quant)}
+            "quantized_layers": len(quant), RESOLVED_CONFIG: resolved_config_values(config)}
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from worker.manifest import FORMAT, MANIFEST, is_partition, tensor_layout
+from worker.manifest import FORMAT, MANIFEST, RESOLVED_CONFIG, is_partition, tensor_layout
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def partition(src: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "fp32
         with ThreadPoolExecutor(len(groups)) as pool:
             ranks = sorted((e for g in pool.map(run_group, groups) for e in g), key=lambda e: e["rank"])
         config = json.loads((src / "config.json").read_text())
+        resolved = [r.pop(RESOLVED_CONFIG, None) for r in ranks][0]  # the same from every rank
         manifest = {
             "format": FORMAT, "source": {"path": str(src), "hash": src_hash},
             "layout": {"tp": tp, "pp": pp}, "dtype": dtype, "quantize": quantize or None,
@@ -89,6 +90,8 @@ def partition(src: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "fp32
             "config": config, "tensor_layout": tensor_layout(config), "ranks": ranks,
             "partition_seconds": round(time.monotonic() - started, 3),
         }
+        if resolved:
+            manifest[RESOLVED_CONFIG] = resolved
         try:
             for f in src.iterdir():  # config, tokenizer and generation files travel with the partition
                 if (f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith(".")

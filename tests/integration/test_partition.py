@@ -84,3 +84,29 @@ def test_scaled_rope_model_partitions(tmp_path):
     src = make_random_model(cfg, tmp_path / "m")
     partition(src, tmp_path / "p", tp=1, pp=1, processes=1)
     assert run_ours(tmp_path / "p", PROMPTS, 8)[0] == run_ours(src, PROMPTS, 8)[0]
+
+
+LOAD_WITHOUT_TRANSFORMERS = """
+import sys
+from pathlib import Path
+from worker.engine.build import build_engine
+from worker.engine.engine import EngineConfig
+build_engine(EngineConfig(model_dir=Path(sys.argv[1]), num_kv_blocks=32))
+print(sorted(m for m in sys.modules if m == "transformers" or m.startswith("transformers.")))
+"""
+
+
+def test_a_worker_loads_a_partition_without_importing_transformers(llama_dir, tmp_path):
+    """The partitioner resolves the config (every default filled) into the manifest: importing
+    transformers is ~1 s of a worker's start that a partition no longer pays."""
+    import subprocess
+    import sys
+
+    from tests.integration.server import ROOT
+
+    m = partition(llama_dir, tmp_path / "p", tp=1, pp=1, processes=1)
+    assert m["resolved_config"]["num_key_value_heads"] == 2 and "resolved_config" not in m["ranks"][0]
+    r = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_TRANSFORMERS, str(tmp_path / "p")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"

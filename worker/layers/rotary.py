@@ -8,8 +8,6 @@ from torch import nn
 
 def rope_inv_freq(config, head_dim: int, rotary_dim: int | None = None) -> tuple[torch.Tensor, float]:
     """(inv_freq [rotary_dim/2], attention_scaling) exactly as transformers computes them."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
     dim = rotary_dim or head_dim
@@ -18,6 +16,8 @@ def rope_inv_freq(config, head_dim: int, rotary_dim: int | None = None) -> tuple
         # refuses (prompt + new tokens <= max context), so within limits it equals default.
         base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
     with torch.device("cpu"):  # real numbers even when the model is built on meta (partitioning)

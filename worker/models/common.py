@@ -4,7 +4,11 @@ that our parameter names mirror its checkpoint names."""
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from worker.layers.attention import PagedAttention
@@ -13,8 +17,31 @@ from worker.layers.position import alibi_slopes, local_heads
 from worker.layers.rotary import RotaryEmbedding
 
 
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:  # transformers' NewGELUActivation, op for op
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _fast_gelu(x: torch.Tensor) -> torch.Tensor:  # transformers' FastGELUActivation, op for op
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:  # transformers' QuickGELUActivation, op for op
+    return x * torch.sigmoid(1.702 * x)
+
+
+# The config names the supported families use, written as transformers writes them (bit-identical:
+# tests/unit/test_activations.py), so that building a model needs no transformers import.
+ACTIVATIONS = {
+    "gelu": F.gelu, "gelu_new": _tanh_gelu, "gelu_fast": _fast_gelu, "quick_gelu": _quick_gelu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"), "relu": F.relu, "silu": F.silu,
+    "swish": F.silu,
+}
+
+
 def activation(name: str):
     """transformers' activation of that config name (gelu_new, gelu, relu, ...), exactly."""
+    if name in ACTIVATIONS:
+        return ACTIVATIONS[name]
     from transformers.activations import ACT2FN
 
     return ACT2FN[name]
