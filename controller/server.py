@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 from concurrent import futures
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,9 +31,6 @@ from grpc_reflection.v1alpha import reflection
 
 from controller.acquire.resolver import ResolvedSource, resolve_model_source
 from controller.api.admin import AdminService
-from controller.api.http import HttpServer
-from controller.api.openai_routes import OpenAIRoutes
-from controller.api.sagemaker import SageMakerRoutes
 from controller.api.service import GenerationService
 from controller.config.properties import PropertiesError
 from controller.config.settings import (
@@ -51,6 +49,9 @@ from controller.fleet.replica import ReplicaSpec
 from controller.fleet.router import ServingRouter
 from controller.metrics.prometheus import Metrics
 from shardserve.v1 import admin_pb2, admin_pb2_grpc, generate_pb2, generate_pb2_grpc
+
+if TYPE_CHECKING:
+    from controller.api.http import HttpServer
 
 log = logging.getLogger("shardserve.controller")
 
@@ -165,6 +166,12 @@ class Controller:
             raise OSError(f"cannot listen on {addr}")
         self._set_serving(True)
         self.server.start()
+        # the HTTP side (FastAPI: ~0.2 s of imports) here, not at module level: `run` starts the
+        # initial model's workers first, so these imports overlap the workers' start
+        from controller.api.http import HttpServer
+        from controller.api.openai_routes import OpenAIRoutes
+        from controller.api.sagemaker import SageMakerRoutes
+
         self.http = HttpServer(c.host, c.http_port, ready=self.router.all_ready, metrics=self.metrics,
                                ssl_context=ssl_ctx)
         self.http.add("GET", "/v1/stats", self._stats_route)
@@ -257,9 +264,11 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, lambda *a: term.set())
     signal.signal(signal.SIGINT, lambda *a: term.set())
     try:
-        ctl.start_servers()
+        # the initial model first: its workers import torch and load weights (seconds) while the
+        # servers start; readiness stays NOT_SERVING until the model is loaded either way
         loader = threading.Thread(target=_load_initial, args=(ctl, settings, term), daemon=True, name="initial-load")
         loader.start()
+        ctl.start_servers()
         term.wait()
         if getattr(ctl, "load_error", None):
             return 1

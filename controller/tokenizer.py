@@ -25,15 +25,20 @@ class Codec:
 
     _LAZY = frozenset({"tok", "eos_token_ids", "vocab_size", "_rust_decode"})
 
-    def __init__(self, model_dir: Path, background: bool = False):
+    def __init__(self, model_dir: Path, background: bool = False, first=None):
+        """`first`: called just before the read, on the same thread (it shares the transformers import)."""
         self._loaded = threading.Event()
         self._error: BaseException | None = None
         if not background:
+            if first is not None:
+                first()
             self._load(model_dir)
             return
 
         def run():
             try:
+                if first is not None:
+                    first()
                 self._load(model_dir)
             except BaseException as e:  # noqa: BLE001 - handed to whoever waits
                 self._error = e

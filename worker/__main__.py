@@ -110,9 +110,9 @@ def main(argv=None) -> int:
     from worker.engine.pipeline import exchange_rank_facts, follower_loop, leader_loop, stop_followers
     from worker.service import WorkerService
 
-    if args.master_port:
-        if args.device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(args.device))
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))
+    if args.master_port and args.world_size > 1:  # alone, a rank needs no group: no rendezvous, no per-step broadcast
         init_distributed(args.rank, args.tp, args.pp, args.master_port,
                          backend="nccl" if args.device.startswith("cuda") else "gloo",
                          timeout_s=args.collective_timeout_s, stage_layers=args.stage_layers, device=args.device,

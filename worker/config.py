@@ -36,6 +36,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class WorkerConfig:
     model_dir: Path  # a Hugging Face folder or a partition (manifest.json)
+    # a file on this node into which the controller writes the model's resolved transformers config
+    # (worker/model_config.py: no transformers import in the worker); "" = the worker resolves it
+    resolved_config: str = ""
     # ---- the engine -----------------------------------------------------------------------------
     dtype: str = "fp32"  # fp32 | fp16 | bf16
     device: str = "cpu"  # cpu | cuda | cuda:N

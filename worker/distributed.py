@@ -56,7 +56,7 @@ class ParallelState:
 
     @property
     def distributed(self) -> bool:
-        """A process group exists (even at world size 1, e.g. the NCCL path on one GPU)."""
+        """A process group exists (a worker makes one only for a world of 2 or more ranks)."""
         return self.collective_timeout_s > 0
 
     def global_rank(self, pp_rank: int, tp_rank: int) -> int:

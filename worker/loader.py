@@ -7,99 +7,21 @@ fails with a list of what is wrong. Each rank reads only its slices (safetensors
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
-import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
 from torch import nn
-
-from worker.manifest import RESOLVED_CONFIG, is_partition, read_manifest
 
 log = logging.getLogger(__name__)
 
 
 class WeightLoadError(ValueError):
     pass
-
-
-def load_config(model_dir: Path):
-    """The model's transformers config: from a partition's manifest where the partitioner resolved it
-    for this transformers version (no transformers import: ~1 s of every worker start), else AutoConfig."""
-    if is_partition(model_dir):
-        resolved = read_resolved_config(read_manifest(model_dir))
-        if resolved is not None:
-            return resolved
-    from transformers import AutoConfig
-
-    if not (Path(model_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json (not a Hugging Face model folder)")
-    return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
-
-
-# Left out of a resolved config: classification labels (int keys JSON cannot keep; no generation reads
-# them). transformers_version there is the version that resolved it.
-UNRESOLVED = ("id2label", "label2id", "transformers_version")
-
-
-class ResolvedConfig(SimpleNamespace):
-    """A transformers config's attribute values (`resolved_config_values`) read back from a manifest:
-    what the model code reads, without the class. getattr(cfg, name, default) behaves as on the class."""
-
-
-def resolved_config_values(config) -> dict | None:
-    """Every attribute model code can read from `config`, as JSON values: to_dict() (the instance's
-    values, defaults filled), the aliases of its attribute_map (GPT-2's n_embd is also hidden_size)
-    and its JSON-valued properties. None where loading still needs the config object: a scaled rope
-    (transformers computes its frequencies from the object) or a value of to_dict() JSON cannot hold."""
-    if uses_scaled_rope(config):
-        return None
-    values = {k: v for k, v in config.to_dict().items() if k not in UNRESOLVED}
-    for name in getattr(config, "attribute_map", {}):
-        values[name] = getattr(config, name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in dir(type(config)):
-            if name.startswith("__") or not isinstance(getattr(type(config), name, None), property):
-                continue
-            try:
-                value = getattr(config, name)
-                json.dumps(value, allow_nan=False)
-            except Exception:  # noqa: BLE001 - a property that needs what this config lacks, or an object
-                continue
-            values[name] = value
-    values["transformers_version"] = installed_version("transformers")
-    try:
-        return json.loads(json.dumps(values, allow_nan=False))
-    except (TypeError, ValueError):
-        return None
-
-
-def uses_scaled_rope(config) -> bool:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return isinstance(params, dict) and params.get("rope_type", params.get("type", "default")) not in ("default",
-                                                                                                         "dynamic")
-
-
-def read_resolved_config(manifest: dict) -> ResolvedConfig | None:
-    """The manifest's resolved config when it was made with the transformers installed now, else None."""
-    values = manifest.get(RESOLVED_CONFIG)
-    if not values or values.get("transformers_version") != installed_version("transformers"):
-        return None
-    return ResolvedConfig(**values)
-
-
-def installed_version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:

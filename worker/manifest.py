@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "shardserve-partition-v1"
-# The transformers config with every default filled (worker/loader.resolved_config_values), so that a
+# The transformers config with every default filled (worker/model_config.py), so that a
 # worker loading a partition needs no transformers import. Absent or of another transformers version:
 # the worker resolves config.json itself.
 RESOLVED_CONFIG = "resolved_config"

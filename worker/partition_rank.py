@@ -28,8 +28,9 @@ from worker.distributed import ParallelState, set_parallel_state
 from worker.engine.engine import DTYPES
 from worker.engine.pipeline import prune_for_stage
 from worker.layers.linear import QUANTIZE_METHODS, QuantizableLinear, quantize_weight
-from worker.loader import load_config, load_weights, resolved_config_values
+from worker.loader import load_weights
 from worker.manifest import RESOLVED_CONFIG
+from worker.model_config import load_config, resolved_config_values
 from worker.models.registry import model_class
 
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",

@@ -15,6 +15,8 @@ Model states (derived, see `ModelRecord.state`):
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import logging
 import re
 import threading
@@ -35,7 +37,8 @@ from controller.fleet.replica import Replica, ReplicaSpec
 from controller.fleet.router import ModelEntry, ServingRouter
 from controller.metrics.prometheus import LOAD_PHASES
 from controller.tokenizer import Codec
-from worker.manifest import read_manifest
+from worker.manifest import is_partition, read_manifest
+from worker.model_config import read_resolved_config, write_resolved_file
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ POLL_S = 0.1  # how often waits look at replica states
 # Workers set PR_SET_PDEATHSIG, which fires when the *thread* that spawned them exits, so replicas are
 # launched from a pool whose threads live as long as the process (idle executor threads never exit).
 _LAUNCHER = ThreadPoolExecutor(max_workers=64, thread_name_prefix="launch")
+_CONFIG_FILES = itertools.count()  # names of the resolved-config files in the runtime folder
 
 
 def _logged(fn, *args) -> None:
@@ -181,8 +185,14 @@ class ModelManager:
                 check_weights(path)  # the partition (cached ones too)
             rec.partition_seconds = prep.phases.get("partition", 0.0)
             rec.phase = "reading the tokenizer"
-            codec = Codec(path, background=True)  # read while the workers start; requests wait for it
             spec = self.spec_for(path, rec.layout)
+            resolve = None
+            if spec.executor == "local" and not (is_partition(path) and read_resolved_config(read_manifest(path))):
+                # the workers wait for this file instead of importing transformers (worker/model_config.py)
+                out = self.runtime_dir / f"{rec.name}-{next(_CONFIG_FILES)}.config.json"
+                spec = dataclasses.replace(spec, resolved_config=str(out))
+                resolve = functools.partial(write_resolved_file, Path(path), out)
+            codec = Codec(path, background=True, first=resolve)  # read while the workers start; requests wait for it
             if res.ranks_fetch:  # an S3 partition on Ray: each rank fetches its own rank file on its node
                 rec.phase = "listing the partition's rank files"
                 files = plan(res.origin, read_manifest(path))

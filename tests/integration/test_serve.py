@@ -123,6 +123,14 @@ def test_health_reflection_and_model_info(server):
     assert "shardserve.v1.Generation" in services
 
 
+def test_the_worker_reads_the_model_config_the_controller_resolved(server):
+    """The demo model is a plain checkpoint: its worker waits for the controller's resolved config
+    (worker/model_config.py) instead of importing transformers for it."""
+    out = server.output()
+    assert "model config: resolved by the controller" in out
+    assert "with transformers" not in out
+
+
 def test_cli_generate_json_and_stream(server):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cli = [sys.executable, "-m", "controller.cli", "generate", "--address", server.address]

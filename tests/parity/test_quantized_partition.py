@@ -61,7 +61,8 @@ def test_tp2_rank_files_hold_the_load_time_quantization(llama_dir, tmp_path, met
     """Each rank's file == what that rank's load-time quantization holds, tensor for tensor."""
     from worker.distributed import ParallelState, reset_parallel_state, set_parallel_state
     from worker.layers.linear import QUANT_BUFFERS, quantize_model
-    from worker.loader import load_config, load_weights
+    from worker.loader import load_weights
+    from worker.model_config import load_config
     from worker.models.registry import model_class
 
     m = partition(llama_dir, tmp_path / "p", tp=2, pp=1, processes=1, quantize=method)

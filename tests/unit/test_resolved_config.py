@@ -1,4 +1,4 @@
-"""A partition carries its model's transformers config resolved (worker/loader.resolved_config_values) so
+"""A partition carries its model's transformers config resolved (worker/model_config.py) so
 that a worker loading it never imports transformers: the resolved values must read exactly as the
 config object does, for every family, and the activations by name must be transformers' bit for bit."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.parity.test_families import _configs
-from worker.loader import UNRESOLVED, ResolvedConfig, read_resolved_config, resolved_config_values
+from worker.model_config import UNRESOLVED, ResolvedConfig, read_resolved_config, resolved_config_values
 from worker.models.common import ACTIVATIONS
 from worker.models.registry import max_positions, model_class
 
@@ -71,3 +71,23 @@ def test_activations_are_transformers_bit_for_bit(name, dtype):
 
     x = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
     assert torch.equal(ACTIVATIONS[name](x), ACT2FN[name](x))
+
+
+def test_the_controllers_file_reaches_the_worker(tmp_path):
+    """write_resolved_file (controller) -> wait_resolved_file (worker): the values, or None where the
+    controller could not resolve them (the worker then resolves them itself), or None after the wait."""
+    import json
+
+    from transformers import GPT2Config
+
+    from worker.model_config import wait_resolved_file, write_resolved_file
+
+    src = tmp_path / "model"
+    GPT2Config(n_embd=64, n_layer=2, n_head=4, architectures=["GPT2LMHeadModel"]).save_pretrained(src)
+    write_resolved_file(src, tmp_path / "ok.json")
+    got = wait_resolved_file(tmp_path / "ok.json", timeout_s=5)
+    assert got.hidden_size == 64 and got.n_layer == 2 and got.architectures == ["GPT2LMHeadModel"]
+    write_resolved_file(tmp_path / "nowhere", tmp_path / "bad.json")
+    assert "error" in json.loads((tmp_path / "bad.json").read_text())
+    assert wait_resolved_file(tmp_path / "bad.json", timeout_s=5) is None
+    assert wait_resolved_file(tmp_path / "never.json", timeout_s=0.05) is None

@@ -15,8 +15,9 @@ from worker.engine.engine import Engine, EngineConfig
 from worker.engine.pipeline import agree_num_blocks, prune_for_stage
 from worker.engine.sequence import Sampling
 from worker.layers.linear import prepack_model, quantize_model
-from worker.loader import load_config, load_partition, load_weights
+from worker.loader import load_partition, load_weights
 from worker.manifest import check_layout, is_partition
+from worker.model_config import load_config
 from worker.models.registry import max_positions, model_class
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def build_engine(config: EngineConfig) -> Engine:
     t0 = time.monotonic()
     kernels = ops.backend(config.device)  # resolved once: the extension if built and self-checked, else torch
     log.info("kernel path: %s (%s)", kernels.path, kernels.detail)
-    model_config = load_config(config.model_dir)
+    model_config = load_config(config.model_dir, config.resolved_config)
     cls = model_class(model_config)
     dtype = config.torch_dtype
     slow = slow_half_precision(config.device, dtype)
