@@ -67,10 +67,11 @@ CONTROLLER_RULES = [
     ("stop strings", "controller/tokenizer.py", {"feed"}),
     ("detokenization (incremental decode)", "/transformers/", None),
     ("detokenization (incremental decode)", "/tokenizers/", None),
-    ("servicer: events -> GenerateStreamResponse", "controller/service.py", None),
-    ("stats poll and metrics", "controller/serve.py", {"poll_stats", "_stats_route"}),
-    ("stats poll and metrics", "controller/metrics.py", None),
-    ("stats poll and metrics", "controller/replica.py", {"refresh_status"}),
+    ("servicer: events -> GenerateStreamResponse", "controller/api/service.py", None),
+    ("worker session: receive and route step events", "controller/fleet/session.py", None),
+    ("stats poll and metrics", "controller/server.py", {"poll_stats", "_stats_route"}),
+    ("stats poll and metrics", "controller/metrics/", None),
+    ("stats poll and metrics", "controller/fleet/replica.py", {"refresh_status"}),
     ("gRPC Python layer (receive from worker, send to client)", "/grpc/", None),
     ("protobuf", "/google/protobuf/", None),
 ]
@@ -81,7 +82,10 @@ CONTROLLER_RULES = [
 IDLE_FUNCS = {"Condition.wait", "Event.wait", "_wait_once", "wait", "select", "_PollLikeSelector.select",
               "_serve", "_run_channel_spin_thread.<locals>.channel_spin", "Replica._watch",
               "die_with_parent.<locals>.watch", "_worker", "SimpleQueue.get", "Queue.get", "Thread.join",
-              "BaseServer.serve_forever", "Server.wait_for_termination", "main"}
+              "BaseServer.serve_forever", "Server.wait_for_termination", "main",
+              # blocked in C: a controller request thread in SimpleQueue.get (no Python frame of its own),
+              # the session reader in gRPC's wait for the worker's next message
+              "SessionCall.__next__", "_MultiThreadedRendezvous._next"}
 IDLE = "(idle: threads blocked waiting)"
 
 

@@ -109,7 +109,8 @@ class Session:
                 elif msg.WhichOneof("kind") == "cancel_request_id":
                     self.cancel(msg.cancel_request_id)
         except Exception as e:  # noqa: BLE001 - grpc raises here when the call is cancelled or broken
-            log.info("session ended: %s", e)
+            # a controller that cancels its call (it closes or reopens a session) raises without a message
+            (log.info if str(e) else log.debug)("session ended: %s", str(e) or type(e).__name__)
         finally:
             self.close()
 
