@@ -41,7 +41,7 @@ def rand(*shape, dtype=torch.float32, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,alibi", [(8, 8, False), (8, 2, False), (4, 1, True)])
-@pytest.mark.parametrize("D", [64, 40])  # fp32 with D % 16 == 0 has its own AVX-512 path
+@pytest.mark.parametrize("D", [64, 40, 32])  # fp32 with D % 16 == 0 (AVX-512) or % 8 (AVX2) has its own path
 def test_paged_attention_decode(nat, dtype, heads, kv_heads, alibi, D):
     g = torch.Generator().manual_seed(1)
     B, bs, nb = 4, 16, 48
@@ -253,6 +253,15 @@ for T in (1, 5, 8):
     assert (n.int8_linear(x, qw, s, None) - R.int8_linear(x, qw, s)).abs().max() < 1e-3
     x = torch.randn(T, 256, generator=g)
     assert (n.int4_linear(x, p, s4, z4, None, 64) - R.int4_linear(x, p, s4, z4, None, 64)).abs().max() < 1e-3
+for D, H, Hkv, alibi in ((32, 8, 4, False), (40, 4, 1, True), (64, 8, 2, False), (20, 2, 2, False)):
+    q = torch.randn(4, H, D, generator=g)
+    kc, vc = torch.randn(40, 16, Hkv, D, generator=g), torch.randn(40, 16, Hkv, D, generator=g)
+    tables = torch.randperm(40, generator=g)[:40].reshape(4, 10).int()
+    lens = torch.tensor([1, 13, 100, 160], dtype=torch.int32)  # tails of every length class
+    slopes = torch.rand(H, generator=g) if alibi else None
+    want = R.paged_attention_decode(q, kc, vc, tables, lens, D**-0.5, slopes)
+    got = n.paged_attention_decode(q, kc, vc, tables, lens, D**-0.5, slopes)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max(), (D, (got - want).abs().max())
 from native.selfcheck import self_check
 for T, I in ((1, 200), (7, 31), (13, 64)):
     x = torch.randn(T, I, generator=g)

@@ -1,7 +1,8 @@
 // Paged-attention decode: one query token per sequence, K/V gathered through block tables.
 // Work item = (sequence, kv head): the H/Hkv query heads of a group share each K/V row read.
-// fp32 on AVX-512 with D % 16 == 0 has its own path (attend_f32_avx512): work item = (sequence,
-// run of kv heads), so each position's K/V row [Hkv, D] is read as one contiguous stream.
+// fp32 with D % 16 == 0 on AVX-512 (attend_f32_avx512) and D % 8 == 0 on AVX2 (attend_f32_avx2) has
+// its own path: work item = (sequence, run of kv heads), so each position's K/V row [Hkv, D] is read as
+// one contiguous stream, and the softmax's exp runs on vectors (a polynomial, ~2e-7 relative).
 #include <immintrin.h>
 #include <omp.h>
 
@@ -110,6 +111,163 @@ SS_INLINE void attention_all(const void* q, const void* kc, const void* vc, cons
   }
 }
 
+// exp(x) for 16 lanes, x <= 0 (scores minus their row max): Cephes' expf (x = n ln2 + r, |r| <=
+// ln2/2, degree-5 polynomial for (e^r - 1 - r) / r^2, 2^n by scalef); relative error ~2e-7, the same
+// order as libm's, and exactly 0 far below -87 (scalef underflows, as exp does).
+SS_TARGET_AVX512 SS_INLINE __m512 exp_nonpos_avx512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // below this exp is 0 in fp32 (and no NaN from -inf)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+// softmax_rows with 16 lanes: the same unnormalised exp(s - row max) in place and inv = 1 / row sum.
+SS_TARGET_AVX512 void softmax_rows_avx512(float* sc, int64_t n, int64_t ctx, float* inv) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < n; ++i) {
+    float* s = sc + i * ctx;
+    __m512 m = ninf;
+    int64_t t = 0;
+    for (; t + 16 <= ctx; t += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + t));
+    const __mmask16 tail = static_cast<__mmask16>((1u << (ctx - t)) - 1u);
+    if (tail) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(ninf, tail, s + t));
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    __m512 sum = _mm512_setzero_ps();
+    for (t = 0; t + 16 <= ctx; t += 16) {
+      const __m512 e = exp_nonpos_avx512(_mm512_sub_ps(_mm512_loadu_ps(s + t), mx));
+      _mm512_storeu_ps(s + t, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (tail) {
+      const __m512 e = exp_nonpos_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + t), mx));
+      _mm512_mask_storeu_ps(s + t, tail, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+    }
+    const float total = _mm512_reduce_add_ps(sum);
+    inv[i] = total > 0.f ? 1.f / total : 0.f;
+  }
+}
+
+// exp_nonpos_avx512 on 8 lanes: the same polynomial; 2^n built in the exponent bits, so x is clamped at
+// ln(FLT_MIN) (n >= -126) and exp of anything lower is FLT_MIN-small instead of 0.
+SS_TARGET_AVX2 SS_INLINE __m256 exp_nonpos_avx2(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+SS_TARGET_AVX2 SS_INLINE float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+SS_TARGET_AVX2 SS_INLINE float hmax_avx2(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// softmax_rows with 8 lanes (the tail of each row scalar, through the same exp).
+SS_TARGET_AVX2 void softmax_rows_avx2(float* sc, int64_t n, int64_t ctx, float* inv) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* s = sc + i * ctx;
+    __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t t = 0;
+    for (; t + 8 <= ctx; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + t));
+    float mx = hmax_avx2(m);
+    for (int64_t u = t; u < ctx; ++u) mx = s[u] > mx ? s[u] : mx;
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 sum = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= ctx; t += 8) {
+      const __m256 e = exp_nonpos_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmx));
+      _mm256_storeu_ps(s + t, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    float total = hsum_avx2(sum);
+    for (; t < ctx; ++t) {
+      alignas(32) float lane[8];
+      _mm256_store_ps(lane, exp_nonpos_avx2(_mm256_set1_ps(s[t] - mx)));
+      s[t] = lane[0];
+      total += lane[0];
+    }
+    inv[i] = total > 0.f ? 1.f / total : 0.f;
+  }
+}
+
+// attend_f32_avx512 on 8 lanes, D % 8 == 0.
+SS_TARGET_AVX2 void attend_f32_avx2(const float* q, const float* kc, const float* vc, const int32_t* table,
+                                    int64_t ctx, const float* alibi, float* out, int64_t b, int64_t k0,
+                                    int64_t k1, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale,
+                                    std::vector<float>& buf) {
+  const int64_t G = H / Hkv, n = (k1 - k0) * G, h0 = k0 * G, row = Hkv * D;
+  buf.resize(static_cast<size_t>(2 * n * D + n * ctx + n));
+  float* qf = buf.data();
+  float* acc = qf + n * D;
+  float* sc = acc + n * D;
+  const __m256 vs = _mm256_set1_ps(scale);
+  for (int64_t j = 0; j < n * D; j += 8) {
+    _mm256_storeu_ps(qf + j, _mm256_mul_ps(_mm256_loadu_ps(q + (b * H + h0) * D + j), vs));
+    _mm256_storeu_ps(acc + j, _mm256_setzero_ps());
+  }
+  const int64_t nblk = (ctx + bs - 1) / bs;
+  for (int64_t blk = 0, t = 0; blk < nblk; ++blk) {
+    const float* kb = kc + static_cast<int64_t>(table[blk]) * bs * row + k0 * D;
+    for (int64_t o = 0; o < bs && t < ctx; ++o, ++t) {
+      const float* kr = kb + o * row;
+      for (int64_t i = 0; i < n; ++i) {
+        const float* kh = kr + (i / G) * D;
+        const float* qh = qf + i * D;
+        __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kh));
+        for (int64_t d = 8; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kh + d), a);
+        float sv = hsum_avx2(a);
+        if (alibi) sv += alibi[h0 + i] * static_cast<float>(t - (ctx - 1));
+        sc[i * ctx + t] = sv;
+      }
+    }
+  }
+  float* inv = sc + n * ctx;
+  softmax_rows_avx2(sc, n, ctx, inv);
+  for (int64_t blk = 0, t = 0; blk < nblk; ++blk) {
+    const float* vb = vc + static_cast<int64_t>(table[blk]) * bs * row + k0 * D;
+    for (int64_t o = 0; o < bs && t < ctx; ++o, ++t) {
+      const float* vr = vb + o * row;
+      for (int64_t i = 0; i < n; ++i) {
+        const float* vh = vr + (i / G) * D;
+        float* ah = acc + i * D;
+        const __m256 p = _mm256_set1_ps(sc[i * ctx + t]);
+        for (int64_t d = 0; d < D; d += 8)
+          _mm256_storeu_ps(ah + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(vh + d), _mm256_loadu_ps(ah + d)));
+      }
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const __m256 w = _mm256_set1_ps(inv[i]);
+    for (int64_t d = 0; d < D; d += 8)
+      _mm256_storeu_ps(out + (b * H + h0 + i) * D + d, _mm256_mul_ps(_mm256_loadu_ps(acc + i * D + d), w));
+  }
+}
+
 // One sequence, kv heads [k0, k1): scores, softmax and the weighted V sum, fp32, D % 16 == 0.
 // buf: qf[n*D] | acc[n*D] | scores[n*ctx] | inv[n] with n = (k1 - k0) * G query heads.
 SS_TARGET_AVX512 void attend_f32_avx512(const float* q, const float* kc, const float* vc,
@@ -145,7 +303,7 @@ SS_TARGET_AVX512 void attend_f32_avx512(const float* q, const float* kc, const f
     }
   }
   float* inv = sc + n * ctx;
-  softmax_rows(sc, n, ctx, inv);
+  softmax_rows_avx512(sc, n, ctx, inv);
   // pass 2: weighted sum of V
   for (int64_t blk = 0, t = 0; blk < nblk; ++blk) {
     const float* vb = vc + static_cast<int64_t>(table[blk]) * bs * row + k0 * D;
@@ -167,12 +325,16 @@ SS_TARGET_AVX512 void attend_f32_avx512(const float* q, const float* kc, const f
   }
 }
 
-SS_TARGET_AVX512 void attention_f32_avx512(const float* q, const float* kc, const float* vc,
-                                           const int32_t* tables, const int32_t* lens,
-                                           const float* alibi, float* out, int64_t B, int64_t H,
-                                           int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks,
-                                           float scale) {
-  // enough items to keep every thread busy, each as many whole kv heads as that allows
+using AttendF32 = void (*)(const float*, const float*, const float*, const int32_t*, int64_t, const float*,
+                           float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float,
+                           std::vector<float>&);
+
+// The fp32 fast paths: work item = (sequence, run of kv heads), enough items to keep every thread
+// busy, each as many whole kv heads as that allows.
+void attention_f32_runs(AttendF32 attend, const float* q, const float* kc, const float* vc,
+                        const int32_t* tables, const int32_t* lens, const float* alibi, float* out,
+                        int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks,
+                        float scale) {
   const int64_t want = 4 * static_cast<int64_t>(omp_get_max_threads());
   const int64_t parts = std::min<int64_t>(Hkv, std::max<int64_t>(1, (want + B - 1) / B));
   const int64_t per = (Hkv + parts - 1) / parts;
@@ -188,8 +350,7 @@ SS_TARGET_AVX512 void attention_f32_avx512(const float* q, const float* kc, cons
         std::fill(out + (b * H + k0 * (H / Hkv)) * D, out + (b * H + k1 * (H / Hkv)) * D, 0.f);
         continue;
       }
-      attend_f32_avx512(q, kc, vc, tables + b * max_blocks, lens[b], alibi, out, b, k0, k1, H, Hkv,
-                        D, bs, scale, buf);
+      attend(q, kc, vc, tables + b * max_blocks, lens[b], alibi, out, b, k0, k1, H, Hkv, D, bs, scale, buf);
     }
   }
 }
@@ -215,15 +376,21 @@ void paged_attention_decode(const void* q, const void* k_cache, const void* v_ca
   switch (detect_isa()) {
     case Isa::Avx512:
       if (dt == DType::F32 && D % 16 == 0) {
-        attention_f32_avx512(static_cast<const float*>(q), static_cast<const float*>(k_cache),
-                             static_cast<const float*>(v_cache), block_tables, context_lens, alibi,
-                             static_cast<float*>(out), B, H, Hkv, D, block_size, max_blocks, scale);
+        attention_f32_runs(attend_f32_avx512, static_cast<const float*>(q), static_cast<const float*>(k_cache),
+                           static_cast<const float*>(v_cache), block_tables, context_lens, alibi,
+                           static_cast<float*>(out), B, H, Hkv, D, block_size, max_blocks, scale);
         break;
       }
       attention_avx512(q, k_cache, v_cache, block_tables, context_lens, alibi, out, dt, B, H, Hkv,
                        D, block_size, max_blocks, scale);
       break;
     case Isa::Avx2:
+      if (dt == DType::F32 && D % 8 == 0) {
+        attention_f32_runs(attend_f32_avx2, static_cast<const float*>(q), static_cast<const float*>(k_cache),
+                           static_cast<const float*>(v_cache), block_tables, context_lens, alibi,
+                           static_cast<float*>(out), B, H, Hkv, D, block_size, max_blocks, scale);
+        break;
+      }
       attention_avx2(q, k_cache, v_cache, block_tables, context_lens, alibi, out, dt, B, H, Hkv, D,
                      block_size, max_blocks, scale);
       break;
