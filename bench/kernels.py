@@ -9,7 +9,7 @@ Reports GB/s of weight bytes streamed and the ratio of the time to the memory fl
 floor). Also times the other kernels against their torch references. Prints a table and writes JSON (--json PATH, default
 bench/results/kernels.json).
 
-    python bench/kernels.py [--layers 24] [--reps 3] [--json PATH]
+    python -m bench.kernels [--layers 24] [--reps 3] [--json PATH]
 """
 
 from __future__ import annotations
@@ -169,22 +169,25 @@ def run_other_kernels(reps: int) -> list[dict]:
     """Native vs torch reference for the non-linear kernels at decode-like sizes (fp32)."""
     g = torch.Generator().manual_seed(1)
     out = []
-    B, H, Hkv, D, bs, ctx = 8, 16, 4, 64, 16, 1024
-    nb = B * ctx // bs
-    q = torch.randn(B, H, D, generator=g)
-    kc, vc = torch.randn(nb, bs, Hkv, D, generator=g), torch.randn(nb, bs, Hkv, D, generator=g)
-    tables = torch.randperm(nb, generator=g).reshape(B, ctx // bs).int()
-    lens = torch.full((B,), ctx, dtype=torch.int32)
+    cases = {}
+    # long contexts; the 300M bench Llama at 32 streams (bench/models.py); the demo model at 8 streams
+    for B, H, Hkv, D, ctx in ((8, 16, 4, 64, 1024), (32, 16, 8, 64, 192), (8, 8, 4, 32, 304)):
+        bs = 16
+        nb = B * ctx // bs
+        q = torch.randn(B, H, D, generator=g)
+        kc, vc = torch.randn(nb, bs, Hkv, D, generator=g), torch.randn(nb, bs, Hkv, D, generator=g)
+        tables = torch.randperm(nb, generator=g).reshape(B, ctx // bs).int()
+        lens = torch.full((B,), ctx, dtype=torch.int32)
+        cases[f"paged_attention_decode B={B} H={H}/{Hkv} D={D} ctx={ctx}"] = (
+            lambda q=q, kc=kc, vc=vc, t=tables, n=lens, D=D: ops.paged_attention_decode(q, kc, vc, t, n, D**-0.5),
+            lambda q=q, kc=kc, vc=vc, t=tables, n=lens, D=D: reference.paged_attention_decode(q, kc, vc, t, n, D**-0.5),
+            2 * kc.numel() * 4,
+        )
     x, r, w = torch.randn(8, 4096), torch.randn(8, 4096), torch.randn(4096)
     logits = torch.randn(8, 32000, generator=g)
     temp, tk, tp = torch.full((8,), 0.8), torch.full((8,), 50), torch.full((8,), 0.9)
     gens = [torch.Generator().manual_seed(i) for i in range(8)]
-    cases = {
-        f"paged_attention_decode B={B} H={H}/{Hkv} D={D} ctx={ctx}": (
-            lambda: ops.paged_attention_decode(q, kc, vc, tables, lens, 0.125),
-            lambda: reference.paged_attention_decode(q, kc, vc, tables, lens, 0.125),
-            2 * kc.numel() * 4,
-        ),
+    cases |= {
         "fused_add_rms_norm 8x4096": (
             lambda: ops.fused_add_rms_norm(x, r, w, 1e-6),
             lambda: reference.fused_add_rms_norm(x, r, w, 1e-6),
