@@ -111,71 +111,6 @@ SS_INLINE void attention_all(const void* q, const void* kc, const void* vc, cons
   }
 }
 
-// exp(x) for 16 lanes, x <= 0 (scores minus their row max): Cephes' expf (x = n ln2 + r, |r| <=
-// ln2/2, degree-5 polynomial for (e^r - 1 - r) / r^2, 2^n by scalef); relative error ~2e-7, the same
-// order as libm's, and exactly 0 far below -87 (scalef underflows, as exp does).
-SS_TARGET_AVX512 SS_INLINE __m512 exp_nonpos_avx512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // below this exp is 0 in fp32 (and no NaN from -inf)
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(y, n);
-}
-
-// softmax_rows with 16 lanes: the same unnormalised exp(s - row max) in place and inv = 1 / row sum.
-SS_TARGET_AVX512 void softmax_rows_avx512(float* sc, int64_t n, int64_t ctx, float* inv) {
-  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t i = 0; i < n; ++i) {
-    float* s = sc + i * ctx;
-    __m512 m = ninf;
-    int64_t t = 0;
-    for (; t + 16 <= ctx; t += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + t));
-    const __mmask16 tail = static_cast<__mmask16>((1u << (ctx - t)) - 1u);
-    if (tail) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(ninf, tail, s + t));
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-    __m512 sum = _mm512_setzero_ps();
-    for (t = 0; t + 16 <= ctx; t += 16) {
-      const __m512 e = exp_nonpos_avx512(_mm512_sub_ps(_mm512_loadu_ps(s + t), mx));
-      _mm512_storeu_ps(s + t, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    if (tail) {
-      const __m512 e = exp_nonpos_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + t), mx));
-      _mm512_mask_storeu_ps(s + t, tail, e);
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
-    }
-    const float total = _mm512_reduce_add_ps(sum);
-    inv[i] = total > 0.f ? 1.f / total : 0.f;
-  }
-}
-
-// exp_nonpos_avx512 on 8 lanes: the same polynomial; 2^n built in the exponent bits, so x is clamped at
-// ln(FLT_MIN) (n >= -126) and exp of anything lower is FLT_MIN-small instead of 0.
-SS_TARGET_AVX2 SS_INLINE __m256 exp_nonpos_avx2(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
 SS_TARGET_AVX2 SS_INLINE float hsum_avx2(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -188,8 +123,100 @@ SS_TARGET_AVX2 SS_INLINE float hmax_avx2(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
+void softmax_rows_avx512(float* sc, int64_t n, int64_t ctx, float* inv);
+void softmax_rows_avx2(float* sc, int64_t n, int64_t ctx, float* inv);
+
+// The fp32 fast path's vector operations, one struct per ISA (L lanes). Each is compiled for its ISA
+// and inlined (flatten) into that ISA's softmax and attend functions, so one body of each serves both.
+struct Avx512F {
+  static constexpr int64_t L = 16;
+  static constexpr float kExpMin = -104.f;  // exp is 0 in fp32 below; scalef underflows to it exactly
+  using V = __m512;
+  SS_TARGET_AVX512 static inline V load(const float* p) { return _mm512_loadu_ps(p); }
+  SS_TARGET_AVX512 static inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  SS_TARGET_AVX512 static inline V set1(float f) { return _mm512_set1_ps(f); }
+  SS_TARGET_AVX512 static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+  SS_TARGET_AVX512 static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  SS_TARGET_AVX512 static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
+  SS_TARGET_AVX512 static inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  SS_TARGET_AVX512 static inline V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  SS_TARGET_AVX512 static inline V round(V a) {
+    return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  SS_TARGET_AVX512 static inline V times_pow2(V y, V n) { return _mm512_scalef_ps(y, n); }  // y * 2^n
+  SS_TARGET_AVX512 static inline float sum(V v) { return _mm512_reduce_add_ps(v); }
+  static void softmax(float* sc, int64_t n, int64_t ctx, float* inv) { softmax_rows_avx512(sc, n, ctx, inv); }
+};
+
+struct Avx2F {
+  static constexpr int64_t L = 8;
+  static constexpr float kExpMin = -87.33654f;  // ln(FLT_MIN): n >= -126 keeps 2^n a normal float
+  using V = __m256;
+  SS_TARGET_AVX2 static inline V load(const float* p) { return _mm256_loadu_ps(p); }
+  SS_TARGET_AVX2 static inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  SS_TARGET_AVX2 static inline V set1(float f) { return _mm256_set1_ps(f); }
+  SS_TARGET_AVX2 static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+  SS_TARGET_AVX2 static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  SS_TARGET_AVX2 static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
+  SS_TARGET_AVX2 static inline V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  SS_TARGET_AVX2 static inline V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  SS_TARGET_AVX2 static inline V round(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  SS_TARGET_AVX2 static inline V times_pow2(V y, V n) {  // y * 2^n, 2^n built in the exponent bits
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  }
+  SS_TARGET_AVX2 static inline float sum(V v) { return hsum_avx2(v); }
+  static void softmax(float* sc, int64_t n, int64_t ctx, float* inv) { softmax_rows_avx2(sc, n, ctx, inv); }
+};
+
+// exp(x) on a vector, x <= 0 (scores minus their row max): Cephes' expf (x = n ln2 + r, |r| <= ln2/2,
+// degree-5 polynomial for (e^r - 1 - r) / r^2, then times 2^n); relative error ~2e-7, the order of
+// libm's. Below S::kExpMin the result is 0 (AVX-512) or FLT_MIN-small (AVX2): nothing a softmax sees.
+template <class S>
+inline typename S::V exp_nonpos(typename S::V x) {
+  x = S::max(x, S::set1(S::kExpMin));  // also no NaN from -inf
+  const auto n = S::round(S::mul(x, S::set1(1.44269504088896341f)));
+  auto r = S::fnmadd(n, S::set1(0.693359375f), x);
+  r = S::fnmadd(n, S::set1(-2.12194440e-4f), r);
+  auto y = S::set1(1.9875691500e-4f);
+  y = S::fmadd(y, r, S::set1(1.3981999507e-3f));
+  y = S::fmadd(y, r, S::set1(8.3334519073e-3f));
+  y = S::fmadd(y, r, S::set1(4.1665795894e-2f));
+  y = S::fmadd(y, r, S::set1(1.6666665459e-1f));
+  y = S::fmadd(y, r, S::set1(5.0000001201e-1f));
+  y = S::fmadd(y, S::mul(r, r), S::add(r, S::set1(1.f)));
+  return S::times_pow2(y, n);
+}
+
+// softmax_rows with 16 lanes: the same unnormalised exp(s - row max) in place and inv = 1 / row sum.
+__attribute__((flatten)) SS_TARGET_AVX512 void softmax_rows_avx512(float* sc, int64_t n, int64_t ctx, float* inv) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < n; ++i) {
+    float* s = sc + i * ctx;
+    __m512 m = ninf;
+    int64_t t = 0;
+    for (; t + 16 <= ctx; t += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + t));
+    const __mmask16 tail = static_cast<__mmask16>((1u << (ctx - t)) - 1u);
+    if (tail) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(ninf, tail, s + t));
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    __m512 sum = _mm512_setzero_ps();
+    for (t = 0; t + 16 <= ctx; t += 16) {
+      const __m512 e = exp_nonpos<Avx512F>(_mm512_sub_ps(_mm512_loadu_ps(s + t), mx));
+      _mm512_storeu_ps(s + t, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (tail) {
+      const __m512 e = exp_nonpos<Avx512F>(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + t), mx));
+      _mm512_mask_storeu_ps(s + t, tail, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+    }
+    const float total = _mm512_reduce_add_ps(sum);
+    inv[i] = total > 0.f ? 1.f / total : 0.f;
+  }
+}
+
 // softmax_rows with 8 lanes (the tail of each row scalar, through the same exp).
-SS_TARGET_AVX2 void softmax_rows_avx2(float* sc, int64_t n, int64_t ctx, float* inv) {
+__attribute__((flatten)) SS_TARGET_AVX2 void softmax_rows_avx2(float* sc, int64_t n, int64_t ctx, float* inv) {
   for (int64_t i = 0; i < n; ++i) {
     float* s = sc + i * ctx;
     __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -200,14 +227,14 @@ SS_TARGET_AVX2 void softmax_rows_avx2(float* sc, int64_t n, int64_t ctx, float* 
     const __m256 vmx = _mm256_set1_ps(mx);
     __m256 sum = _mm256_setzero_ps();
     for (t = 0; t + 8 <= ctx; t += 8) {
-      const __m256 e = exp_nonpos_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmx));
+      const __m256 e = exp_nonpos<Avx2F>(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmx));
       _mm256_storeu_ps(s + t, e);
       sum = _mm256_add_ps(sum, e);
     }
     float total = hsum_avx2(sum);
     for (; t < ctx; ++t) {
       alignas(32) float lane[8];
-      _mm256_store_ps(lane, exp_nonpos_avx2(_mm256_set1_ps(s[t] - mx)));
+      _mm256_store_ps(lane, exp_nonpos<Avx2F>(_mm256_set1_ps(s[t] - mx)));
       s[t] = lane[0];
       total += lane[0];
     }
@@ -215,75 +242,22 @@ SS_TARGET_AVX2 void softmax_rows_avx2(float* sc, int64_t n, int64_t ctx, float* 
   }
 }
 
-// attend_f32_avx512 on 8 lanes, D % 8 == 0.
-SS_TARGET_AVX2 void attend_f32_avx2(const float* q, const float* kc, const float* vc, const int32_t* table,
-                                    int64_t ctx, const float* alibi, float* out, int64_t b, int64_t k0,
-                                    int64_t k1, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale,
-                                    std::vector<float>& buf) {
-  const int64_t G = H / Hkv, n = (k1 - k0) * G, h0 = k0 * G, row = Hkv * D;
-  buf.resize(static_cast<size_t>(2 * n * D + n * ctx + n));
-  float* qf = buf.data();
-  float* acc = qf + n * D;
-  float* sc = acc + n * D;
-  const __m256 vs = _mm256_set1_ps(scale);
-  for (int64_t j = 0; j < n * D; j += 8) {
-    _mm256_storeu_ps(qf + j, _mm256_mul_ps(_mm256_loadu_ps(q + (b * H + h0) * D + j), vs));
-    _mm256_storeu_ps(acc + j, _mm256_setzero_ps());
-  }
-  const int64_t nblk = (ctx + bs - 1) / bs;
-  for (int64_t blk = 0, t = 0; blk < nblk; ++blk) {
-    const float* kb = kc + static_cast<int64_t>(table[blk]) * bs * row + k0 * D;
-    for (int64_t o = 0; o < bs && t < ctx; ++o, ++t) {
-      const float* kr = kb + o * row;
-      for (int64_t i = 0; i < n; ++i) {
-        const float* kh = kr + (i / G) * D;
-        const float* qh = qf + i * D;
-        __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kh));
-        for (int64_t d = 8; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kh + d), a);
-        float sv = hsum_avx2(a);
-        if (alibi) sv += alibi[h0 + i] * static_cast<float>(t - (ctx - 1));
-        sc[i * ctx + t] = sv;
-      }
-    }
-  }
-  float* inv = sc + n * ctx;
-  softmax_rows_avx2(sc, n, ctx, inv);
-  for (int64_t blk = 0, t = 0; blk < nblk; ++blk) {
-    const float* vb = vc + static_cast<int64_t>(table[blk]) * bs * row + k0 * D;
-    for (int64_t o = 0; o < bs && t < ctx; ++o, ++t) {
-      const float* vr = vb + o * row;
-      for (int64_t i = 0; i < n; ++i) {
-        const float* vh = vr + (i / G) * D;
-        float* ah = acc + i * D;
-        const __m256 p = _mm256_set1_ps(sc[i * ctx + t]);
-        for (int64_t d = 0; d < D; d += 8)
-          _mm256_storeu_ps(ah + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(vh + d), _mm256_loadu_ps(ah + d)));
-      }
-    }
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const __m256 w = _mm256_set1_ps(inv[i]);
-    for (int64_t d = 0; d < D; d += 8)
-      _mm256_storeu_ps(out + (b * H + h0 + i) * D + d, _mm256_mul_ps(_mm256_loadu_ps(acc + i * D + d), w));
-  }
-}
-
-// One sequence, kv heads [k0, k1): scores, softmax and the weighted V sum, fp32, D % 16 == 0.
+// One sequence, kv heads [k0, k1): scores, softmax and the weighted V sum, fp32, D % S::L == 0.
 // buf: qf[n*D] | acc[n*D] | scores[n*ctx] | inv[n] with n = (k1 - k0) * G query heads.
-SS_TARGET_AVX512 void attend_f32_avx512(const float* q, const float* kc, const float* vc,
-                                        const int32_t* table, int64_t ctx, const float* alibi,
-                                        float* out, int64_t b, int64_t k0, int64_t k1, int64_t H,
-                                        int64_t Hkv, int64_t D, int64_t bs, float scale,
-                                        std::vector<float>& buf) {
+template <class S>
+inline void attend_f32(const float* q, const float* kc, const float* vc, const int32_t* table, int64_t ctx,
+                       const float* alibi, float* out, int64_t b, int64_t k0, int64_t k1, int64_t H,
+                       int64_t Hkv, int64_t D, int64_t bs, float scale, std::vector<float>& buf) {
+  constexpr int64_t L = S::L;
   const int64_t G = H / Hkv, n = (k1 - k0) * G, h0 = k0 * G, row = Hkv * D;
   buf.resize(static_cast<size_t>(2 * n * D + n * ctx + n));
   float* qf = buf.data();
   float* acc = qf + n * D;
   float* sc = acc + n * D;
-  const __m512 vs = _mm512_set1_ps(scale);
-  for (int64_t j = 0; j < n * D; j += 16) {
-    _mm512_storeu_ps(qf + j, _mm512_mul_ps(_mm512_loadu_ps(q + (b * H + h0) * D + j), vs));
-    _mm512_storeu_ps(acc + j, _mm512_setzero_ps());
+  const auto vs = S::set1(scale);
+  for (int64_t j = 0; j < n * D; j += L) {
+    S::store(qf + j, S::mul(S::load(q + (b * H + h0) * D + j), vs));
+    S::store(acc + j, S::set1(0.f));
   }
   const int64_t nblk = (ctx + bs - 1) / bs;
   // pass 1: scores, position by position (the block's rows are contiguous in the cache)
@@ -294,16 +268,16 @@ SS_TARGET_AVX512 void attend_f32_avx512(const float* q, const float* kc, const f
       for (int64_t i = 0; i < n; ++i) {
         const float* kh = kr + (i / G) * D;
         const float* qh = qf + i * D;
-        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kh));
-        for (int64_t d = 16; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(kh + d), a);
-        float s = _mm512_reduce_add_ps(a);
-        if (alibi) s += alibi[h0 + i] * static_cast<float>(t - (ctx - 1));
-        sc[i * ctx + t] = s;
+        auto a = S::mul(S::load(qh), S::load(kh));
+        for (int64_t d = L; d < D; d += L) a = S::fmadd(S::load(qh + d), S::load(kh + d), a);
+        float sv = S::sum(a);
+        if (alibi) sv += alibi[h0 + i] * static_cast<float>(t - (ctx - 1));
+        sc[i * ctx + t] = sv;
       }
     }
   }
   float* inv = sc + n * ctx;
-  softmax_rows_avx512(sc, n, ctx, inv);
+  S::softmax(sc, n, ctx, inv);
   // pass 2: weighted sum of V
   for (int64_t blk = 0, t = 0; blk < nblk; ++blk) {
     const float* vb = vc + static_cast<int64_t>(table[blk]) * bs * row + k0 * D;
@@ -312,18 +286,26 @@ SS_TARGET_AVX512 void attend_f32_avx512(const float* q, const float* kc, const f
       for (int64_t i = 0; i < n; ++i) {
         const float* vh = vr + (i / G) * D;
         float* ah = acc + i * D;
-        const __m512 p = _mm512_set1_ps(sc[i * ctx + t]);
-        for (int64_t d = 0; d < D; d += 16)
-          _mm512_storeu_ps(ah + d, _mm512_fmadd_ps(p, _mm512_loadu_ps(vh + d), _mm512_loadu_ps(ah + d)));
+        const auto pw = S::set1(sc[i * ctx + t]);
+        for (int64_t d = 0; d < D; d += L) S::store(ah + d, S::fmadd(pw, S::load(vh + d), S::load(ah + d)));
       }
     }
   }
   for (int64_t i = 0; i < n; ++i) {
-    const __m512 w = _mm512_set1_ps(inv[i]);
-    for (int64_t d = 0; d < D; d += 16)
-      _mm512_storeu_ps(out + (b * H + h0 + i) * D + d, _mm512_mul_ps(_mm512_loadu_ps(acc + i * D + d), w));
+    const auto w = S::set1(inv[i]);
+    for (int64_t d = 0; d < D; d += L)
+      S::store(out + (b * H + h0 + i) * D + d, S::mul(S::load(acc + i * D + d), w));
   }
 }
+
+#define SS_ATTEND_F32_ARGS                                                                                  \
+  const float *q, const float *kc, const float *vc, const int32_t *table, int64_t ctx, const float *alibi, \
+      float *out, int64_t b, int64_t k0, int64_t k1, int64_t H, int64_t Hkv, int64_t D, int64_t bs,        \
+      float scale, std::vector<float> &buf
+#define SS_ATTEND_F32_CALL(S) attend_f32<S>(q, kc, vc, table, ctx, alibi, out, b, k0, k1, H, Hkv, D, bs, scale, buf)
+
+__attribute__((flatten)) SS_TARGET_AVX512 void attend_f32_avx512(SS_ATTEND_F32_ARGS) { SS_ATTEND_F32_CALL(Avx512F); }
+__attribute__((flatten)) SS_TARGET_AVX2 void attend_f32_avx2(SS_ATTEND_F32_ARGS) { SS_ATTEND_F32_CALL(Avx2F); }
 
 using AttendF32 = void (*)(const float*, const float*, const float*, const int32_t*, int64_t, const float*,
                            float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float,
