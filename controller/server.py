@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import ssl
 import sys
 import tempfile
@@ -259,6 +260,10 @@ def run(args) -> int:
             print(f"shardserve serve: cannot join the Ray cluster ({settings.spec.ray_address or 'auto/local'}): "
                   f"{e}", file=sys.stderr)
             return 2
+    taken = unbindable(settings.server)
+    if taken:  # before any worker starts: a start that cannot serve ends at once, with the reason
+        print(f"shardserve serve: cannot listen on {taken}", file=sys.stderr)
+        return 2
     ctl = Controller(settings.server, cache_dir, settings.spec, chat_template=template)
     term = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: term.set())
@@ -276,6 +281,27 @@ def run(args) -> int:
     finally:
         ctl.shutdown()
     return 0
+
+
+def unbindable(config: ServerConfig) -> str | None:
+    """The first of the gRPC and HTTP ports another process holds ("--port HOST:PORT: reason"), else
+    None; 0 (any free port) is never taken. A probe bind, closed at once: the servers bind for real
+    later (after the initial model's workers have started), and fail there if the port is taken since."""
+    for flag, port in (("--port", config.port), ("--http-port", config.http_port)):
+        if not port:
+            continue
+        try:
+            infos = socket.getaddrinfo(config.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError as e:
+            return f"{flag} {config.host}:{port}: {e}"
+        for family, kind, proto, _, addr in infos[:1]:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(addr)
+                except OSError as e:
+                    return f"{flag} {config.host}:{port}: {e.strerror or e}"
+    return None
 
 
 def _load_initial(ctl: Controller, settings: ServeSettings, term: threading.Event) -> None:

@@ -153,3 +153,19 @@ def test_sigterm_exits_zero_and_leaves_no_worker(demo_cache, tmp_path):
     assert pids, "no worker child found"
     assert s.stop("term") == 0
     wait_for(lambda: not any(alive(p) for p in pids), 10, "no worker left after SIGTERM")
+
+
+def test_a_taken_port_ends_the_start_at_once_and_starts_no_worker(tmp_path):
+    """Another process holds --port: exit 2 naming the flag and the address, before any worker starts
+    (the initial model launches before the servers bind, so the check comes first)."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "controller.cli", "serve", "--port", str(port), "--http-port", "0",
+                            "--cache-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"cannot listen on --port 127.0.0.1:{port}" in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing resolved, built or launched
