@@ -64,37 +64,84 @@ def quantize_weight(w: torch.Tensor, method: str, group: int = 0) -> tuple[dict[
 
 
 PACK_BATCH_HINT = 32  # rows oneDNN lays a packed weight out for; any row count still works
+CALIBRATE_MAX_NUMEL = 1 << 21  # weights up to 8 MB fp32 time both layouts at load; larger ones take oneDNN's
+CALIBRATE_ROWS = (1, 8)  # the decode batch sizes the layout choice is timed at (their times summed)
 
 
 def can_prepack(w: torch.Tensor) -> bool:
-    """fp32 CPU weights multiply faster through oneDNN with the weight reordered once (2-4x torch's
-    BLAS on AVX2 at 1-128 rows, the same from ~512; bench/results/cpu-decode-*.json)."""
+    """fp32 CPU weights multiply faster with a layout chosen once at load (`prepack`)."""
     return w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
-def prepack(w: torch.Tensor) -> torch.Tensor:
-    """[out, in] fp32 -> oneDNN's blocked copy of it (an opaque mkldnn tensor: no storage, no data_ptr)."""
+def _time(f, x) -> float:
+    """Seconds of the fastest of 5 calls of f(x), after 2 warm-ups."""
+    import time
+
+    best = float("inf")
+    for i in range(7):
+        t0 = time.perf_counter()
+        f(x)
+        if i >= 2:
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+_LAYOUTS: dict[tuple[int, int], str] = {}  # (out, in) -> "onednn" | "blas": one timing per shape per process
+
+
+def choose_layout(w: torch.Tensor) -> str:
+    """Which copy of an fp32 CPU weight [out, in] multiplies faster on this machine at decode batch sizes:
+    "onednn" (oneDNN's blocked layout: 1.5-3x BLAS at 8-128 rows on weights of >= 8 MB, and on AVX2
+    EPYC at every size measured, bench/results/cpu-decode-*.json) or "blas" (the transposed [in, out]
+    copy through torch.mm: on a 2-core AMX Xeon 1.2-2.4x oneDNN on the demo model's 0.1-4 MB weights,
+    whose oneDNN call costs ~30 us of fixed overhead). Weights above CALIBRATE_MAX_NUMEL take oneDNN
+    untimed; smaller shapes are timed once per process (<= ~1 ms each)."""
+    if w.numel() > CALIBRATE_MAX_NUMEL:
+        return "onednn"
+    key = tuple(w.shape)
+    if key not in _LAYOUTS:
+        packed, wt = torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT), w.t().contiguous()
+        t_dnn = t_blas = 0.0
+        with torch.inference_mode():
+            for rows in CALIBRATE_ROWS:
+                x = torch.randn(rows, w.shape[1], dtype=w.dtype)
+                t_dnn += _time(lambda a: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""), x)
+                t_blas += _time(lambda a: torch.mm(a, wt), x)
+        _LAYOUTS[key] = "blas" if t_blas < t_dnn else "onednn"
+    return _LAYOUTS[key]
+
+
+def prepack(w: torch.Tensor, layout: str = "onednn") -> torch.Tensor:
+    """[out, in] fp32 -> the copy `prepacked_linear` multiplies by: oneDNN's blocked copy (an opaque
+    mkldnn tensor: no storage, no data_ptr), or ("blas") the transposed [in, out] contiguous copy."""
+    if layout == "blas":
+        return w.detach().t().contiguous()
     return torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_BATCH_HINT)
 
 
 def prepacked_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] @ W.T (+ bias) with W from `prepack`."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    """x [..., in] @ W.T (+ bias) with W from `prepack` (either layout)."""
+    if packed.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.mm(x2, packed) if bias is None else torch.addmm(bias, x2, packed)
+    return out.view(*x.shape[:-1], packed.shape[1])
 
 
-def prepack_model(model: nn.Module) -> int:
+def prepack_model(model: nn.Module) -> dict[str, int]:
     """Give every layer that can multiply by a packed weight (its class declares `packed`: the
-    tensor-parallel linears, the LM head) and holds a full-precision CPU fp32 weight its prepacked
-    copy, dropping the module's own reference to the dense weight (a tied embedding keeps its
-    own). Returns the layers packed. Call after loading (and quantizing)."""
-    done = 0
+    tensor-parallel linears, the LM head) and holds a full-precision CPU fp32 weight its copy in the
+    layout `choose_layout` picks, dropping the module's own reference to the dense weight (a tied
+    embedding keeps its own). Returns the layers per layout. Call after loading (and quantizing)."""
+    done = {"onednn": 0, "blas": 0}
     for m in model.modules():
         w = getattr(m, "weight", None)
         if hasattr(type(m), "packed") and getattr(m, "quant", None) is None and isinstance(w, torch.Tensor) \
                 and can_prepack(w):
-            m.packed = prepack(w)
+            layout = choose_layout(w.detach())
+            m.packed = prepack(w, layout)
             del m.weight
-            done += 1
+            done[layout] += 1
     return done
 
 
