@@ -7,9 +7,9 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/shardserve/v1/*.proto)
 STUBS  := shardserve/v1/.stubs
 
-.PHONY: install run test lint stubs native system-deps clean
+.PHONY: install run test lint stubs native bytecode system-deps clean
 
-install: $(STAMP) $(STUBS) native
+install: $(STAMP) $(STUBS) native bytecode
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ stubs: $(STUBS)
 
 native: $(STAMP)
 	@if [ -f native/build.py ]; then $(PY) native/build.py; fi
+
+# The project's own modules compiled once (as pip does for site-packages): with PYTHONDONTWRITEBYTECODE
+# set, every controller and worker start would otherwise recompile ~150 files (~0.2-0.3 s each start).
+bytecode: $(STUBS)
+	@$(PY) -m compileall -q -j 0 controller worker native shardserve bench >/dev/null
 
 run: install
 	$(VENV)/bin/shardserve serve
@@ -51,3 +56,4 @@ lint: install
 
 clean:
 	rm -rf $(VENV) shardserve/v1/*_pb2*.py* $(STUBS) native/_build
+	find controller worker native shardserve bench tests -name __pycache__ -prune -exec rm -rf {} +
