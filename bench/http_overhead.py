@@ -1,4 +1,4 @@
-"""HTTP's overhead against gRPC on the same server, side by side in one run (`python -m bench.http`).
+"""HTTP's overhead against gRPC on the same server, side by side in one run (`python -m bench.http_overhead`).
 
 One `shardserve serve` on the demo model (batch 32); N concurrent clients (threads, default 32), each
 with its own connection, all started together, in alternating rounds so load drifts hit both doors:
