@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--quantize", default="", choices=["", "int8", "int4"])
+    ap.add_argument("--quantize", default="", choices=["", "int8", "int4", "w8a8"])
     ap.add_argument("--model", default="llama-300m", choices=list(models.BY_NAME))
     ap.add_argument("--rate", type=int, default=40, help="py-spy samples per second")
     ap.add_argument("--no-spy", action="store_true", help="timings and CPU only")
