@@ -58,4 +58,5 @@ def test_both_weight_layouts_multiply_like_linear(layout):
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(prepacked_linear(x, packed, b), torch.nn.functional.linear(x, w, b),
                                    rtol=1e-5, atol=1e-5)
-    assert choose_layout(w) in ("onednn", "blas")
+    layout, copy = choose_layout(w)
+    assert layout in ("onednn", "blas") and copy.is_mkldnn == (layout == "onednn")

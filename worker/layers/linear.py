@@ -18,6 +18,7 @@ the layers their quantized structure (`prepare_quantized`) and loads them by nam
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import torch
@@ -75,8 +76,6 @@ def can_prepack(w: torch.Tensor) -> bool:
 
 def _time(f, x) -> float:
     """Seconds of the fastest of 5 calls of f(x), after 2 warm-ups."""
-    import time
-
     best = float("inf")
     for i in range(7):
         t0 = time.perf_counter()
@@ -86,29 +85,29 @@ def _time(f, x) -> float:
     return best
 
 
-_LAYOUTS: dict[tuple[int, int], str] = {}  # (out, in) -> "onednn" | "blas": one timing per shape per process
+LAYOUTS = ("onednn", "blas")  # the copies `prepack` makes; on equal times the first wins
+_LAYOUTS: dict[tuple[int, int], str] = {}  # (out, in) -> the layout timed faster: one timing per shape per process
 
 
-def choose_layout(w: torch.Tensor) -> str:
-    """Which copy of an fp32 CPU weight [out, in] multiplies faster on this machine at decode batch sizes:
-    "onednn" (oneDNN's blocked layout: 1.5-3x BLAS at 8-128 rows on weights of >= 8 MB, and on AVX2
-    EPYC at every size measured, bench/results/cpu-decode-*.json) or "blas" (the transposed [in, out]
-    copy through torch.mm: on a 2-core AMX Xeon 1.2-2.4x oneDNN on the demo model's 0.1-4 MB weights,
-    whose oneDNN call costs ~30 us of fixed overhead). Weights above CALIBRATE_MAX_NUMEL take oneDNN
-    untimed; smaller shapes are timed once per process (<= ~1 ms each)."""
-    if w.numel() > CALIBRATE_MAX_NUMEL:
-        return "onednn"
+def choose_layout(w: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """(layout, `prepack` copy of an fp32 CPU weight [out, in] in it): the copy that multiplies faster on
+    this machine at decode batch sizes. "onednn" (oneDNN's blocked layout: 1.5-3x BLAS at 8-128 rows on
+    weights of >= 8 MB, and on AVX2 EPYC at every size measured, bench/results/cpu-decode-*.json) or
+    "blas" (the transposed [in, out] copy through torch.mm: on a 2-core AMX Xeon 1.2-2.4x oneDNN on the
+    demo model's 0.1-4 MB weights, whose oneDNN call costs ~30 us of fixed overhead). Weights above
+    CALIBRATE_MAX_NUMEL take oneDNN untimed; the first weight of each smaller shape is multiplied in
+    both layouts (<= ~1 ms) and keeps the faster copy, later ones of its shape get that layout."""
     key = tuple(w.shape)
-    if key not in _LAYOUTS:
-        packed, wt = torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT), w.t().contiguous()
-        t_dnn = t_blas = 0.0
-        with torch.inference_mode():
-            for rows in CALIBRATE_ROWS:
-                x = torch.randn(rows, w.shape[1], dtype=w.dtype)
-                t_dnn += _time(lambda a: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""), x)
-                t_blas += _time(lambda a: torch.mm(a, wt), x)
-        _LAYOUTS[key] = "blas" if t_blas < t_dnn else "onednn"
-    return _LAYOUTS[key]
+    layout = "onednn" if w.numel() > CALIBRATE_MAX_NUMEL else _LAYOUTS.get(key)
+    if layout is not None:
+        return layout, prepack(w, layout)
+    copies = {name: prepack(w, name) for name in LAYOUTS}
+    with torch.inference_mode():
+        xs = [torch.randn(rows, w.shape[1], dtype=w.dtype) for rows in CALIBRATE_ROWS]
+        times = {name: sum(_time(lambda a, c=c: prepacked_linear(a, c, None), x) for x in xs)
+                 for name, c in copies.items()}
+    layout = _LAYOUTS[key] = min(LAYOUTS, key=times.__getitem__)
+    return layout, copies[layout]
 
 
 def prepack(w: torch.Tensor, layout: str = "onednn") -> torch.Tensor:
@@ -138,8 +137,7 @@ def prepack_model(model: nn.Module) -> dict[str, int]:
         w = getattr(m, "weight", None)
         if hasattr(type(m), "packed") and getattr(m, "quant", None) is None and isinstance(w, torch.Tensor) \
                 and can_prepack(w):
-            layout = choose_layout(w.detach())
-            m.packed = prepack(w, layout)
+            layout, m.packed = choose_layout(w.detach())
             del m.weight
             done[layout] += 1
     return done
